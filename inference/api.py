@@ -1,0 +1,27 @@
+"""`POST /v1/chat/completions` and `POST /v1/completions`."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja import Router
+
+from inference import serving
+from inference.protocol import ChatCompletionRequest, CompletionRequest
+
+router = Router(tags=["inference"])
+
+
+@router.post("/chat/completions")
+async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest):
+    job = await serving.prepare_chat(payload)
+    if payload.stream:
+        return serving.chat_stream(job)
+    return await serving.chat_full(job)
+
+
+@router.post("/completions")
+async def completions(request: HttpRequest, payload: CompletionRequest):
+    job = await serving.prepare_completion(payload)
+    if payload.stream:
+        return serving.completion_stream(job)
+    return await serving.completion_full(job)

@@ -1,0 +1,199 @@
+"""mlx-lm backend: continuous batching on `mlx_lm.generate.BatchGenerator`.
+
+Everything here runs on the scheduler thread; mlx-lm's batch generator is not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm import load as mlx_load
+from mlx_lm.generate import BatchGenerator
+from mlx_lm.sample_utils import (
+    apply_min_p,
+    apply_top_k,
+    apply_top_p,
+    greedy_sampler,
+    make_logits_processors,
+)
+
+from inference.backends.base import Backend, LoadedModel
+from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
+
+log = logging.getLogger(__name__)
+
+# OpenAI's penalties look at the whole text so far; mlx-lm defaults to the last 20 tokens.
+PENALTY_CONTEXT = 1024
+
+
+def make_sampler(params: SamplingParams):
+    """A sampler with its own PRNG stream, so `seed` reproduces whatever else is in the batch."""
+    if params.temperature == 0 or params.top_k == 1:
+        # One shared object: the batch samples every greedy row in one call.
+        return greedy_sampler
+    seed = params.seed if params.seed is not None else random.getrandbits(62)
+    temp = params.temperature
+    methods = []
+    if 0 < params.top_p < 1.0:
+        methods.append(lambda x: apply_top_p(x, params.top_p))
+    if params.min_p > 0:
+        methods.append(lambda x: apply_min_p(x, params.min_p))
+    if params.top_k > 0:
+        methods.append(lambda x: apply_top_k(x, params.top_k))
+    step = 0
+
+    def sampler(logprobs: mx.array) -> mx.array:
+        nonlocal step
+        for method in methods:
+            logprobs = method(logprobs)
+        key = mx.random.key((seed * 1_000_003 + step) % (1 << 63))
+        step += 1
+        return mx.random.categorical(logprobs * (1 / temp), key=key)
+
+    return sampler
+
+
+def make_processors(params: SamplingParams) -> list:
+    return make_logits_processors(
+        logit_bias=dict(params.logit_bias) or None,
+        repetition_penalty=params.repetition_penalty if params.repetition_penalty != 1.0 else None,
+        repetition_context_size=PENALTY_CONTEXT,
+        presence_penalty=params.presence_penalty or None,
+        presence_context_size=PENALTY_CONTEXT,
+        frequency_penalty=params.frequency_penalty or None,
+        frequency_context_size=PENALTY_CONTEXT,
+    )
+
+
+def read_context_length(path: str) -> int:
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return 2048
+    for key in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    text = config.get("text_config") or {}
+    return int(text.get("max_position_embeddings", 2048))
+
+
+class MLXLoadedModel(LoadedModel):
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+        self.model, wrapper = mlx_load(spec.path)
+        self._wrapper = wrapper
+        self.tokenizer = wrapper._tokenizer
+        self.eos_token_ids = frozenset(wrapper.eos_token_ids)
+        self.context_length = spec.context_length or read_context_length(spec.path)
+        self.memory_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
+        self._max_batch = spec.max_batch_size
+        self._uid_to_seq: dict[int, int] = {}
+        self._seq_to_uid: dict[int, int] = {}
+        self._top_logprobs: dict[int, int] = {}  # uid -> top n (0 = just the sampled token)
+        self._new_generator()
+
+    def _new_generator(self) -> None:
+        self._gen = BatchGenerator(
+            self.model,
+            stop_tokens=[[t] for t in sorted(self.eos_token_ids)],
+            completion_batch_size=self._max_batch,
+            # Prefill every waiting prompt together: at this size the per-step fixed cost
+            # dominates, so one big prefill beats several small ones for time to first token.
+            prefill_batch_size=self._max_batch,
+            # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
+            # per-thread, and the module-level generation stream belongs to the importer.
+            stream=mx.default_stream(mx.default_device()),
+        )
+
+    def set_max_batch_size(self, size: int) -> None:
+        self._max_batch = size
+        self._gen.completion_batch_size = size
+        self._gen.prefill_batch_size = size
+
+    def add(self, seq_id: int, request: GenerationRequest) -> None:
+        params = request.params
+        (uid,) = self._gen.insert(
+            [list(request.prompt_tokens)],
+            max_tokens=[params.max_tokens],
+            samplers=[make_sampler(params)],
+            logits_processors=[make_processors(params)],
+        )
+        self._uid_to_seq[uid] = seq_id
+        self._seq_to_uid[seq_id] = uid
+        if params.logprobs:
+            self._top_logprobs[uid] = params.top_logprobs
+
+    def remove(self, seq_ids: list[int]) -> None:
+        uids = [self._seq_to_uid.pop(s) for s in seq_ids if s in self._seq_to_uid]
+        if uids:
+            self._gen.remove(uids)
+            for uid in uids:
+                self._uid_to_seq.pop(uid, None)
+                self._top_logprobs.pop(uid, None)
+
+    def step(self) -> list[tuple[int, TokenDelta]]:
+        _, responses = self._gen.next()
+        out: list[tuple[int, TokenDelta]] = []
+        for r in responses:
+            seq_id = self._uid_to_seq.get(r.uid)
+            if seq_id is None:  # removed while its token was in flight
+                continue
+            if r.finish_reason == "stop":
+                # The stop token itself is not part of the answer.
+                delta = TokenDelta(None, finish_reason="stop")
+            else:
+                logprob, top = None, ()
+                top_n = self._top_logprobs.get(r.uid)
+                if top_n is not None:
+                    logprob, top = _logprobs(r.logprobs, r.token, top_n)
+                delta = TokenDelta(r.token, logprob, top, r.finish_reason)
+            out.append((seq_id, delta))
+            if r.finish_reason is not None:
+                del self._uid_to_seq[r.uid]
+                self._seq_to_uid.pop(seq_id, None)
+                self._top_logprobs.pop(r.uid, None)
+        return out
+
+    def reset(self) -> None:
+        self._uid_to_seq.clear()
+        self._seq_to_uid.clear()
+        self._top_logprobs.clear()
+        self._gen.close()
+        self._new_generator()
+
+    def close(self) -> None:
+        self.reset()
+        self._gen.close()
+        del self.model
+        mx.clear_cache()
+
+
+def _logprobs(logprobs: mx.array, token: int, top_n: int) -> tuple[float, tuple]:
+    chosen = logprobs[token].item()
+    if top_n <= 0:
+        return chosen, ()
+    idx = mx.argpartition(-logprobs, kth=top_n - 1)[:top_n]
+    values = logprobs[idx]
+    order = mx.argsort(-values)
+    idx, values = idx[order].tolist(), values[order].tolist()
+    return chosen, tuple(zip(idx, values, strict=True))
+
+
+class MLXBackend(Backend):
+    name = "mlx"
+
+    @property
+    def device(self) -> str:
+        device = mx.default_device()
+        if device.type == mx.gpu:
+            return "metal"
+        return "cpu"
+
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        log.info("loading %s from %s", spec.name, spec.path)
+        return MLXLoadedModel(spec)

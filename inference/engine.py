@@ -1,0 +1,137 @@
+"""One engine per server process, created lazily on first use.
+
+The engine wraps the scheduler thread for asyncio callers: `await engine.load(spec)` and
+`engine.submit(request)` -> a stream of TokenDelta to iterate with `async for`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import dataclass
+
+from inference.backends import create_backend
+from inference.backends.base import LoadedModel
+from inference.scheduler import ModelBusy, QueueFull, Scheduler, Sink
+from inference.types import GenerationRequest, ModelSpec, TokenDelta
+
+__all__ = ["Engine", "EngineConfig", "GenerationGroup", "ModelBusy", "QueueFull", "get_engine"]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "auto"
+    max_queue: int = 64
+    max_loaded_models: int = 1
+
+
+class GenerationGroup:
+    """Sequences generated together for one API request (n choices, several prompts).
+
+    Iterate it for `(index, delta)` pairs until every sequence has finished; `cancel()` frees
+    their batch slots at the scheduler's next step.
+    """
+
+    def __init__(self, engine: Engine, requests: list[GenerationRequest]) -> None:
+        self._engine = engine
+        loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._sinks: list[Sink] = []
+        self._seq_ids: list[int] = []
+        self.open: set[int] = set()
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        try:
+            for index, request in enumerate(requests):
+                sink = Sink(loop=loop, queue=self._queue, key=index)
+                self._seq_ids.append(engine.scheduler.submit(request, sink))
+                self._sinks.append(sink)
+                self.open.add(index)
+        except QueueFull:
+            self.cancel()
+            raise
+
+    @property
+    def queue_wait(self) -> float | None:
+        admitted = [s.admitted_at for s in self._sinks if s.admitted_at is not None]
+        return (min(admitted) - self.submitted_at) if admitted else None
+
+    def __aiter__(self) -> GenerationGroup:
+        return self
+
+    async def __anext__(self) -> tuple[int, TokenDelta]:
+        while True:
+            if not self.open:
+                raise StopAsyncIteration
+            index, delta = await self._queue.get()
+            if index in self.open:  # late deltas of a cancelled sequence are dropped
+                break
+        if self.first_token_at is None and delta.token is not None:
+            self.first_token_at = time.monotonic()
+        if delta.finish_reason is not None:
+            self.open.discard(index)
+        return index, delta
+
+    def cancel(self, index: int | None = None) -> None:
+        """Stop one sequence (e.g. it hit a stop string) or, with no index, all of them."""
+        indexes = list(self.open) if index is None else [index]
+        for i in indexes:
+            if i in self.open and i < len(self._seq_ids):
+                self.open.discard(i)
+                self._engine.scheduler.cancel(self._seq_ids[i])
+
+
+class Engine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.backend = create_backend(config.backend)
+        self.scheduler = Scheduler(
+            self.backend, max_queue=config.max_queue, max_loaded_models=config.max_loaded_models
+        )
+        self.scheduler.start()
+
+    async def load(self, spec: ModelSpec) -> LoadedModel:
+        """Make `spec` resident (loading it if needed) and return it; waits, never times out."""
+        return await asyncio.wrap_future(self.scheduler.load(spec))
+
+    async def unload(self, name: str) -> bool:
+        return await asyncio.wrap_future(self.scheduler.unload(name))
+
+    def submit(self, requests: list[GenerationRequest]) -> GenerationGroup:
+        """Queue sequences together; raises QueueFull (submitting none) when the queue is full."""
+        return GenerationGroup(self, requests)
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "backend": self.backend.name,
+            "device": self.backend.device,
+            "loaded_models": s.loaded(),
+            "running": s.running,
+            "queued": s.queued,
+            "tokens_generated": s.tokens_generated,
+            "started_at": s.started_at,
+        }
+
+    def shutdown(self) -> None:
+        self.scheduler.stop()
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine(config: EngineConfig | None = None) -> Engine:
+    """The process's engine, created on first use (so management commands never load mlx)."""
+    global _engine
+    if _engine is None:
+        with _engine_lock:
+            if _engine is None:
+                _engine = Engine(config or EngineConfig())
+    return _engine
+
+
+def current_engine() -> Engine | None:
+    """The engine if one was started, without starting it."""
+    return _engine

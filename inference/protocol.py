@@ -1,0 +1,212 @@
+"""OpenAI request schemas (fields in the order OpenAI documents them) and response builders.
+
+Unknown fields are ignored, not rejected, as OpenAI-compatible servers conventionally do. Responses
+are built as plain dicts: they are serialised once per token on the hot path.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from ninja import Schema
+from pydantic import Field, field_validator, model_validator
+
+Stop = str | list[str] | None
+
+
+class TextPart(Schema):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(Schema):
+    type: Literal["image_url", "input_audio", "file"]
+
+
+class Message(Schema):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart | ImagePart] | None = None
+    name: str | None = None
+
+    @field_validator("content")
+    @classmethod
+    def only_text_parts(cls, value):
+        if isinstance(value, list):
+            for part in value:
+                if isinstance(part, ImagePart):
+                    raise ValueError(f"content parts of type '{part.type}' are not supported; use text")
+        return value
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+class StreamOptions(Schema):
+    include_usage: bool = False
+
+
+class ResponseFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"] = "text"
+
+
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+
+
+class SamplingFields(Schema):
+    """Parameters shared by both endpoints, plus the common extensions (top_k, min_p, ...)."""
+
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = 1
+    presence_penalty: Penalty | None = None
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    user: str | None = None
+    # Extensions understood by vLLM, Ollama and mlx_lm.server.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def at_most_four_stops(cls, value: Stop) -> Stop:
+        if isinstance(value, list):
+            if len(value) > 4:
+                raise ValueError("at most 4 stop sequences are allowed")
+            if any(s == "" for s in value):
+                raise ValueError("stop sequences must not be empty")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def token_id_keys(cls, value):
+        if value:
+            for key in value:
+                if not key.lstrip("-").isdigit() or int(key) < 0:
+                    raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[Message] = Field(min_length=1)
+    model: str
+    logprobs: bool | None = False
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    response_format: ResponseFormat | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @model_validator(mode="after")
+    def top_logprobs_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        return self
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def non_empty_prompt(cls, value):
+        if isinstance(value, list) and len(value) == 0:
+            raise ValueError("prompt must not be an empty list")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(
+    id: str, created: int, model: str, choices: list[dict], usage_: dict, fingerprint: str
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+        "usage": usage_,
+    }
+
+
+def chat_chunk(
+    id: str, created: int, model: str, choices: list[dict], fingerprint: str, usage_: dict | None = None
+) -> dict[str, Any]:
+    chunk = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        chunk["usage"] = usage_
+    return chunk
+
+
+def text_completion(
+    id: str, created: int, model: str, choices: list[dict], usage_: dict | None, fingerprint: str
+) -> dict[str, Any]:
+    body = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+        "choices": choices,
+    }
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body

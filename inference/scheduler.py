@@ -1,0 +1,342 @@
+"""The scheduler: one thread that owns every loaded model and drives their batches.
+
+Other threads talk to it only through a command queue; it answers through futures (loads) and by
+scheduling token deliveries onto each request's asyncio loop. A request joins its model's running
+batch at the next step and leaves it as soon as it finishes or is cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from inference.backends.base import Backend, LoadedModel
+from inference.types import GenerationRequest, ModelSpec, TokenDelta
+
+log = logging.getLogger(__name__)
+
+IDLE_WAIT = 0.5  # seconds the idle loop sleeps between keep-alive checks
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the admission queue allows."""
+
+
+class ModelBusy(Exception):
+    """A model cannot be loaded now (every resident model is busy or pinned)."""
+
+
+@dataclass
+class Sink:
+    """Where one sequence's deltas go: `(key, delta)` pairs on an asyncio queue living on `loop`."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    key: int = 0
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+
+@dataclass
+class Slot:
+    spec: ModelSpec
+    model: LoadedModel
+    waiting: deque = field(default_factory=deque)  # (seq_id, request)
+    running: set[int] = field(default_factory=set)
+    last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and not self.waiting
+
+
+class Scheduler:
+    def __init__(self, backend: Backend, *, max_queue: int = 64, max_loaded_models: int = 1) -> None:
+        self.backend = backend
+        self.max_queue = max_queue
+        self.max_loaded_models = max_loaded_models
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._slots: OrderedDict[str, Slot] = OrderedDict()  # by model name, LRU order
+        self._sinks: dict[int, Sink] = {}
+        self._seq_ids = itertools.count(1)
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
+        self.tokens_generated = 0
+        self.started_at = time.time()
+        self.on_unload: Callable[[str], None] | None = None
+        self._pending: dict[asyncio.AbstractEventLoop, list] = {}
+
+    # --- API for other threads -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._commands.put(("wake",))
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def load(self, spec: ModelSpec) -> Future:
+        """Load (or refresh the settings of) a model; the future resolves to its LoadedModel."""
+        future: Future = Future()
+        self._commands.put(("load", spec, future))
+        return future
+
+    def unload(self, name: str) -> Future:
+        future: Future = Future()
+        self._commands.put(("unload", name, future))
+        return future
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> int:
+        """Queue a request for its model's batch; raises QueueFull past the admission limit."""
+        with self._lock:
+            if self._queued >= self.max_queue:
+                raise QueueFull()
+            self._queued += 1
+        seq_id = next(self._seq_ids)
+        self._commands.put(("submit", seq_id, request, sink))
+        return seq_id
+
+    def cancel(self, seq_id: int) -> None:
+        self._commands.put(("cancel", seq_id))
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return sum(len(s.running) for s in list(self._slots.values()))
+
+    def loaded(self) -> list[dict]:
+        return [
+            {
+                "name": slot.spec.name,
+                "path": slot.spec.path,
+                "memory_bytes": slot.model.memory_bytes,
+                "context_length": slot.model.context_length,
+                "running": len(slot.running),
+                "waiting": len(slot.waiting),
+                "pinned": slot.spec.pinned,
+                "idle_seconds": round(time.monotonic() - slot.last_used, 1),
+            }
+            for slot in list(self._slots.values())
+        ]
+
+    # --- the thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = any(not s.idle for s in self._slots.values())
+            self._drain_commands(block=not busy)
+            if self._stop.is_set():
+                break
+            for slot in list(self._slots.values()):
+                self._admit(slot)
+                if slot.running:
+                    self._step(slot)
+            if not busy:
+                self._expire_idle()
+        for slot in list(self._slots.values()):
+            for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
+                self._finish(seq_id, TokenDelta(None, finish_reason="error", error="server shutting down"))
+
+    def _drain_commands(self, *, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=IDLE_WAIT) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            try:
+                self._handle(command)
+            except Exception:  # a bad command must never take the thread down
+                log.exception("scheduler command %s failed", command[0])
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "submit":
+            _, seq_id, request, sink = command
+            self._sinks[seq_id] = sink
+            try:
+                slot = self._ensure_loaded(request.model)
+            except Exception as exc:
+                with self._lock:
+                    self._queued -= 1
+                self._finish(seq_id, TokenDelta(None, finish_reason="error", error=f"model load failed: {exc}"))
+                return
+            slot.waiting.append((seq_id, request))
+        elif kind == "cancel":
+            self._cancel(command[1])
+        elif kind == "load":
+            _, spec, future = command
+            if not future.set_running_or_notify_cancel():
+                return
+            try:
+                future.set_result(self._ensure_loaded(spec).model)
+            except Exception as exc:
+                future.set_exception(exc)
+        elif kind == "unload":
+            _, name, future = command
+            slot = self._slots.get(name)
+            if slot is None:
+                future.set_result(False)
+            elif not slot.idle:
+                future.set_exception(ModelBusy(f"model {name} has requests in flight"))
+            else:
+                self._unload(name)
+                future.set_result(True)
+
+    def _ensure_loaded(self, spec: ModelSpec) -> Slot:
+        slot = self._slots.get(spec.name)
+        if slot is not None and slot.spec.load_key == spec.load_key:
+            if slot.spec != spec:
+                if spec.max_batch_size != slot.spec.max_batch_size:
+                    slot.model.set_max_batch_size(spec.max_batch_size)
+                slot.spec = spec
+            slot.last_used = time.monotonic()
+            self._slots.move_to_end(spec.name)
+            return slot
+        if slot is not None:
+            # Same name, new files: wait for nothing; in-flight sequences finish on the old weights
+            # only if idle, otherwise they are ended with an error rather than silently swapped.
+            self._drop_slot(spec.name, "model was replaced")
+        self._make_room()
+        started = time.monotonic()
+        model = self.backend.load(spec)
+        log.info("loaded %s in %.1f s", spec.name, time.monotonic() - started)
+        slot = Slot(spec=spec, model=model)
+        self._slots[spec.name] = slot
+        return slot
+
+    def _make_room(self) -> None:
+        while len(self._slots) >= self.max_loaded_models:
+            victim = next(
+                (name for name, s in self._slots.items() if s.idle and not s.spec.pinned), None
+            )
+            if victim is None:
+                raise ModelBusy(
+                    f"{len(self._slots)} models are resident and none can be unloaded now "
+                    "(all busy or pinned)"
+                )
+            log.info("unloading %s to make room (least recently used)", victim)
+            self._unload(victim)
+
+    def _unload(self, name: str) -> None:
+        slot = self._slots.pop(name)
+        slot.model.close()
+        if self.on_unload:
+            self.on_unload(name)
+
+    def _drop_slot(self, name: str, reason: str) -> None:
+        slot = self._slots[name]
+        for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
+            if seq_id not in slot.running:
+                with self._lock:
+                    self._queued -= 1
+            self._finish(seq_id, TokenDelta(None, finish_reason="error", error=reason))
+        slot.running.clear()
+        slot.waiting.clear()
+        self._unload(name)
+
+    def _expire_idle(self) -> None:
+        now = time.monotonic()
+        for name, slot in list(self._slots.items()):
+            keep_alive = slot.spec.keep_alive
+            if slot.idle and not slot.spec.pinned and keep_alive is not None:
+                if now - slot.last_used > keep_alive:
+                    log.info("unloading %s after %.0f s idle", name, keep_alive)
+                    self._unload(name)
+
+    def _admit(self, slot: Slot) -> None:
+        if not slot.waiting:
+            return
+        now = time.monotonic()
+        while slot.waiting and len(slot.running) < slot.spec.max_batch_size:
+            seq_id, request = slot.waiting.popleft()
+            with self._lock:
+                self._queued -= 1
+            sink = self._sinks.get(seq_id)
+            if sink is None:  # cancelled while waiting
+                continue
+            try:
+                slot.model.add(seq_id, request)
+            except Exception as exc:
+                log.exception("could not add request %s", request.request_id)
+                self._finish(seq_id, TokenDelta(None, finish_reason="error", error=str(exc)))
+                continue
+            sink.admitted_at = now
+            slot.running.add(seq_id)
+        slot.last_used = now
+
+    def _step(self, slot: Slot) -> None:
+        try:
+            events = slot.model.step()
+        except Exception as exc:
+            # Never let one bad batch kill the engine: end its sequences, keep the weights.
+            log.exception("generation step failed for %s", slot.spec.name)
+            for seq_id in list(slot.running):
+                self._finish(seq_id, TokenDelta(None, finish_reason="error", error=str(exc)), deliver_now=False)
+            slot.running.clear()
+            slot.model.reset()
+            self._flush()
+            return
+        slot.last_used = time.monotonic()
+        for seq_id, delta in events:
+            if delta.token is not None:
+                self.tokens_generated += 1
+            if delta.finish_reason is not None:
+                slot.running.discard(seq_id)
+                self._finish(seq_id, delta, deliver_now=False)
+            else:
+                self._queue_delivery(seq_id, delta)
+        self._flush()
+
+    # Deliveries are batched per event loop: one thread-safe callback per step, not per token.
+    def _queue_delivery(self, seq_id: int, delta: TokenDelta) -> None:
+        sink = self._sinks.get(seq_id)
+        if sink is not None:
+            self._pending.setdefault(sink.loop, []).append((sink.queue, (sink.key, delta)))
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening
+                pass
+
+    def _finish(self, seq_id: int, delta: TokenDelta, *, deliver_now: bool = True) -> None:
+        self._queue_delivery(seq_id, delta)
+        self._sinks.pop(seq_id, None)
+        if deliver_now:
+            self._flush()
+
+    def _cancel(self, seq_id: int) -> None:
+        if self._sinks.pop(seq_id, None) is None:
+            return
+        for slot in self._slots.values():
+            if seq_id in slot.running:
+                slot.model.remove([seq_id])
+                slot.running.discard(seq_id)
+                return
+            # Still waiting: _admit skips it (its sink is gone) and fixes the queue count.
+
+
+def _deliver(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)

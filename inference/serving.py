@@ -1,0 +1,632 @@
+"""From a validated request to OpenAI responses: prompt, defaults, engine, text, SSE framing.
+
+Separate stream and full paths, as in vLLM's OpenAI entrypoints. Text is detokenized here, on the
+event loop, so the scheduler thread only ever deals in token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.http import StreamingHttpResponse
+
+from inference import protocol
+from inference.backends.base import LoadedModel
+from inference.engine import EngineConfig, GenerationGroup, ModelBusy, QueueFull, get_engine
+from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
+from llmservice.errors import APIError, error_body, model_not_found
+from models_app.models import LLMModel
+
+log = logging.getLogger(__name__)
+
+FINGERPRINT = "fp_llm_service"
+
+
+def engine():
+    return get_engine(
+        EngineConfig(
+            backend=settings.BACKEND,
+            max_queue=settings.MAX_QUEUE,
+            max_loaded_models=getattr(settings, "MAX_LOADED_MODELS", 1),
+        )
+    )
+
+
+# --- the model row -> plain values ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    max_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    system_prompt: str = ""
+
+
+def spec_from_row(row: LLMModel) -> ModelSpec:
+    return ModelSpec(
+        name=row.name,
+        path=row.path,
+        backend=row.backend,
+        max_batch_size=row.max_batch_size or settings.MAX_BATCH_SIZE,
+        context_length=row.context_length,
+        chat_template=row.chat_template or None,
+        pinned=row.pinned,
+        keep_alive=float(row.keep_alive_seconds) if row.keep_alive_seconds is not None else None,
+    )
+
+
+def defaults_from_row(row: LLMModel) -> ModelDefaults:
+    return ModelDefaults(
+        temperature=row.default_temperature,
+        top_p=row.default_top_p,
+        top_k=row.default_top_k,
+        min_p=row.default_min_p,
+        max_tokens=row.default_max_tokens,
+        presence_penalty=row.default_presence_penalty,
+        frequency_penalty=row.default_frequency_penalty,
+        repetition_penalty=row.default_repetition_penalty,
+        system_prompt=row.system_prompt,
+    )
+
+
+async def resolve_model(name: str) -> tuple[ModelSpec, ModelDefaults]:
+    row = await LLMModel.objects.servable().afind(name)
+    if row is None:
+        raise model_not_found(name)
+    return spec_from_row(row), defaults_from_row(row)
+
+
+async def load_model(spec: ModelSpec) -> LoadedModel:
+    try:
+        return await engine().load(spec)
+    except ModelBusy as exc:
+        raise APIError(503, f"Model `{spec.name}` cannot be loaded now: {exc}", type="server_error",
+                       code="model_busy", headers={"Retry-After": "5"}) from exc
+    except Exception as exc:
+        log.exception("loading %s failed", spec.name)
+        raise APIError(503, f"Model `{spec.name}` failed to load: {exc}", type="server_error",
+                       code="model_load_failed", headers={"Retry-After": "30"}) from exc
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+
+def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaults) -> list[dict]:
+    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                for m in request.messages]
+    if defaults.system_prompt:
+        if messages and messages[0]["role"] == "system":
+            messages[0]["content"] = defaults.system_prompt + "\n\n" + messages[0]["content"]
+        else:
+            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
+    return messages
+
+
+def render_chat(model: LoadedModel, messages: list[dict]) -> list[int]:
+    tokenizer = model.tokenizer
+    template = model.spec.chat_template or getattr(tokenizer, "chat_template", None)
+    if template:
+        try:
+            text = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False, chat_template=template
+            )
+        except Exception as exc:
+            raise APIError(400, f"The chat template could not render these messages: {exc}",
+                           param="messages") from exc
+    else:
+        # A base model without a template: a plain transcript it can continue.
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def encode_prompt(model: LoadedModel, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        vocab = len(model.tokenizer)
+        if any(t < 0 or t >= vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt")
+        return prompt
+    return model.tokenizer.encode(prompt)
+
+
+def sampling_params(request: protocol.SamplingFields, defaults: ModelDefaults, max_tokens: int,
+                    *, logprobs: bool, top_logprobs: int, vocab: int) -> SamplingParams:
+    def pick(value, default, fallback):
+        return value if value is not None else (default if default is not None else fallback)
+
+    bias: tuple[tuple[int, float], ...] = ()
+    if request.logit_bias:
+        bias = tuple((int(k), float(v)) for k, v in request.logit_bias.items())
+        bad = [k for k, _ in bias if k >= vocab]
+        if bad:
+            raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab})",
+                           param="logit_bias")
+    top_k = pick(request.top_k, defaults.top_k, 0)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=pick(request.temperature, defaults.temperature, 1.0),
+        top_p=pick(request.top_p, defaults.top_p, 1.0),
+        top_k=max(top_k, 0),
+        min_p=pick(request.min_p, defaults.min_p, 0.0),
+        seed=request.seed,
+        presence_penalty=pick(request.presence_penalty, defaults.presence_penalty, 0.0),
+        frequency_penalty=pick(request.frequency_penalty, defaults.frequency_penalty, 0.0),
+        repetition_penalty=pick(request.repetition_penalty, defaults.repetition_penalty, 1.0),
+        logit_bias=bias,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+    )
+
+
+def budget(model: LoadedModel, prompt_len: int, requested: int | None, defaults: ModelDefaults,
+           param: str) -> int:
+    """max_tokens for this request, or a 400 when prompt + completion exceed the context."""
+    ctx = model.context_length
+    max_tokens = requested if requested is not None else defaults.max_tokens
+    if max_tokens is None:
+        max_tokens = ctx - prompt_len
+    if prompt_len + max_tokens > ctx or max_tokens < 1:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, you requested "
+            f"{prompt_len + max(max_tokens, 0)} tokens ({prompt_len} in the {param}, "
+            f"{max(max_tokens, 0)} in the completion). Please reduce the length of the {param} "
+            "or the completion.",
+            param=param,
+            code="context_length_exceeded",
+        )
+    return max_tokens
+
+
+# --- tokens -> text --------------------------------------------------------------------------
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    # GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+BYTE_DECODER = _bytes_to_unicode()
+
+
+class TokenTexts:
+    """Token id -> (text, bytes), for logprobs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.get = lru_cache(maxsize=65536)(self._get)
+
+    def _get(self, token: int) -> tuple[str, list[int]]:
+        piece = self._tokenizer.convert_ids_to_tokens(token)
+        if piece is None:
+            return "", []
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            raw = bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        elif all(ch in BYTE_DECODER for ch in piece):
+            raw = bytes(BYTE_DECODER[ch] for ch in piece)
+        else:
+            raw = piece.replace("▁", " ").encode()
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+_token_texts: dict[int, TokenTexts] = {}
+
+
+def token_texts(model: LoadedModel) -> TokenTexts:
+    key = id(model.tokenizer)
+    if key not in _token_texts:
+        _token_texts[key] = TokenTexts(model.tokenizer)
+    return _token_texts[key]
+
+
+class Detokenizer:
+    """Incremental detokenizing that never emits half a UTF-8 character or a half-merged word."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._decode = tokenizer.decode
+        self.tokens: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def add(self, token: int) -> str:
+        self.tokens.append(token)
+        prefix_text = self._decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        new_text = self._decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            self._prefix, self._read = self._read, len(self.tokens)
+            return new_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        prefix_text = self._decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        new_text = self._decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        self._prefix = self._read = len(self.tokens)
+        return new_text[len(prefix_text):]
+
+
+class StopFilter:
+    """Finds stop strings across token boundaries; holds back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buffer)), hold, -1):
+                if buffer.endswith(stop[:k]):
+                    hold = k
+                    break
+        self._held = buffer[len(buffer) - hold:] if hold else ""
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
+
+
+@dataclass
+class Choice:
+    index: int
+    detok: Detokenizer
+    stops: StopFilter
+    text: str = ""
+    tokens: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    logprobs: list[tuple[int, float, tuple]] = field(default_factory=list)
+
+    def feed(self, delta: TokenDelta) -> str:
+        """Text this delta releases; sets finish_reason when the sequence ends here."""
+        out = ""
+        if delta.token is not None:
+            self.tokens += 1
+            if delta.logprob is not None:
+                self.logprobs.append((delta.token, delta.logprob, delta.top_logprobs))
+            out, hit = self.stops.feed(self.detok.add(delta.token))
+            if hit:
+                self.finish_reason = "stop"
+                self.text += out
+                return out
+        if delta.finish_reason is not None:
+            if delta.finish_reason == "error":
+                self.finish_reason, self.error = "error", delta.error
+            else:
+                tail, hit = self.stops.feed(self.detok.flush())
+                out += tail + ("" if hit else self.stops.flush())
+                self.finish_reason = "stop" if hit else delta.finish_reason
+        self.text += out
+        return out
+
+
+# --- the shared walk -------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """One API request on its way through the engine."""
+
+    kind: str  # "chat" | "completion"
+    id: str
+    created: int
+    spec: ModelSpec
+    model: LoadedModel
+    prompts: list[list[int]]
+    params: SamplingParams
+    n: int
+    stops: list[str]
+    include_usage: bool
+    echo_texts: list[str] = field(default_factory=list)
+    top_logprobs: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def requests(self) -> list[GenerationRequest]:
+        out = []
+        for p_index, prompt in enumerate(self.prompts):
+            for i in range(self.n):
+                params = self.params
+                if params.seed is not None and self.n > 1:
+                    # Reproducible but different choices, as with OpenAI's n and seed.
+                    params = replace(params, seed=params.seed + i)
+                out.append(GenerationRequest(f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt),
+                                             params))
+        return out
+
+    def choices(self) -> list[Choice]:
+        return [Choice(i, Detokenizer(self.model.tokenizer), StopFilter(self.stops))
+                for i in range(len(self.prompts) * self.n)]
+
+
+def submit(job: Job) -> GenerationGroup:
+    try:
+        return engine().submit(job.requests())
+    except QueueFull:
+        raise APIError(
+            429,
+            "The server is busy: too many requests are waiting. Please retry shortly.",
+            type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
+                                                            ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+async def run_to_end(job: Job) -> list[Choice]:
+    group = submit(job)
+    choices = job.choices()
+    try:
+        async for index, delta in group:
+            choice = choices[index]
+            choice.feed(delta)
+            if choice.finish_reason is not None and index in group.open:
+                group.cancel(index)  # a stop string ended it early: free the slot now
+    finally:
+        group.cancel()
+    errors = [c.error for c in choices if c.finish_reason == "error"]
+    if errors:
+        raise APIError(500, f"Generation failed: {errors[0]}", type="server_error")
+    return choices
+
+
+async def stream_events(job: Job, chunk: Callable[[Choice, str, bool], dict],
+                        first: Callable[[int], dict] | None) -> AsyncIterator[str]:
+    """SSE events for a job: `chunk(choice, text, final)` builds each choice's chunk."""
+    choices = job.choices()
+    try:
+        group = submit(job)
+    except APIError as exc:
+        yield sse(exc.body())
+        yield sse("[DONE]")
+        return
+    try:
+        if first is not None:
+            for choice in choices:
+                yield sse(first(choice.index))
+        async for index, delta in group:
+            choice = choices[index]
+            text = choice.feed(delta)
+            if choice.finish_reason == "error":
+                group.cancel()
+                yield sse(error_body(f"Generation failed: {choice.error}", "server_error"))
+                yield sse("[DONE]")
+                return
+            if choice.finish_reason is not None:
+                if index in group.open:
+                    group.cancel(index)
+                yield sse(chunk(choice, text, True))
+            elif text or (delta.logprob is not None):
+                yield sse(chunk(choice, text, False))
+        if job.include_usage:
+            completion = sum(c.tokens for c in choices)
+            yield sse(usage_chunk(job, completion))
+        yield sse("[DONE]")
+    finally:
+        # Runs on normal end and on client disconnect (CancelledError): the slot is freed.
+        group.cancel()
+
+
+def usage_chunk(job: Job, completion_tokens: int) -> dict:
+    u = protocol.usage(job.prompt_tokens, completion_tokens)
+    if job.kind == "chat":
+        return protocol.chat_chunk(job.id, job.created, job.spec.name, [], FINGERPRINT, u)
+    return protocol.text_completion(job.id, job.created, job.spec.name, [], u, FINGERPRINT)
+
+
+def streaming_response(events: AsyncIterator[str]) -> StreamingHttpResponse:
+    response = StreamingHttpResponse(events, content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+# --- chat ------------------------------------------------------------------------------------
+
+
+def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | None:
+    if not job.params.logprobs:
+        return None
+    texts = token_texts(job.model)
+
+    def item(token: int, logprob: float) -> dict:
+        text, raw = texts.get(token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    content = []
+    for token, logprob, top in entries:
+        entry = item(token, logprob)
+        entry["top_logprobs"] = [item(t, lp) for t, lp in top]
+        content.append(entry)
+    return {"content": content, "refusal": None}
+
+
+async def prepare_chat(request: protocol.ChatCompletionRequest) -> Job:
+    spec, defaults = await resolve_model(request.model)
+    model = await load_model(spec)
+    prompt = render_chat(model, chat_messages(request, defaults))
+    max_tokens = budget(model, len(prompt), request.max_new_tokens(), defaults, "messages")
+    top = request.top_logprobs or 0
+    params = sampling_params(request, defaults, max_tokens, logprobs=bool(request.logprobs),
+                             top_logprobs=top, vocab=len(model.tokenizer))
+    return Job(
+        kind="chat", id=protocol.new_id("chatcmpl"), created=protocol.now(), spec=spec, model=model,
+        prompts=[prompt], params=params, n=request.n or 1, stops=request.stop_list(),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        top_logprobs=top,
+    )
+
+
+async def chat_full(job: Job) -> dict:
+    choices = await run_to_end(job)
+    return protocol.chat_completion(
+        job.id, job.created, job.spec.name,
+        [
+            {
+                "index": c.index,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": chat_logprobs(job, c.logprobs),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        protocol.usage(job.prompt_tokens, sum(c.tokens for c in choices)),
+        FINGERPRINT,
+    )
+
+
+def chat_stream(job: Job) -> StreamingHttpResponse:
+    usage_field = {"usage": None} if job.include_usage else {}
+    sent: dict[int, int] = {}  # logprob entries already sent, per choice
+
+    def frame(choices: list[dict]) -> dict:
+        return protocol.chat_chunk(job.id, job.created, job.spec.name, choices, FINGERPRINT) | usage_field
+
+    def first(index: int) -> dict:
+        return frame([{"index": index, "delta": {"role": "assistant", "content": ""},
+                       "logprobs": None, "finish_reason": None}])
+
+    def chunk(choice: Choice, text: str, final: bool) -> dict:
+        logprobs = None
+        if job.params.logprobs:
+            start = sent.get(choice.index, 0)
+            logprobs = chat_logprobs(job, choice.logprobs[start:])
+            sent[choice.index] = len(choice.logprobs)
+        return frame([{
+            "index": choice.index,
+            "delta": {"content": text} if text or not final else {},
+            "logprobs": logprobs,
+            "finish_reason": choice.finish_reason if final else None,
+        }])
+
+    return streaming_response(stream_events(job, chunk, first))
+
+
+# --- completions -----------------------------------------------------------------------------
+
+
+def completion_logprobs(job: Job, choice: Choice, offset: int = 0) -> dict | None:
+    if not job.params.logprobs:
+        return None
+    texts = token_texts(job.model)
+    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
+    position = offset
+    for token, logprob, top in choice.logprobs:
+        text, _ = texts.get(token)
+        tokens.append(text)
+        token_logprobs.append(logprob)
+        top_logprobs.append({texts.get(t)[0]: lp for t, lp in top} if job.top_logprobs else None)
+        text_offset.append(position)
+        position += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs if job.top_logprobs else None, "text_offset": text_offset}
+
+
+async def prepare_completion(request: protocol.CompletionRequest) -> Job:
+    spec, defaults = await resolve_model(request.model)
+    model = await load_model(spec)
+    raw = request.prompts()
+    prompts = [encode_prompt(model, p) for p in raw]
+    if any(len(p) == 0 for p in prompts):
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    longest = max(len(p) for p in prompts)
+    max_tokens = budget(model, longest, request.max_new_tokens(), ModelDefaults(
+        max_tokens=defaults.max_tokens if defaults.max_tokens is not None else 16), "prompt")
+    top = request.logprobs or 0
+    params = sampling_params(request, defaults, max_tokens, logprobs=request.logprobs is not None,
+                             top_logprobs=top, vocab=len(model.tokenizer))
+    echo = []
+    if request.echo:
+        echo = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in raw]
+    return Job(
+        kind="completion", id=protocol.new_id("cmpl"), created=protocol.now(), spec=spec,
+        model=model, prompts=prompts, params=params, n=request.n or 1, stops=request.stop_list(),
+        include_usage=bool(request.stream_options and request.stream_options.include_usage),
+        echo_texts=echo, top_logprobs=top,
+    )
+
+
+def _echo(job: Job, choice: Choice) -> str:
+    return job.echo_texts[choice.index // job.n] if job.echo_texts else ""
+
+
+async def completion_full(job: Job) -> dict:
+    choices = await run_to_end(job)
+    return protocol.text_completion(
+        job.id, job.created, job.spec.name,
+        [
+            {
+                "index": c.index,
+                "text": _echo(job, c) + c.text,
+                "logprobs": completion_logprobs(job, c, len(_echo(job, c))),
+                "finish_reason": c.finish_reason,
+            }
+            for c in choices
+        ],
+        protocol.usage(job.prompt_tokens, sum(c.tokens for c in choices)),
+        FINGERPRINT,
+    )
+
+
+def completion_stream(job: Job) -> StreamingHttpResponse:
+    echoed: set[int] = set()
+    sent: dict[int, int] = {}
+
+    def chunk(choice: Choice, text: str, final: bool) -> dict:
+        if choice.index not in echoed:
+            echoed.add(choice.index)
+            text = _echo(job, choice) + text
+        logprobs = None
+        if job.params.logprobs:
+            start = sent.get(choice.index, 0)
+            part = Choice(choice.index, choice.detok, choice.stops, logprobs=choice.logprobs[start:])
+            logprobs = completion_logprobs(job, part)
+            sent[choice.index] = len(choice.logprobs)
+        body = protocol.text_completion(
+            job.id, job.created, job.spec.name,
+            [{"index": choice.index, "text": text, "logprobs": logprobs,
+              "finish_reason": choice.finish_reason if final else None}],
+            None, FINGERPRINT,
+        )
+        if job.include_usage:
+            body["usage"] = None
+        return body
+
+    return streaming_response(stream_events(job, chunk, None))
+

@@ -1,0 +1,70 @@
+"""Plain values passed between the API layer and the engine. No Django here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the engine needs to load and serve one registry model."""
+
+    name: str
+    path: str
+    backend: str = "auto"
+    max_batch_size: int = 16
+    context_length: int | None = None
+    chat_template: str | None = None
+    pinned: bool = False
+    keep_alive: float | None = None  # seconds idle before unloading; None keeps it loaded
+
+    @property
+    def load_key(self) -> tuple[str, str]:
+        # A model is reloaded when its files change, not when a sampling default changes.
+        return (self.path, self.backend)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: ModelSpec
+    prompt_tokens: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token, or the end of a sequence (token None with finish_reason set)."""
+
+    token: int | None
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    backend: str
+    device: str
+    loaded_models: list[dict]
+    running: int
+    queued: int
+    tokens_generated: int
+    started_at: float

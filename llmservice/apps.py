@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class LlmServiceConfig(AppConfig):
+    name = "llmservice"
+    verbose_name = "Service"

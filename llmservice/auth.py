@@ -1,0 +1,59 @@
+"""Bearer API keys: rows in the database (hashed) plus an optional key from LLM_SERVICE_API_KEY."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.http import HttpRequest
+from django.utils import timezone
+from ninja.security import HttpBearer
+
+from llmservice.errors import APIError
+from llmservice.models import ApiKey, hash_key
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: a key row, or the environment's key (key_id None)."""
+
+    key_id: int | None
+    name: str
+
+
+class AuthError(APIError):
+    def __init__(self, message: str) -> None:
+        super().__init__(401, message, type="invalid_request_error", code="invalid_api_key")
+
+
+class BearerKey(HttpBearer):
+    async def authenticate(self, request: HttpRequest, token: str) -> Caller:
+        if settings.API_KEY and hmac.compare_digest(token.encode(), settings.API_KEY.encode()):
+            return Caller(None, "env")
+        digest = hash_key(token)
+        key = await ApiKey.objects.active().filter(hashed_key=digest).only("id", "name").afirst()
+        if key is None:
+            shown = token[:7] + "*" * 4 + token[-4:] if len(token) > 11 else "*" * len(token)
+            raise AuthError(
+                f"Incorrect API key provided: {shown}. You can create a key in the dashboard "
+                "or with `manage.py create_api_key`."
+            )
+        now = timezone.now()
+        # last_used_at is for humans; one write per key per minute is plenty.
+        await ApiKey.objects.filter(pk=key.pk).exclude(
+            last_used_at__gt=now - timezone.timedelta(minutes=1)
+        ).aupdate(last_used_at=now)
+        return Caller(key.pk, key.name)
+
+    async def __call__(self, request: HttpRequest):  # type: ignore[override]
+        header = request.headers.get("Authorization")
+        if not header:
+            raise AuthError(
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("Malformed Authorization header: expected `Bearer YOUR_KEY`.")
+        return await self.authenticate(request, token.strip())

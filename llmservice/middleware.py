@@ -1,0 +1,45 @@
+"""Keep every `/v1/*` answer JSON: ninja gives a plain-text 405 and Django an HTML 404."""
+
+from __future__ import annotations
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from django.http import HttpRequest, HttpResponse
+
+from llmservice.errors import APIError
+
+
+def _rewrite(request: HttpRequest, response: HttpResponse) -> HttpResponse:
+    if not request.path.startswith("/v1/") or response.status_code not in (404, 405):
+        return response
+    if response.get("Content-Type", "").startswith("application/json"):
+        return response
+    if response.status_code == 405:
+        allowed = response.get("Allow", "")
+        error = APIError(
+            405,
+            f"Method {request.method} is not allowed on {request.path}."
+            + (f" Allowed: {allowed}." if allowed else ""),
+            headers={"Allow": allowed} if allowed else None,
+        )
+    else:
+        error = APIError(404, f"Unknown request URL: {request.method} {request.path}.", code="unknown_url")
+    return error.response()
+
+
+class OpenAIErrorsMiddleware:
+    async_capable = True
+    sync_capable = True
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+        self.is_async = iscoroutinefunction(get_response)
+        if self.is_async:
+            markcoroutinefunction(self)
+
+    def __call__(self, request: HttpRequest):
+        if self.is_async:
+            return self._acall(request)
+        return _rewrite(request, self.get_response(request))
+
+    async def _acall(self, request: HttpRequest):
+        return _rewrite(request, await self.get_response(request))

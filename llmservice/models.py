@@ -1,0 +1,50 @@
+"""API keys. Secrets are shown once at creation and stored only as a SHA-256 digest."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+from django.db import models
+from django.utils import timezone
+
+KEY_PREFIX = "sk-llm-"
+
+
+def hash_key(raw: str) -> str:
+    # Keys are 256-bit random tokens, so a fast digest is enough (no password stretching needed).
+    return hashlib.sha256(raw.encode()).hexdigest()
+
+
+class ApiKeyQuerySet(models.QuerySet):
+    def active(self) -> ApiKeyQuerySet:
+        return self.filter(revoked_at__isnull=True)
+
+
+class ApiKey(models.Model):
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16, help_text="First characters of the key, to recognise it.")
+    hashed_key = models.CharField(max_length=64, unique=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ApiKeyQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "API key"
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @classmethod
+    def generate(cls, name: str) -> tuple[ApiKey, str]:
+        """Create a key; returns the row and the secret, which is not stored anywhere."""
+        raw = KEY_PREFIX + secrets.token_urlsafe(32)
+        key = cls.objects.create(name=name, prefix=raw[: len(KEY_PREFIX) + 4], hashed_key=hash_key(raw))
+        return key, raw
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None

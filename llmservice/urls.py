@@ -1,0 +1,12 @@
+from django.contrib import admin
+from django.urls import path
+
+from llmservice.api import api
+from llmservice.views import health, ready
+
+urlpatterns = [
+    path("v1/", api.urls),
+    path("health", health, name="health"),
+    path("ready", ready, name="ready"),
+    path("admin/", admin.site.urls),
+]

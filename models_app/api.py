@@ -1,0 +1,34 @@
+"""`GET /v1/models` and `GET /v1/models/{id}`: the registry, live."""
+
+from __future__ import annotations
+
+from django.http import HttpRequest
+from ninja import Router
+
+from llmservice.errors import model_not_found
+from models_app.models import LLMModel
+
+router = Router(tags=["models"])
+
+
+def model_object(row: LLMModel) -> dict:
+    return {
+        "id": row.name,
+        "object": "model",
+        "created": int(row.created_at.timestamp()),
+        "owned_by": "llm-service",
+    }
+
+
+@router.get("/models")
+async def list_models(request: HttpRequest):
+    rows = [row async for row in LLMModel.objects.servable().order_by("name")]
+    return {"object": "list", "data": [model_object(r) for r in rows]}
+
+
+@router.get("/models/{path:model_id}")
+async def retrieve_model(request: HttpRequest, model_id: str):
+    row = await LLMModel.objects.servable().afind(model_id)
+    if row is None:
+        raise model_not_found(model_id)
+    return model_object(row)

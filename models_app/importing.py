@@ -1,0 +1,76 @@
+"""Registering models from disk: mlx-lm / Hugging Face folders in place, GGUF files by conversion."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from models_app.models import LLMModel
+
+
+class ImportError_(ValueError):
+    """A user-facing reason an import cannot happen."""
+
+
+def folder_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def default_name(path: Path) -> str:
+    stem = path.stem if path.is_file() else path.name
+    stem = re.sub(r"\.(Q\d\w*|F16|F32|BF16)$", "", stem, flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9._:/@+-]+", "-", stem).strip("-").lower() or "model"
+
+
+def import_model(path: str | Path, *, name: str | None = None, make_default: bool = False) -> LLMModel:
+    source = Path(path).expanduser().resolve()
+    if not source.exists():
+        raise ImportError_(f"{source} does not exist")
+    name = name or default_name(source)
+    if LLMModel.objects.filter(name=name).exists():
+        raise ImportError_(f"a model named {name!r} is already registered")
+
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise ImportError_(f"{source} has no config.json: not an mlx-lm / Hugging Face model folder")
+        if not any(source.glob("*.safetensors")):
+            raise ImportError_(f"{source} has no .safetensors weights")
+        target, kind = source, LLMModel.Source.LOCAL
+    elif source.suffix.lower() == ".gguf":
+        from models_app.gguf import GGUFError, convert_gguf
+
+        target = Path(settings.MODELS_DIR) / name.replace("/", "--")
+        if target.exists():
+            raise ImportError_(f"{target} already exists; remove it or pick another --name")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            convert_gguf(source, target)
+        except GGUFError as exc:
+            raise ImportError_(str(exc)) from exc
+        kind = LLMModel.Source.GGUF
+    else:
+        raise ImportError_(f"{source} is neither a model folder nor a .gguf file")
+
+    try:
+        with transaction.atomic():
+            row = LLMModel.objects.create(
+                name=name,
+                source=kind,
+                source_ref=str(source),
+                path=str(target),
+                format=LLMModel.Format.MLX,
+                size_bytes=folder_size(target),
+            )
+            if make_default or not LLMModel.objects.filter(is_default=True).exists():
+                row.make_default()
+    except Exception:
+        if kind == LLMModel.Source.GGUF:
+            shutil.rmtree(target, ignore_errors=True)  # nothing half-registered, nothing orphaned
+        raise
+    return row

@@ -1,0 +1,20 @@
+from django.core.management.base import BaseCommand, CommandError
+
+from models_app.importing import ImportError_, import_model
+
+
+class Command(BaseCommand):
+    help = "Register an mlx-lm/HF model folder, or convert a llama-family .gguf into MODELS_DIR."
+
+    def add_arguments(self, parser):
+        parser.add_argument("path")
+        parser.add_argument("--name", help="The id clients send as `model` (default: from the path).")
+        parser.add_argument("--default", action="store_true", help="Make it the default model.")
+
+    def handle(self, *args, path, name, default, **options):
+        try:
+            row = import_model(path, name=name, make_default=default)
+        except ImportError_ as exc:
+            raise CommandError(str(exc)) from exc
+        flag = " (default)" if row.is_default else ""
+        self.stdout.write(f"Imported {row.name}{flag} -> {row.path}")

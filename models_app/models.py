@@ -1,0 +1,148 @@
+"""The model registry: one row per model clients can name, with its per-model settings."""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models, transaction
+from django.db.models import Q
+
+model_name_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+    "Use letters, digits and . _ : / @ + - (the name clients send as `model`).",
+)
+
+
+class LLMModelQuerySet(models.QuerySet):
+    def servable(self) -> LLMModelQuerySet:
+        return self.filter(enabled=True, status=LLMModel.Status.AVAILABLE)
+
+    def find(self, name: str) -> LLMModel | None:
+        """The row a client's `model` value means: its name, an alias, or `default`."""
+        if name == "default":
+            return self.filter(is_default=True).first()
+        row = self.filter(name=name).first()
+        if row is None:
+            # Aliases are few; scanning them works on every database (SQLite has no JSON contains).
+            row = next((r for r in self.exclude(aliases=[]) if name in (r.aliases or [])), None)
+        return row
+
+    async def afind(self, name: str) -> LLMModel | None:
+        if name == "default":
+            return await self.filter(is_default=True).afirst()
+        row = await self.filter(name=name).afirst()
+        if row is None:
+            async for r in self.exclude(aliases=[]):
+                if name in (r.aliases or []):
+                    return r
+        return row
+
+
+class LLMModel(models.Model):
+    class Source(models.TextChoices):
+        HUGGINGFACE = "hf", "Hugging Face"
+        LOCAL = "local", "Local folder"
+        GGUF = "gguf", "Imported GGUF"
+
+    class Format(models.TextChoices):
+        MLX = "mlx", "mlx-lm / safetensors"
+        GGUF = "gguf", "GGUF"
+
+    class Status(models.TextChoices):
+        AVAILABLE = "available", "Available"
+        DOWNLOADING = "downloading", "Downloading"
+        FAILED = "failed", "Failed"
+        DELETING = "deleting", "Deleting"
+
+    name = models.CharField(
+        max_length=200, unique=True, validators=[model_name_validator],
+        help_text="The id clients send as `model`.",
+    )
+    source = models.CharField(max_length=10, choices=Source.choices, default=Source.LOCAL)
+    source_ref = models.CharField(
+        max_length=500, blank=True, help_text="Hugging Face repo id, or the imported path."
+    )
+    revision = models.CharField(max_length=100, blank=True)
+    path = models.CharField(max_length=1000, help_text="Folder on disk that the backend loads.")
+    format = models.CharField(max_length=10, choices=Format.choices, default=Format.MLX)
+    size_bytes = models.BigIntegerField(default=0)
+    backend = models.CharField(
+        max_length=10, default="auto", choices=[("auto", "auto"), ("mlx", "mlx"), ("vllm", "vllm")]
+    )
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.AVAILABLE)
+    is_default = models.BooleanField(default=False, verbose_name="default")
+    aliases = models.JSONField(default=list, blank=True, help_text="Other names clients may use.")
+
+    # --- per-model settings, honoured by the API ---
+    enabled = models.BooleanField(default=True, help_text="A disabled model answers 404.")
+    context_length = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(16)],
+        help_text="Prompt + max_tokens limit. Empty: the model's own.",
+    )
+    default_temperature = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0), MaxValueValidator(2)]
+    )
+    default_top_p = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0), MaxValueValidator(1)]
+    )
+    default_top_k = models.PositiveIntegerField(null=True, blank=True)
+    default_min_p = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0), MaxValueValidator(1)]
+    )
+    default_max_tokens = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1)]
+    )
+    default_presence_penalty = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(-2), MaxValueValidator(2)]
+    )
+    default_frequency_penalty = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(-2), MaxValueValidator(2)]
+    )
+    default_repetition_penalty = models.FloatField(
+        null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(10)]
+    )
+    chat_template = models.TextField(
+        blank=True, help_text="Jinja chat template overriding the tokenizer's. Empty: the tokenizer's."
+    )
+    system_prompt = models.TextField(
+        blank=True, help_text="Put before the conversation as a system message when set."
+    )
+    max_batch_size = models.PositiveIntegerField(
+        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(256)],
+        help_text="Sequences decoded together. Empty: the service default.",
+    )
+    keep_alive_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Unload after this long idle. Empty: stay loaded."
+    )
+    pinned = models.BooleanField(default=False, help_text="Never unloaded to make room.")
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    objects = LLMModelQuerySet.as_manager()
+
+    class Meta:
+        verbose_name = "model"
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["is_default"], condition=Q(is_default=True), name="one_default_model"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        for alias in self.aliases or []:
+            if not isinstance(alias, str) or alias == "default":
+                raise ValidationError({"aliases": "Aliases are names (strings), and not `default`."})
+            other = LLMModel.objects.exclude(pk=self.pk).find(alias)
+            if other is not None:
+                raise ValidationError({"aliases": f"`{alias}` already names model {other}."})
+
+    @transaction.atomic
+    def make_default(self) -> None:
+        LLMModel.objects.filter(is_default=True).exclude(pk=self.pk).update(is_default=False)
+        self.is_default = True
+        self.save(update_fields=["is_default", "updated_at"])
