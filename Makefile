@@ -33,8 +33,9 @@ serve: setup
 	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/llm-service serve
 
 test: setup
-	$(VENV)/bin/python manage.py makemigrations --check --dry-run
-	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/python -m pytest
+	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
+	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
+		$(VENV)/bin/python -m pytest
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -406,16 +406,10 @@ async def run_to_end(job: Job) -> list[Choice]:
     return choices
 
 
-async def stream_events(job: Job, chunk: Callable[[Choice, str, bool], dict],
+async def stream_events(job: Job, group: GenerationGroup, chunk: Callable[[Choice, str, bool], dict],
                         first: Callable[[int], dict] | None) -> AsyncIterator[str]:
-    """SSE events for a job: `chunk(choice, text, final)` builds each choice's chunk."""
+    """SSE events for a submitted job: `chunk(choice, text, final)` builds each choice's chunk."""
     choices = job.choices()
-    try:
-        group = submit(job)
-    except APIError as exc:
-        yield sse(exc.body())
-        yield sse("[DONE]")
-        return
     try:
         if first is not None:
             for choice in choices:
@@ -450,8 +444,10 @@ def usage_chunk(job: Job, completion_tokens: int) -> dict:
     return protocol.text_completion(job.id, job.created, job.spec.name, [], u, FINGERPRINT)
 
 
-def streaming_response(events: AsyncIterator[str]) -> StreamingHttpResponse:
+def streaming_response(events: AsyncIterator[str], group: GenerationGroup) -> StreamingHttpResponse:
     response = StreamingHttpResponse(events, content_type="text/event-stream")
+    # If the client leaves before the first byte, the generator never runs its `finally`.
+    response._resource_closers.append(group.cancel)
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
@@ -535,7 +531,8 @@ def chat_stream(job: Job) -> StreamingHttpResponse:
             "finish_reason": choice.finish_reason if final else None,
         }])
 
-    return streaming_response(stream_events(job, chunk, first))
+    group = submit(job)
+    return streaming_response(stream_events(job, group, chunk, first), group)
 
 
 # --- completions -----------------------------------------------------------------------------
@@ -628,5 +625,6 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
             body["usage"] = None
         return body
 
-    return streaming_response(stream_events(job, chunk, None))
+    group = submit(job)
+    return streaming_response(stream_events(job, group, chunk, None), group)
 

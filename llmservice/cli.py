@@ -80,6 +80,7 @@ def bootstrap(*, demo: bool) -> dict:
     from models_app.models import LLMModel
 
     call_command("migrate", interactive=False, verbosity=0)
+    call_command("collectstatic", interactive=False, verbosity=0)
     info: dict = {"key": None}
     if not ApiKey.objects.exists():
         _, info["key"] = ApiKey.generate("first key")

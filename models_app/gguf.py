@@ -4,6 +4,7 @@ The header is parsed in pure Python (cheap metadata, up-front checks); tensors c
 ``mx.load``, are dequantized, renamed to the HF llama layout and saved with mlx-lm's savers;
 the tokenizer is rebuilt from the GGUF vocabulary with the ``tokenizers`` library.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,25 +23,38 @@ import mlx.core as mx
 
 SUPPORTED_ARCHS = {"llama"}
 # ggml tensor type id -> name; (elements, bytes) per block for the types we can import.
-_GGML_TYPES = dict(enumerate(
-    "F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS IQ2_XS "
-    "IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16".split()))
+_GGML_NAMES = (
+    "F32 F16 Q4_0 Q4_1 Q4_2 Q4_3 Q5_0 Q5_1 Q8_0 Q8_1 Q2_K Q3_K Q4_K Q5_K Q6_K Q8_K IQ2_XXS "
+    "IQ2_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ2_S IQ4_XS I8 I16 I32 I64 F64 IQ1_M BF16"
+)
+_GGML_TYPES = dict(enumerate(_GGML_NAMES.split()))
 _BLOCKS = {"F32": (1, 4), "F16": (1, 2), "Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34)}
 _SUPPORTED_MSG = "only Q4_0, Q4_1, Q8_0, F16, F32 GGUF files can be imported"
 # llama.cpp's general.file_type (LLAMA_FTYPE_*) -> the name users see in file names.
-_FILE_TYPES = {**dict(enumerate(
+_FTYPE_NAMES = (
     "F32 F16 Q4_0 Q4_1 Q4_1_F16 Q4_2 Q4_3 Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S "
-    "Q4_K_M Q5_K_S Q5_K_M Q6_K".split())), 32: "BF16"}
+    "Q4_K_M Q5_K_S Q5_K_M Q6_K"
+)
+_FILE_TYPES = dict(enumerate(_FTYPE_NAMES.split())) | {32: "BF16"}
 _SCALARS = {**dict(enumerate("BbHhIif?")), 10: "Q", 11: "q", 12: "d"}  # GGUF value types
 _DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 # Llama 3's pre-tokenizer regex (HF tokenizer.json of Llama-3.x).
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                 r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _PRE_TOKENIZERS = {"smollm", "default", "gpt-2", "llama-bpe", "llama3"}
-_LAYER_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
-                "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-                "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-                "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -67,7 +81,7 @@ class _Reader:
     def string(self, keep: bool = True) -> str | None:
         n = self.take("Q")
         start = self.skip(n)
-        return self.buf[start:start + n].decode("utf-8", "replace") if keep else None
+        return self.buf[start : start + n].decode("utf-8", "replace") if keep else None
 
     def value(self, vtype: int) -> Any:
         """Read one metadata value; arrays are skipped and returned as their length."""
@@ -124,13 +138,15 @@ def _problem(meta: dict, tensors: list, data_start: int, size: int, name: str) -
         return f"unsupported architecture '{arch}': only llama-family GGUF files can be imported"
     if meta.get(f"{arch}.expert_count", 0):
         return "mixture-of-experts models are not supported"
-    for tname, dims, ttype, offset in tensors:
+    for tname, _, ttype, _ in tensors:
         if ttype not in _BLOCKS:
             return f"unsupported tensor type {ttype} in {tname}: {_SUPPORTED_MSG}"
     tok_model, pre = meta.get("tokenizer.ggml.model"), meta.get("tokenizer.ggml.pre", "default")
     if tok_model != "gpt2":
-        return (f"unsupported tokenizer '{tok_model}': only GPT-2 style byte-level BPE "
-                "tokenizers can be imported")
+        return (
+            f"unsupported tokenizer '{tok_model}': only GPT-2 style byte-level BPE "
+            "tokenizers can be imported"
+        )
     if pre not in _PRE_TOKENIZERS:
         return f"unsupported pre-tokenizer '{pre}'"
     for tname, dims, ttype, offset in tensors:
@@ -150,30 +166,31 @@ def read_gguf_info(path: str | os.PathLike) -> dict:
     if file_type is None and types:  # older files lack general.file_type
         file_type = max(types, key=types.get)
     return {
-        "architecture": arch, "name": meta.get("general.name") or path.stem,
+        "architecture": arch,
+        "name": meta.get("general.name") or path.stem,
         "context_length": meta.get(f"{arch}.context_length"),
         "hidden_size": meta.get(f"{arch}.embedding_length"),
         "num_layers": meta.get(f"{arch}.block_count"),
         "vocab_size": lengths.get("tokenizer.ggml.tokens"),
         "n_params": sum(math.prod(dims) for _, dims, _, _ in tensors),
         "has_chat_template": bool(meta.get("tokenizer.chat_template")),
-        "file_type": file_type, "tensor_types": types, "size_bytes": size,
-        "problem": _problem(meta, tensors, data_start, size, path.name)}
+        "file_type": file_type,
+        "tensor_types": types,
+        "size_bytes": size,
+        "problem": _problem(meta, tensors, data_start, size, path.name),
+    }
 
 
 def _num(md: dict, key: str, default: Any = None) -> Any:
-    v = md.get(key)
+    """A scalar metadata value as a Python number; required when no default is given."""
+    v = md.get(key, default)
     if v is None:
-        if default is None:
-            raise GGUFError(f"missing metadata '{key}'")
-        return default
+        raise GGUFError(f"missing metadata '{key}'")
     if isinstance(v, mx.array):
-        if v.size > 1:  # per-layer values: fine only when all layers agree
-            vals = set(v.tolist())
-            if len(vals) != 1:
-                raise GGUFError(f"per-layer '{key}' values are not supported")
-            return vals.pop()
-        return v.item()
+        vals = set(v.tolist()) if v.size > 1 else {v.item()}
+        if len(vals) != 1:  # per-layer values are fine only when all layers agree
+            raise GGUFError(f"per-layer '{key}' values are not supported")
+        return vals.pop()
     return v
 
 
@@ -191,10 +208,17 @@ def _llama3_scaling(rope_freqs: mx.array, head_dim: int, base: float) -> dict:
         wavelen = 2 * math.pi * base ** (i / head_dim)
         smooth = min(1.0, max(0.0, (orig / wavelen - low) / (high - low)))
         want.append(1 / ((1 - smooth) / factor + smooth))
-    if len(want) != len(got) or any(abs(a - b) > 1e-3 * max(1.0, b) for a, b in zip(got, want)):
+    if len(want) != len(got) or any(
+        abs(a - b) > 1e-3 * max(1.0, b) for a, b in zip(got, want, strict=True)
+    ):
         raise GGUFError("unsupported rope scaling (rope_freqs does not match Llama 3 settings)")
-    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
-            "high_freq_factor": high, "original_max_position_embeddings": orig}
+    return {
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": low,
+        "high_freq_factor": high,
+        "original_max_position_embeddings": orig,
+    }
 
 
 def _config(md: dict, tensors: dict, dtype: str) -> dict:
@@ -207,24 +231,32 @@ def _config(md: dict, tensors: dict, dtype: str) -> dict:
         raise GGUFError("partial rotary embeddings are not supported")
     theta = _f32(_num(md, p + "rope.freq_base", 10000.0))
     config: dict[str, Any] = {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden, "intermediate_size": int(_num(md, p + "feed_forward_length")),
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": int(_num(md, p + "feed_forward_length")),
         "num_hidden_layers": int(_num(md, p + "block_count")),
-        "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
         "rms_norm_eps": _f32(_num(md, p + "attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": theta, "rope_traditional": False,  # Q/K rows are un-permuted below
+        "rope_theta": theta,
+        "rope_traditional": False,  # Q/K rows are un-permuted below
         "max_position_embeddings": int(_num(md, p + "context_length", 2048)),
         "vocab_size": int(tensors["token_embd.weight"].shape[0]),
         "tie_word_embeddings": "output.weight" not in tensors,
-        "attention_bias": "blk.0.attn_q.bias" in tensors, "mlp_bias": False,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
+        "mlp_bias": False,
         "torch_dtype": dtype,
     }
     scaling = md.get(p + "rope.scaling.type", "none")
     if "rope_freqs.weight" in tensors:
         config["rope_scaling"] = _llama3_scaling(tensors["rope_freqs.weight"], head_dim, theta)
     elif scaling == "linear":
-        config["rope_scaling"] = {"type": "linear",
-                                  "factor": _f32(_num(md, p + "rope.scaling.factor"))}
+        config["rope_scaling"] = {
+            "type": "linear",
+            "factor": _f32(_num(md, p + "rope.scaling.factor")),
+        }
     elif scaling != "none":
         raise GGUFError(f"unsupported rope scaling '{scaling}'")
     special = _special_ids(md)
@@ -238,8 +270,11 @@ def _config(md: dict, tensors: dict, dtype: str) -> dict:
 def _special_ids(md: dict) -> dict[str, Any]:
     """bos/unk/pad ids and the list of stop ids (eos plus end-of-turn tokens)."""
     key = "tokenizer.ggml.{}_token_id".format
-    out: dict[str, Any] = {kind: int(_num(md, key(k))) for kind, k in
-                           (("bos", "bos"), ("unk", "unknown"), ("pad", "padding")) if key(k) in md}
+    out: dict[str, Any] = {
+        kind: int(_num(md, key(k)))
+        for kind, k in (("bos", "bos"), ("unk", "unknown"), ("pad", "padding"))
+        if key(k) in md
+    }
     eos = [int(_num(md, key(k))) for k in ("eos", "eot", "eom") if key(k) in md]
     out["eos"] = list(dict.fromkeys(eos))  # de-duplicated, eos first
     return out
@@ -263,8 +298,9 @@ def _weights(tensors: dict, config: dict, dtype: mx.Dtype) -> dict[str, mx.array
             s, b = tensors[f"{stem}.scales"], tensors[f"{stem}.biases"]
             bits = w.shape[-1] // s.shape[-1]  # ggml blocks are 32 wide: 32*bits/32 words
             # float32 scales so the dequantized values keep full precision
-            w = mx.dequantize(w, s.astype(mx.float32), b.astype(mx.float32),
-                              group_size=32, bits=bits)
+            w = mx.dequantize(
+                w, s.astype(mx.float32), b.astype(mx.float32), group_size=32, bits=bits
+            )
         w = w.astype(dtype)
         if m and m.group(2) in ("attn_q", "attn_k"):
             # llama.cpp interleaves each head's rows for its rope (convert_hf_to_gguf permute):
@@ -279,8 +315,8 @@ def _weights(tensors: dict, config: dict, dtype: mx.Dtype) -> dict[str, mx.array
 
 def _tokenizer(md: dict) -> tuple[Any, dict]:
     """Rebuild a byte-level BPE `tokenizers.Tokenizer` and the tokenizer_config entries."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import AddedToken as Added
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
     tokens: list[str] = md["tokenizer.ggml.tokens"]
     types = md["tokenizer.ggml.token_type"].tolist() if "tokenizer.ggml.token_type" in md else []
@@ -292,10 +328,12 @@ def _tokenizer(md: dict) -> tuple[Any, dict]:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not llama3)
     if pre == "smollm":  # SmolLM2 splits every digit before the GPT-2 regex
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level])
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
     elif llama3:
         tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), byte_level])
+            [pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), "isolated"), byte_level]
+        )
     else:
         tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
@@ -306,14 +344,16 @@ def _tokenizer(md: dict) -> tuple[Any, dict]:
     post = processors.ByteLevel(trim_offsets=False)
     if bool(_num(md, "tokenizer.ggml.add_bos_token", False)) and "bos" in name:
         bos = (name["bos"], ids["bos"])
-        post = processors.Sequence([post, processors.TemplateProcessing(
-            single=f"{bos[0]} $A", pair=f"{bos[0]} $A {bos[0]} $B:1", special_tokens=[bos])])
+        single, pair = f"{bos[0]} $A", f"{bos[0]} $A {bos[0]} $B:1"
+        template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=[bos])
+        post = processors.Sequence([post, template])
     tok.post_processor = post
     # Control tokens (type 3) are special: single ids, dropped by skip_special_tokens.
     control = [tokens[i] for i, t in enumerate(types) if t == 3]
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
-    tok.add_tokens([AddedToken(tokens[i], special=False, normalized=False)
-                    for i, t in enumerate(types) if t == 4])
+    tok.add_special_tokens([Added(t, special=True, normalized=False) for t in control])
+    tok.add_tokens(
+        [Added(tokens[i], special=False, normalized=False) for i, t in enumerate(types) if t == 4]
+    )
     cfg: dict[str, Any] = {f"{k}_token": v for k, v in name.items()}
     cfg["additional_special_tokens"] = [t for t in control if t not in name.values()]
     return tok, cfg
@@ -322,16 +362,22 @@ def _tokenizer(md: dict) -> tuple[Any, dict]:
 def _write_tokenizer(md: dict, config: dict, folder: Path) -> None:
     tok, special = _tokenizer(md)
     tok.save(str(folder / "tokenizer.json"))
-    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", **special,
-                  "model_max_length": config["max_position_embeddings"],
-                  "clean_up_tokenization_spaces": False}
+    tok_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": config["max_position_embeddings"],
+        "clean_up_tokenization_spaces": False,
+    }
     if md.get("tokenizer.chat_template"):
         tok_config["chat_template"] = md["tokenizer.chat_template"]
     gen = {k: config[k] for k in ("bos_token_id", "eos_token_id") if k in config}
     if "pad" in (ids := _special_ids(md)):
         gen["pad_token_id"] = ids["pad"]
-    for fname, data in (("tokenizer_config.json", tok_config),
-                        ("special_tokens_map.json", special), ("generation_config.json", gen)):
+    for fname, data in (
+        ("tokenizer_config.json", tok_config),
+        ("special_tokens_map.json", special),
+        ("generation_config.json", gen),
+    ):
         (folder / fname).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
@@ -358,8 +404,9 @@ def _convert_into(path: Path, folder: Path, dtype: str) -> dict:
     return config
 
 
-def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                 dtype: str = "float32") -> dict:
+def convert_gguf(
+    path: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: str = "float32"
+) -> dict:
     """Convert a llama GGUF into an mlx-lm folder at out_dir (atomically); returns config.
 
     float32 is the default because float16/quantized weights are 10-40x slower on mlx's CPU.
@@ -389,8 +436,14 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     return config
 
 
-def make_tiny_model(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                    hidden_size: int = 64, num_layers: int = 2, seed: int = 0) -> None:
+def make_tiny_model(
+    tokenizer_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    seed: int = 0,
+) -> None:
     """Write a tiny random-weight float32 llama using tokenizer_dir's tokenizer (for tests)."""
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.models import llama
@@ -400,10 +453,18 @@ def make_tiny_model(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike
     src, out = Path(tokenizer_dir), Path(out_dir)
     vocab = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
     config: dict[str, Any] = {
-        "model_type": "llama", "hidden_size": hidden_size, "num_hidden_layers": num_layers,
-        "intermediate_size": 2 * hidden_size, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "rms_norm_eps": 1e-5, "vocab_size": vocab, "rope_theta": 10000.0,
-        "max_position_embeddings": 2048, "tie_word_embeddings": True}
+        "model_type": "llama",
+        "hidden_size": hidden_size,
+        "num_hidden_layers": num_layers,
+        "intermediate_size": 2 * hidden_size,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "vocab_size": vocab,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+    }
     has_config = (src / "config.json").exists()
     src_config = json.loads((src / "config.json").read_text()) if has_config else {}
     config.update({k: src_config[k] for k in ("bos_token_id", "eos_token_id") if k in src_config})
@@ -411,13 +472,14 @@ def make_tiny_model(tokenizer_dir: str | os.PathLike, out_dir: str | os.PathLike
     # Explicit keys (not the global RNG) so the same seed always gives the same weights.
     params = tree_flatten(model.parameters())
     keys = mx.random.split(mx.random.key(seed), len(params))
-    new = [(k, mx.ones(v.shape) if k.endswith("norm.weight")
-            else 0.02 * mx.random.normal(v.shape, key=key)) for (k, v), key in zip(params, keys)]
+    new = []
+    for (k, v), key in zip(params, keys, strict=True):
+        norm = k.endswith("norm.weight")
+        new.append((k, mx.ones(v.shape) if norm else 0.02 * mx.random.normal(v.shape, key=key)))
     model.update(tree_unflatten(new))
     out.mkdir(parents=True, exist_ok=True)
     save_model(out, model)
     save_config(config, out / "config.json")
-    for fname in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                  "generation_config.json"):
-        if (src / fname).exists():
-            shutil.copyfile(src / fname, out / fname)
+    for f in src.glob("*.json"):  # tokenizer files and generation_config, not the weights index
+        if f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copyfile(f, out / f.name)

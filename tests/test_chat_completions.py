@@ -1,0 +1,169 @@
+"""Chat completions through the official openai SDK against a real server and a real mlx model."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+# The tiny model's end-of-text token, pushed down so answers run to max_tokens predictably.
+NO_EOS = {"logit_bias": {"2": -100, "0": -100}}
+
+
+def ask(client, content="Hello there", **kwargs):
+    kwargs.setdefault("max_tokens", 12)
+    kwargs.setdefault("temperature", 0)
+    return client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": content}], **kwargs
+    )
+
+
+def test_it_answers_in_openais_shape(client):
+    reply = ask(client, extra_body=NO_EOS)
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.object == "chat.completion"
+    assert isinstance(reply.created, int)
+    assert reply.model == "tiny"
+    choice = reply.choices[0]
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason == "length"
+    assert reply.usage.completion_tokens == 12
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 12
+
+
+def test_default_is_an_alias_of_the_default_model(client):
+    reply = client.chat.completions.create(
+        model="default", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+    )
+    assert reply.model == "tiny"
+
+
+def test_content_may_be_a_list_of_text_parts(client):
+    as_parts = client.chat.completions.create(
+        model="tiny", temperature=0, max_tokens=8,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello "},
+                                               {"type": "text", "text": "there"}]}],
+    )
+    as_string = ask(client, "Hello there", max_tokens=8)
+    assert as_parts.choices[0].message.content == as_string.choices[0].message.content
+
+
+def test_greedy_answers_are_deterministic(client):
+    assert ask(client).choices[0].message.content == ask(client).choices[0].message.content
+
+
+def test_it_streams_role_first_then_content_then_finish_reason(client):
+    chunks = list(ask(client, stream=True, extra_body=NO_EOS))
+    ids = {c.id for c in chunks}
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert chunks[-1].choices[0].finish_reason == "length"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed == ask(client, extra_body=NO_EOS).choices[0].message.content
+
+
+def test_it_streams_usage_last_when_asked(client):
+    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS))
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == 12
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stop_strings_end_the_answer_and_never_appear_in_it(client):
+    full = ask(client, max_tokens=30, temperature=1, seed=5, extra_body=NO_EOS).choices[0].message.content
+    stop = full[10:13]
+    assert stop.strip(), full
+    expected = full[: full.index(stop)]
+    reply = ask(client, max_tokens=30, stop=[stop, "never-appears"], temperature=1, seed=5,
+                extra_body=NO_EOS)
+    assert reply.choices[0].message.content == expected
+    assert reply.choices[0].finish_reason == "stop"
+    streamed = list(ask(client, max_tokens=30, stop=stop, stream=True, temperature=1,
+                         seed=5, extra_body=NO_EOS))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
+    assert streamed[-1].choices[0].finish_reason == "stop"
+
+
+def test_n_returns_that_many_choices(client):
+    reply = ask(client, n=3, temperature=1.0, seed=7, max_tokens=6)
+    assert [c.index for c in reply.choices] == [0, 1, 2]
+    assert reply.usage.completion_tokens >= 3  # counted over all choices
+    assert len({c.message.content for c in reply.choices}) > 1
+
+
+def test_n_streams_every_choice(client):
+    chunks = list(ask(client, n=2, stream=True, max_tokens=5, extra_body=NO_EOS))
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+
+
+def test_the_same_seed_gives_the_same_answer(client):
+    first = ask(client, temperature=1.0, seed=1234, max_tokens=20).choices[0].message.content
+    again = ask(client, temperature=1.0, seed=1234, max_tokens=20).choices[0].message.content
+    other = ask(client, temperature=1.0, seed=99, max_tokens=20).choices[0].message.content
+    assert first == again
+    assert first != other
+
+
+def test_logprobs_come_in_openais_shape(client):
+    reply = ask(client, logprobs=True, top_logprobs=3, max_tokens=5)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0
+        assert isinstance(entry.bytes, list) and bytes(entry.bytes).decode("utf-8", "replace")
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob >= entry.top_logprobs[-1].logprob
+        # Greedy: the chosen token is the most likely one.
+        assert entry.top_logprobs[0].token == entry.token
+    assert "".join(e.token for e in content) == reply.choices[0].message.content
+
+
+def test_logprobs_are_streamed_with_their_tokens(client):
+    chunks = list(ask(client, logprobs=True, top_logprobs=1, max_tokens=5, stream=True,
+                      extra_body=NO_EOS))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs
+               for e in c.choices[0].logprobs.content]
+    assert len(entries) == 5
+
+
+def test_penalties_and_sampling_extensions_are_accepted(client):
+    reply = ask(client, temperature=0.8, top_p=0.9, presence_penalty=1.0, frequency_penalty=0.5,
+                seed=3, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
+    assert reply.choices[0].message.content
+
+
+def test_logit_bias_steers_the_choice(client):
+    token = 28  # any id: a +100 bias makes it certain
+    reply = ask(client, logit_bias={str(token): 100}, logprobs=True, max_tokens=3)
+    assert {e.token for e in reply.choices[0].logprobs.content} == {
+        reply.choices[0].logprobs.content[0].token}
+
+
+def test_unknown_fields_are_ignored(client):
+    reply = ask(client, extra_body={"some_future_option": {"x": 1}, "ignore_me": True})
+    assert reply.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize("bad", [
+    {"temperature": 3},
+    {"top_p": 1.5},
+    {"n": 0},
+    {"max_tokens": 0},
+    {"top_logprobs": 3},  # without logprobs
+    {"stop": ["a", "b", "c", "d", "e"]},
+    {"logit_bias": {"not-a-token": 1}},
+])
+def test_bad_parameters_get_a_400_naming_the_parameter(client, bad):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, **{k: v for k, v in bad.items() if k != "logit_bias"},
+            extra_body={"logit_bias": bad["logit_bias"]} if "logit_bias" in bad else None)
+    error = info.value.body
+    assert info.value.status_code == 400
+    assert error["type"] == "invalid_request_error"
+    assert error["message"]

@@ -1,0 +1,174 @@
+"""The scheduler's bookkeeping, and failures that cannot be caused on demand with a real model.
+
+`FlakyModel` stands in for a backend whose generation step fails (out of memory, a kernel error):
+the real mlx backend cannot be made to fail at a chosen step here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from inference import serving
+from inference.backends.base import Backend, LoadedModel
+from inference.engine import GenerationGroup
+from inference.scheduler import QueueFull, Scheduler
+from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
+
+
+class FlakyModel(LoadedModel):
+    def __init__(self, spec: ModelSpec, tokenizer, fail_at: int) -> None:
+        self.spec, self.tokenizer = spec, tokenizer
+        self.context_length, self.memory_bytes = 512, 0
+        self.eos_token_ids = frozenset()
+        self.running: dict[int, int] = {}
+        self.steps, self.fail_at, self.resets = 0, fail_at, 0
+
+    def add(self, seq_id, request):
+        self.running[seq_id] = request.params.max_tokens
+
+    def remove(self, seq_ids):
+        for s in seq_ids:
+            self.running.pop(s, None)
+
+    def step(self):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise RuntimeError("kernel exploded")
+        out = []
+        for seq_id in list(self.running):
+            self.running[seq_id] -= 1
+            done = self.running[seq_id] == 0
+            out.append((seq_id, TokenDelta(28, finish_reason="length" if done else None)))
+            if done:
+                del self.running[seq_id]
+        return out
+
+    def reset(self):
+        self.resets += 1
+        self.running.clear()
+
+
+class FlakyBackend(Backend):
+    name = "flaky"
+
+    def __init__(self, tokenizer, fail_at: int) -> None:
+        self.tokenizer, self.fail_at, self.models = tokenizer, fail_at, []
+
+    @property
+    def device(self):
+        return "none"
+
+    def load(self, spec):
+        self.models.append(FlakyModel(spec, self.tokenizer, self.fail_at))
+        return self.models[-1]
+
+
+class FakeEngine:
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    return AutoTokenizer.from_pretrained(str(tiny_dir))
+
+
+def make_job(model, max_tokens=5, n=1):
+    return serving.Job(
+        kind="chat", id="chatcmpl-test", created=0, spec=model.spec, model=model, prompts=[[1, 2, 3]],
+        params=SamplingParams(max_tokens=max_tokens), n=n, stops=[], include_usage=False,
+    )
+
+
+async def collect(job, engine):
+    group = GenerationGroup(engine, job.requests())
+    events = []
+    async for event in serving.stream_events(job, group, lambda c, t, f: {"text": t}, None):
+        events.append(event)
+    return events
+
+
+def test_a_failing_step_ends_its_streams_with_an_error_event_then_done(tokenizer):
+    backend = FlakyBackend(tokenizer, fail_at=3)
+    scheduler = Scheduler(backend, max_queue=8)
+    scheduler.start()
+    try:
+        spec = ModelSpec(name="flaky", path="/nowhere")
+        model = scheduler.load(spec).result(5)
+        engine = FakeEngine(scheduler)
+        events = asyncio.run(collect(make_job(model, max_tokens=10), engine))
+        assert events[-1] == "data: [DONE]\n\n"
+        error = json.loads(events[-2][len("data: "):])["error"]
+        assert error["type"] == "server_error" and "kernel exploded" in error["message"]
+        assert model.resets == 1
+        # The engine lives on: the next request on the same model completes.
+        events = asyncio.run(collect(make_job(model, max_tokens=3), engine))
+        assert events[-1] == "data: [DONE]\n\n"
+        assert all("error" not in e for e in events)
+        assert scheduler.running == 0 and scheduler.queued == 0
+    finally:
+        scheduler.stop()
+
+
+def test_the_admission_queue_is_bounded_and_submits_nothing_when_full(tokenizer):
+    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), max_queue=2)
+    # Not started: nothing is admitted, so the queue fills.
+    spec = ModelSpec(name="m", path="/nowhere")
+    request = GenerationRequest("r", spec, (1, 2), SamplingParams())
+
+    async def main():
+        engine = FakeEngine(scheduler)
+        GenerationGroup(engine, [request, request])
+        with pytest.raises(QueueFull):
+            GenerationGroup(engine, [request])
+        return scheduler.queued
+
+    assert asyncio.run(main()) == 2
+
+
+def test_least_recently_used_idle_models_are_unloaded_at_the_limit(tokenizer):
+    backend = FlakyBackend(tokenizer, fail_at=-1)
+    scheduler = Scheduler(backend, max_loaded_models=2)
+    scheduler.start()
+    try:
+        for name in ("a", "b", "a", "c"):
+            scheduler.load(ModelSpec(name=name, path=f"/{name}")).result(5)
+        assert sorted(m["name"] for m in scheduler.loaded()) == ["a", "c"]
+        pinned = ModelSpec(name="p", path="/p", pinned=True)
+        scheduler.load(pinned).result(5)
+        scheduler.load(ModelSpec(name="d", path="/d")).result(5)
+        assert "p" in {m["name"] for m in scheduler.loaded()}
+    finally:
+        scheduler.stop()
+
+
+def test_stop_strings_are_found_across_token_boundaries():
+    stops = serving.StopFilter(["</end>", "STOP"])
+    out = []
+    for piece in ["Hello </", "en", "d> world"]:
+        text, hit = stops.feed(piece)
+        out.append(text)
+        if hit:
+            break
+    assert "".join(out) == "Hello "
+    assert hit
+
+
+def test_text_that_only_looks_like_a_stop_start_is_released_later():
+    stops = serving.StopFilter(["STOP"])
+    assert stops.feed("ab ST") == ("ab ", False)
+    assert stops.feed("ART") == ("START", False)
+    assert stops.flush() == ""
+
+
+def test_the_detokenizer_never_splits_a_multibyte_character(tokenizer):
+    text = "naïve café 東京 🙂 done"
+    detok = serving.Detokenizer(tokenizer)
+    pieces = [detok.add(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    pieces.append(detok.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
