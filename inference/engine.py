@@ -24,6 +24,7 @@ class EngineConfig:
     backend: str = "auto"
     max_queue: int = 64
     max_loaded_models: int = 1
+    memory_budget_bytes: int = 0
 
 
 class GenerationGroup:
@@ -87,7 +88,10 @@ class Engine:
         self.config = config
         self.backend = create_backend(config.backend)
         self.scheduler = Scheduler(
-            self.backend, max_queue=config.max_queue, max_loaded_models=config.max_loaded_models
+            self.backend,
+            max_queue=config.max_queue,
+            max_loaded_models=config.max_loaded_models,
+            memory_budget_bytes=config.memory_budget_bytes,
         )
         self.scheduler.start()
 

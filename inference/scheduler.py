@@ -31,7 +31,11 @@ class QueueFull(Exception):
 
 
 class ModelBusy(Exception):
-    """A model cannot be loaded now (every resident model is busy or pinned)."""
+    """A model cannot be loaded (pinned models or the memory budget leave no room)."""
+
+
+class _NoRoomYet(Exception):
+    """Every resident model is busy: the load waits for one to go idle."""
 
 
 @dataclass
@@ -59,12 +63,19 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_queue: int = 64, max_loaded_models: int = 1) -> None:
+    def __init__(self, backend: Backend, *, max_queue: int = 64, max_loaded_models: int = 1,
+                 memory_budget_bytes: int = 0, load_wait: float = 300.0) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.max_loaded_models = max_loaded_models
+        self.memory_budget_bytes = memory_budget_bytes
+        # How long a load waits for busy models to go idle before answering "busy".
+        self.load_wait = load_wait
+        self._deferred: list[tuple[float, tuple]] = []  # (deadline, command) waiting for room
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._slots: OrderedDict[str, Slot] = OrderedDict()  # by model name, LRU order
+        # By (name, path, backend), least recently used first. A model re-registered with new files
+        # gets a new slot; the old one finishes its requests and is then the first to go.
+        self._slots: OrderedDict[tuple, Slot] = OrderedDict()
         self._sinks: dict[int, Sink] = {}
         self._seq_ids = itertools.count(1)
         self._queued = 0
@@ -137,16 +148,21 @@ class Scheduler:
     # --- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        last_expiry = 0.0
         while not self._stop.is_set():
             busy = any(not s.idle for s in self._slots.values())
             self._drain_commands(block=not busy)
             if self._stop.is_set():
                 break
+            if self._deferred:
+                self._retry_deferred()
             for slot in list(self._slots.values()):
                 self._admit(slot)
                 if slot.running:
                     self._step(slot)
-            if not busy:
+            now = time.monotonic()
+            if now - last_expiry > IDLE_WAIT:
+                last_expiry = now
                 self._expire_idle()
         for slot in list(self._slots.values()):
             for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
@@ -160,6 +176,8 @@ class Scheduler:
         while True:
             try:
                 self._handle(command)
+            except _NoRoomYet:
+                self._deferred.append((time.monotonic() + self.load_wait, command))
             except Exception:  # a bad command must never take the thread down
                 log.exception("scheduler command %s failed", command[0])
             try:
@@ -174,6 +192,8 @@ class Scheduler:
             self._sinks[seq_id] = sink
             try:
                 slot = self._ensure_loaded(request.model)
+            except _NoRoomYet:
+                raise
             except Exception as exc:
                 with self._lock:
                     self._queued -= 1
@@ -184,83 +204,114 @@ class Scheduler:
             self._cancel(command[1])
         elif kind == "load":
             _, spec, future = command
-            if not future.set_running_or_notify_cancel():
+            if future.done():
                 return
             try:
-                future.set_result(self._ensure_loaded(spec).model)
+                model = self._ensure_loaded(spec).model
+            except _NoRoomYet:
+                raise
             except Exception as exc:
                 future.set_exception(exc)
+            else:
+                future.set_result(model)
         elif kind == "unload":
             _, name, future = command
-            slot = self._slots.get(name)
-            if slot is None:
-                future.set_result(False)
-            elif not slot.idle:
+            keys = [k for k in self._slots if k[0] == name]
+            if any(not self._slots[k].idle for k in keys):
                 future.set_exception(ModelBusy(f"model {name} has requests in flight"))
-            else:
-                self._unload(name)
-                future.set_result(True)
+                return
+            for key in keys:
+                self._unload(key)
+            future.set_result(bool(keys))
+
+    def _retry_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, []
+        now = time.monotonic()
+        for deadline, command in deferred:
+            try:
+                self._handle(command)
+            except _NoRoomYet as exc:
+                if now < deadline:
+                    self._deferred.append((deadline, command))
+                else:
+                    self._fail_command(command, ModelBusy(str(exc)))
+            except Exception:
+                log.exception("deferred command %s failed", command[0])
+
+    def _fail_command(self, command: tuple, exc: Exception) -> None:
+        if command[0] == "load" and not command[2].done():
+            command[2].set_exception(exc)
+        elif command[0] == "submit":
+            with self._lock:
+                self._queued -= 1
+            self._finish(command[1], TokenDelta(None, finish_reason="error", error=str(exc)))
 
     def _ensure_loaded(self, spec: ModelSpec) -> Slot:
-        slot = self._slots.get(spec.name)
-        if slot is not None and slot.spec.load_key == spec.load_key:
+        key = (spec.name, *spec.load_key)
+        slot = self._slots.get(key)
+        if slot is not None:
             if slot.spec != spec:
                 if spec.max_batch_size != slot.spec.max_batch_size:
                     slot.model.set_max_batch_size(spec.max_batch_size)
                 slot.spec = spec
             slot.last_used = time.monotonic()
-            self._slots.move_to_end(spec.name)
+            self._slots.move_to_end(key)
             return slot
-        if slot is not None:
-            # Same name, new files: wait for nothing; in-flight sequences finish on the old weights
-            # only if idle, otherwise they are ended with an error rather than silently swapped.
-            self._drop_slot(spec.name, "model was replaced")
-        self._make_room()
+        self._make_room(spec)
         started = time.monotonic()
         model = self.backend.load(spec)
         log.info("loaded %s in %.1f s", spec.name, time.monotonic() - started)
         slot = Slot(spec=spec, model=model)
-        self._slots[spec.name] = slot
+        self._slots[key] = slot
         return slot
 
-    def _make_room(self) -> None:
-        while len(self._slots) >= self.max_loaded_models:
+    def _resident_bytes(self) -> int:
+        return sum(s.model.memory_bytes for s in self._slots.values())
+
+    def _over_limits(self, incoming_bytes: int) -> bool:
+        if len(self._slots) >= self.max_loaded_models:
+            return True
+        budget = self.memory_budget_bytes
+        return bool(budget) and self._resident_bytes() + incoming_bytes > budget
+
+    def _make_room(self, spec: ModelSpec) -> None:
+        budget = self.memory_budget_bytes
+        if budget and spec.size_bytes > budget:
+            raise ModelBusy(
+                f"{spec.name} needs about {spec.size_bytes / 1e9:.1f} GB, more than the memory "
+                f"budget of {budget / 1e9:.1f} GB"
+            )
+        while self._over_limits(spec.size_bytes):
             victim = next(
-                (name for name, s in self._slots.items() if s.idle and not s.spec.pinned), None
+                (key for key, s in self._slots.items() if s.idle and not s.spec.pinned), None
             )
             if victim is None:
-                raise ModelBusy(
-                    f"{len(self._slots)} models are resident and none can be unloaded now "
-                    "(all busy or pinned)"
+                if all(s.spec.pinned for s in self._slots.values()):
+                    raise ModelBusy(
+                        f"{len(self._slots)} pinned models fill the limits; unpin one or raise "
+                        "LLM_SERVICE_MAX_LOADED_MODELS / LLM_SERVICE_MEMORY_BUDGET_GB"
+                    )
+                # Busy models free up when their requests end: wait for that, not fail.
+                raise _NoRoomYet(
+                    f"every resident model is busy; {spec.name} waited {self.load_wait:.0f} s"
                 )
-            log.info("unloading %s to make room (least recently used)", victim)
+            log.info("unloading %s to make room for %s (least recently used)", victim[0], spec.name)
             self._unload(victim)
 
-    def _unload(self, name: str) -> None:
-        slot = self._slots.pop(name)
+    def _unload(self, key: tuple) -> None:
+        slot = self._slots.pop(key)
         slot.model.close()
         if self.on_unload:
-            self.on_unload(name)
-
-    def _drop_slot(self, name: str, reason: str) -> None:
-        slot = self._slots[name]
-        for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
-            if seq_id not in slot.running:
-                with self._lock:
-                    self._queued -= 1
-            self._finish(seq_id, TokenDelta(None, finish_reason="error", error=reason))
-        slot.running.clear()
-        slot.waiting.clear()
-        self._unload(name)
+            self.on_unload(slot.spec.name)
 
     def _expire_idle(self) -> None:
         now = time.monotonic()
-        for name, slot in list(self._slots.items()):
+        for key, slot in list(self._slots.items()):
             keep_alive = slot.spec.keep_alive
             if slot.idle and not slot.spec.pinned and keep_alive is not None:
                 if now - slot.last_used > keep_alive:
-                    log.info("unloading %s after %.0f s idle", name, keep_alive)
-                    self._unload(name)
+                    log.info("unloading %s after %.0f s idle", slot.spec.name, keep_alive)
+                    self._unload(key)
 
     def _admit(self, slot: Slot) -> None:
         if not slot.waiting:
@@ -329,6 +380,12 @@ class Scheduler:
     def _cancel(self, seq_id: int) -> None:
         if self._sinks.pop(seq_id, None) is None:
             return
+        for entry in self._deferred:
+            if entry[1][0] == "submit" and entry[1][1] == seq_id:
+                self._deferred.remove(entry)
+                with self._lock:
+                    self._queued -= 1
+                return
         for slot in self._slots.values():
             if seq_id in slot.running:
                 slot.model.remove([seq_id])

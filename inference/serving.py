@@ -34,7 +34,8 @@ def engine():
         EngineConfig(
             backend=settings.BACKEND,
             max_queue=settings.MAX_QUEUE,
-            max_loaded_models=getattr(settings, "MAX_LOADED_MODELS", 1),
+            max_loaded_models=settings.MAX_LOADED_MODELS,
+            memory_budget_bytes=int(settings.MEMORY_BUDGET_GB * 1e9),
         )
     )
 
@@ -65,6 +66,7 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
         chat_template=row.chat_template or None,
         pinned=row.pinned,
         keep_alive=float(row.keep_alive_seconds) if row.keep_alive_seconds is not None else None,
+        size_bytes=row.size_bytes,
     )
 
 
@@ -115,9 +117,10 @@ def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaul
     return messages
 
 
-def render_chat(model: LoadedModel, messages: list[dict]) -> list[int]:
+def render_chat(model: LoadedModel, spec: ModelSpec, messages: list[dict]) -> list[int]:
     tokenizer = model.tokenizer
-    template = model.spec.chat_template or getattr(tokenizer, "chat_template", None)
+    # The spec is read from the registry per request, so a template change applies at once.
+    template = spec.chat_template or getattr(tokenizer, "chat_template", None)
     if template:
         try:
             text = tokenizer.apply_chat_template(
@@ -170,10 +173,10 @@ def sampling_params(request: protocol.SamplingFields, defaults: ModelDefaults, m
     )
 
 
-def budget(model: LoadedModel, prompt_len: int, requested: int | None, defaults: ModelDefaults,
-           param: str) -> int:
+def budget(model: LoadedModel, spec: ModelSpec, prompt_len: int, requested: int | None,
+           defaults: ModelDefaults, param: str) -> int:
     """max_tokens for this request, or a 400 when prompt + completion exceed the context."""
-    ctx = model.context_length
+    ctx = spec.context_length or model.context_length
     max_tokens = requested if requested is not None else defaults.max_tokens
     if max_tokens is None:
         max_tokens = ctx - prompt_len
@@ -476,8 +479,8 @@ def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | N
 async def prepare_chat(request: protocol.ChatCompletionRequest) -> Job:
     spec, defaults = await resolve_model(request.model)
     model = await load_model(spec)
-    prompt = render_chat(model, chat_messages(request, defaults))
-    max_tokens = budget(model, len(prompt), request.max_new_tokens(), defaults, "messages")
+    prompt = render_chat(model, spec, chat_messages(request, defaults))
+    max_tokens = budget(model, spec, len(prompt), request.max_new_tokens(), defaults, "messages")
     top = request.top_logprobs or 0
     params = sampling_params(request, defaults, max_tokens, logprobs=bool(request.logprobs),
                              top_logprobs=top, vocab=len(model.tokenizer))
@@ -563,7 +566,7 @@ async def prepare_completion(request: protocol.CompletionRequest) -> Job:
     if any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
     longest = max(len(p) for p in prompts)
-    max_tokens = budget(model, longest, request.max_new_tokens(), ModelDefaults(
+    max_tokens = budget(model, spec, longest, request.max_new_tokens(), ModelDefaults(
         max_tokens=defaults.max_tokens if defaults.max_tokens is not None else 16), "prompt")
     top = request.logprobs or 0
     params = sampling_params(request, defaults, max_tokens, logprobs=request.logprobs is not None,

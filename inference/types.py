@@ -17,6 +17,7 @@ class ModelSpec:
     chat_template: str | None = None
     pinned: bool = False
     keep_alive: float | None = None  # seconds idle before unloading; None keeps it loaded
+    size_bytes: int = 0  # weights on disk: the estimate checked against a memory budget
 
     @property
     def load_key(self) -> tuple[str, str]:

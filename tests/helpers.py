@@ -74,6 +74,19 @@ class Server:
             env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600,
         )
 
+    def set_model(self, name: str, **fields) -> None:
+        """Change a registry row the way the admin would, while the server runs."""
+        code = (
+            "from models_app.models import LLMModel; "
+            f"row = LLMModel.objects.get(name={name!r}); "
+            + "".join(f"setattr(row, {k!r}, {v!r}); " for k, v in fields.items())
+            + "row.full_clean(); row.save()"
+        )
+        self.manage("shell", "--no-imports", "-c", code)
+
+    def loaded_models(self) -> list[str]:
+        return httpx.get(self.url + "/ready", timeout=5).json().get("loaded_models", [])
+
     def start(self) -> Server:
         self.manage("migrate", "-v0")
         for name, path, default in self.models:

@@ -172,3 +172,41 @@ def test_the_detokenizer_never_splits_a_multibyte_character(tokenizer):
     pieces.append(detok.flush())
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_a_load_waits_for_a_busy_model_to_finish_instead_of_failing(tokenizer):
+    backend = FlakyBackend(tokenizer, fail_at=-1)
+    scheduler = Scheduler(backend, max_loaded_models=1)
+    scheduler.start()
+    try:
+        a = ModelSpec(name="a", path="/a")
+        scheduler.load(a).result(5)
+
+        async def main():
+            group = GenerationGroup(FakeEngine(scheduler), [
+                GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=200))])
+            await asyncio.sleep(0)  # let the scheduler admit it
+            loading_b = asyncio.wrap_future(scheduler.load(ModelSpec(name="b", path="/b")))
+            tokens = 0
+            async for _, delta in group:
+                tokens += delta.token is not None
+                if tokens == 1:
+                    assert not loading_b.done()  # b waits while a is busy
+            await loading_b
+            return tokens
+
+        assert asyncio.run(main()) == 200  # a's request was not dropped for b
+        assert [m["name"] for m in scheduler.loaded()] == ["b"]
+    finally:
+        scheduler.stop()
+
+
+def test_a_model_bigger_than_the_memory_budget_is_refused_clearly(tokenizer):
+    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), memory_budget_bytes=1_000_000)
+    scheduler.start()
+    try:
+        with pytest.raises(Exception, match="memory budget"):
+            scheduler.load(ModelSpec(name="big", path="/big", size_bytes=5_000_000)).result(5)
+        scheduler.load(ModelSpec(name="small", path="/small", size_bytes=1000)).result(5)
+    finally:
+        scheduler.stop()

@@ -89,7 +89,8 @@ class MLXLoadedModel(LoadedModel):
         self._wrapper = wrapper
         self.tokenizer = wrapper._tokenizer
         self.eos_token_ids = frozenset(wrapper.eos_token_ids)
-        self.context_length = spec.context_length or read_context_length(spec.path)
+        # The model's own limit; a per-model setting may lower it per request (see serving).
+        self.context_length = read_context_length(spec.path)
         self.memory_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self._max_batch = spec.max_batch_size
         self._uid_to_seq: dict[int, int] = {}
