@@ -11,9 +11,17 @@ from inference.protocol import ChatCompletionRequest, CompletionRequest
 router = Router(tags=["inference"])
 
 
+def _context(request: HttpRequest, stream: bool | None) -> dict:
+    stats = getattr(request, "llm_stats", None)
+    if stats is not None:
+        stats.stream = bool(stream)
+    caller = getattr(request, "auth", None)
+    return {"stats": stats, "allowed": getattr(caller, "allowed_models", ())}
+
+
 @router.post("/chat/completions")
 async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest):
-    job = await serving.prepare_chat(payload)
+    job = await serving.prepare_chat(payload, **_context(request, payload.stream))
     if payload.stream:
         return serving.chat_stream(job)
     return await serving.chat_full(job)
@@ -21,7 +29,7 @@ async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest)
 
 @router.post("/completions")
 async def completions(request: HttpRequest, payload: CompletionRequest):
-    job = await serving.prepare_completion(payload)
+    job = await serving.prepare_completion(payload, **_context(request, payload.stream))
     if payload.stream:
         return serving.completion_stream(job)
     return await serving.completion_full(job)

@@ -20,7 +20,7 @@ from django.http import StreamingHttpResponse
 from inference import protocol
 from inference.backends.base import LoadedModel
 from inference.engine import EngineConfig, GenerationGroup, ModelBusy, QueueFull, get_engine
-from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
+from inference.types import GenerationRequest, ModelSpec, RequestStats, SamplingParams, TokenDelta
 from llmservice.errors import APIError, error_body, model_not_found
 from models_app.models import LLMModel
 
@@ -84,10 +84,13 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
     )
 
 
-async def resolve_model(name: str) -> tuple[ModelSpec, ModelDefaults]:
+async def resolve_model(name: str, stats: RequestStats | None = None,
+                        allowed: tuple[str, ...] = ()) -> tuple[ModelSpec, ModelDefaults]:
     row = await LLMModel.objects.servable().afind(name)
-    if row is None:
+    if row is None or (allowed and row.name not in allowed):
         raise model_not_found(name)
+    if stats is not None:
+        stats.model = row.name
     return spec_from_row(row), defaults_from_row(row)
 
 
@@ -351,6 +354,17 @@ class Job:
     echo_texts: list[str] = field(default_factory=list)
     top_logprobs: int = 0
     started: float = field(default_factory=time.monotonic)
+    stats: RequestStats | None = None
+
+    def note(self, group: GenerationGroup, choices: list[Choice]) -> None:
+        """Copy what analytics wants into the request's stats (plain attribute writes)."""
+        if self.stats is None:
+            return
+        self.stats.completion_tokens = sum(c.tokens for c in choices)
+        self.stats.first_token_at = group.first_token_at
+        self.stats.queue_wait = group.queue_wait
+        reasons = [c.finish_reason for c in choices if c.finish_reason]
+        self.stats.finish_reason = "error" if "error" in reasons else (reasons[0] if reasons else "")
 
     @property
     def prompt_tokens(self) -> int:
@@ -374,6 +388,8 @@ class Job:
 
 
 def submit(job: Job) -> GenerationGroup:
+    if job.stats is not None:
+        job.stats.prompt_tokens = job.prompt_tokens * job.n
     try:
         return engine().submit(job.requests())
     except QueueFull:
@@ -403,6 +419,7 @@ async def run_to_end(job: Job) -> list[Choice]:
                 group.cancel(index)  # a stop string ended it early: free the slot now
     finally:
         group.cancel()
+        job.note(group, choices)
     errors = [c.error for c in choices if c.finish_reason == "error"]
     if errors:
         raise APIError(500, f"Generation failed: {errors[0]}", type="server_error")
@@ -438,6 +455,7 @@ async def stream_events(job: Job, group: GenerationGroup, chunk: Callable[[Choic
     finally:
         # Runs on normal end and on client disconnect (CancelledError): the slot is freed.
         group.cancel()
+        job.note(group, choices)
 
 
 def usage_chunk(job: Job, completion_tokens: int) -> dict:
@@ -476,8 +494,9 @@ def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | N
     return {"content": content, "refusal": None}
 
 
-async def prepare_chat(request: protocol.ChatCompletionRequest) -> Job:
-    spec, defaults = await resolve_model(request.model)
+async def prepare_chat(request: protocol.ChatCompletionRequest,
+                       stats: RequestStats | None = None, allowed: tuple[str, ...] = ()) -> Job:
+    spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
     prompt = render_chat(model, spec, chat_messages(request, defaults))
     max_tokens = budget(model, spec, len(prompt), request.max_new_tokens(), defaults, "messages")
@@ -488,7 +507,7 @@ async def prepare_chat(request: protocol.ChatCompletionRequest) -> Job:
         kind="chat", id=protocol.new_id("chatcmpl"), created=protocol.now(), spec=spec, model=model,
         prompts=[prompt], params=params, n=request.n or 1, stops=request.stop_list(),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        top_logprobs=top,
+        top_logprobs=top, stats=stats,
     )
 
 
@@ -558,8 +577,9 @@ def completion_logprobs(job: Job, choice: Choice, offset: int = 0) -> dict | Non
             "top_logprobs": top_logprobs if job.top_logprobs else None, "text_offset": text_offset}
 
 
-async def prepare_completion(request: protocol.CompletionRequest) -> Job:
-    spec, defaults = await resolve_model(request.model)
+async def prepare_completion(request: protocol.CompletionRequest,
+                             stats: RequestStats | None = None, allowed: tuple[str, ...] = ()) -> Job:
+    spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
     raw = request.prompts()
     prompts = [encode_prompt(model, p) for p in raw]
@@ -578,7 +598,7 @@ async def prepare_completion(request: protocol.CompletionRequest) -> Job:
         kind="completion", id=protocol.new_id("cmpl"), created=protocol.now(), spec=spec,
         model=model, prompts=prompts, params=params, n=request.n or 1, stops=request.stop_list(),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        echo_texts=echo, top_logprobs=top,
+        echo_texts=echo, top_logprobs=top, stats=stats,
     )
 
 
@@ -631,3 +651,41 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
     group = submit(job)
     return streaming_response(stream_events(job, group, chunk, None), group)
 
+
+
+# --- loading the default model at start --------------------------------------------------------
+
+
+@dataclass
+class PreloadState:
+    model: str | None = None
+    status: str = "idle"  # idle | loading | ready | failed | none (no default model)
+    error: str = ""
+
+
+preload = PreloadState()
+
+
+def start_preload() -> None:
+    """Load the default model in the background so the first request does not wait for it."""
+    import threading
+
+    def run() -> None:
+        from django.db import close_old_connections
+
+        try:
+            row = LLMModel.objects.servable().filter(is_default=True).first()
+            if row is None:
+                preload.status = "none"
+                return
+            preload.model, preload.status = row.name, "loading"
+            engine().scheduler.load(spec_from_row(row)).result()
+            preload.status = "ready"
+        except Exception as exc:
+            log.exception("preloading the default model failed")
+            preload.status, preload.error = "failed", str(exc)
+        finally:
+            close_old_connections()
+
+    preload.status = "loading"
+    threading.Thread(target=run, name="preload-default-model", daemon=True).start()

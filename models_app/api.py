@@ -22,13 +22,16 @@ def model_object(row: LLMModel) -> dict:
 
 @router.get("/models")
 async def list_models(request: HttpRequest):
-    rows = [row async for row in LLMModel.objects.servable().order_by("name")]
+    allowed = getattr(request.auth, "allowed_models", ())
+    rows = [row async for row in LLMModel.objects.servable().order_by("name")
+            if not allowed or row.name in allowed]
     return {"object": "list", "data": [model_object(r) for r in rows]}
 
 
 @router.get("/models/{path:model_id}")
 async def retrieve_model(request: HttpRequest, model_id: str):
     row = await LLMModel.objects.servable().afind(model_id)
-    if row is None:
+    allowed = getattr(request.auth, "allowed_models", ())
+    if row is None or (allowed and row.name not in allowed):
         raise model_not_found(model_id)
     return model_object(row)

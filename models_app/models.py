@@ -146,3 +146,77 @@ class LLMModel(models.Model):
         LLMModel.objects.filter(is_default=True).exclude(pk=self.pk).update(is_default=False)
         self.is_default = True
         self.save(update_fields=["is_default", "updated_at"])
+
+
+class Download(models.Model):
+    """A model being fetched from the Hugging Face hub by a Celery worker (see models_app/downloads.py).
+
+    The worker writes progress here a few times per second; the admin, `pull_model --wait` and anyone
+    else read it. Setting `cancel_requested` asks the worker to stop; it notices within a fraction of a
+    second while bytes flow.
+    """
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        COMPLETED = "completed", "Completed"
+        FAILED = "failed", "Failed"
+        CANCELLED = "cancelled", "Cancelled"
+
+    ACTIVE = (Status.QUEUED, Status.RUNNING)
+    FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
+
+    repo_id = models.CharField(max_length=200, verbose_name="repo id",
+                               help_text="Hugging Face repo, e.g. mlx-community/SmolLM2-135M-Instruct.")
+    revision = models.CharField(max_length=100, default="main", help_text="Branch, tag or commit.")
+    include = models.JSONField(
+        default=list, blank=True,
+        help_text="Glob patterns of the files to fetch. Empty: config, tokenizer and safetensors files.",
+    )
+    name = models.CharField(max_length=200, validators=[model_name_validator],
+                            help_text="The model name to register (what clients send as `model`).")
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED,
+                              db_index=True)
+    commit = models.CharField(max_length=64, blank=True, help_text="The commit `revision` resolved to.")
+    bytes_done = models.BigIntegerField(default=0)
+    bytes_total = models.BigIntegerField(default=0)
+    rate = models.FloatField(default=0.0, help_text="Transfer rate, bytes per second.")
+    eta_seconds = models.FloatField(null=True, blank=True, verbose_name="ETA (s)")
+    files_done = models.PositiveIntegerField(default=0)
+    files_total = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    celery_task_id = models.CharField(max_length=64, blank=True)
+    worker = models.CharField(max_length=200, blank=True, help_text="Celery node running it.")
+    cancel_requested = models.BooleanField(default=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+    model = models.ForeignKey(
+        LLMModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="downloads",
+        help_text="The model registered when the download completed.",
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.repo_id}@{self.revision} -> {self.name}"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE
+
+    @property
+    def percent(self) -> float | None:
+        """Bytes done as a percentage of the total, once the total is known."""
+        if self.status == self.Status.COMPLETED:
+            return 100.0
+        if not self.bytes_total:
+            return None
+        return min(100.0, 100.0 * self.bytes_done / self.bytes_total)
+
+    @property
+    def percent_display(self) -> str:
+        percent = self.percent
+        return "-" if percent is None else f"{percent:.1f}%"

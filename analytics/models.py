@@ -1,0 +1,45 @@
+"""One row per API request: who, which model, how much, how fast, how it ended."""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+
+class RequestLog(models.Model):
+    class Outcome(models.TextChoices):
+        OK = "ok", "Completed"
+        CLIENT_ERROR = "client_error", "Client error"
+        SERVER_ERROR = "server_error", "Server error"
+        CANCELLED = "cancelled", "Cancelled"
+
+    created_at = models.DateTimeField(default=timezone.now)
+    api_key = models.ForeignKey(
+        "llmservice.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="requests"
+    )
+    key_name = models.CharField(max_length=100, blank=True, help_text="Kept if the key is deleted.")
+    model = models.CharField(max_length=200, blank=True)
+    endpoint = models.CharField(max_length=100)
+    stream = models.BooleanField(default=False)
+    status_code = models.PositiveSmallIntegerField()
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    error_type = models.CharField(max_length=64, blank=True)
+    finish_reason = models.CharField(max_length=16, blank=True)
+    prompt_tokens = models.PositiveIntegerField(default=0)
+    completion_tokens = models.PositiveIntegerField(default=0)
+    ttft_ms = models.FloatField(null=True, blank=True, verbose_name="TTFT (ms)")
+    latency_ms = models.FloatField(verbose_name="latency (ms)")
+    queue_ms = models.FloatField(null=True, blank=True, verbose_name="queue wait (ms)")
+    tokens_per_second = models.FloatField(null=True, blank=True, verbose_name="decode tok/s")
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "request"
+        indexes = [
+            models.Index(fields=["created_at"], name="reqlog_created"),
+            models.Index(fields=["model", "created_at"], name="reqlog_model_created"),
+            models.Index(fields=["api_key", "created_at"], name="reqlog_key_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.endpoint} {self.model} {self.status_code}"

@@ -1,0 +1,92 @@
+"""The Celery app, and the download worker that `llm-service serve` runs next to the web server.
+
+Workers only download files (models_app.tasks); they never load a model, so nothing on their import
+path may import mlx (or `inference`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+from celery import Celery
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmservice.settings")
+
+app = Celery("llmservice")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+logger = logging.getLogger(__name__)
+
+WORKER_NODE = "downloads@%h"
+
+
+def worker_command(*, queue: str | None = None, loglevel: str = "INFO") -> list[str]:
+    """The command line of one download worker: one task at a time, in the worker process itself.
+
+    `--pool=solo` keeps it to one process (works with the filesystem transport and with Redis); a
+    stable node name lets a restarted worker recognise the downloads its killed predecessor left
+    running (models_app.tasks.resume_interrupted_downloads).
+    """
+    from django.conf import settings
+
+    return [
+        sys.executable, "-m", "celery", "-A", "llmservice", "worker",
+        "--pool=solo", "--concurrency=1",
+        "-Q", queue or settings.CELERY_QUEUE,
+        "-n", WORKER_NODE,
+        "--without-mingle", "--without-gossip",
+        f"--loglevel={loglevel}",
+    ]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: have the kernel SIGTERM the worker if `serve` dies without cleaning up (SIGKILL)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def start_worker_subprocess(**kwargs) -> subprocess.Popen:
+    """Start a download worker as a child process; its output goes to ours."""
+    env = dict(os.environ)
+    # The worker never runs mlx: no reason to preload OpenBLAS into it.
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "openblas" not in p]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
+    proc = subprocess.Popen(
+        worker_command(**kwargs),
+        env=env,
+        # Own process group: a Ctrl-C in the terminal reaches `serve`, which stops the worker itself.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+    )
+    logger.info("download worker started (pid %s)", proc.pid)
+    return proc
+
+
+def stop_worker_subprocess(proc: subprocess.Popen, timeout: float = 2.0) -> None:
+    """SIGTERM (Celery's warm shutdown), then SIGKILL if it lingers past `timeout`.
+
+    Waiting longer buys nothing: an idle worker polling the filesystem broker needs about 4 s for a
+    warm shutdown, and a busy one would first finish its whole download. A download it was running
+    stays `running` on its row and resumes from the bytes on disk when a worker starts again.
+    """
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)

@@ -1,0 +1,52 @@
+"""The effective configuration, as the Settings page shows it: values, never secrets."""
+
+from __future__ import annotations
+
+import os
+
+from django.conf import settings
+
+
+def _set(value: str, unset: str = "not set") -> str:
+    return "set" if value else unset
+
+
+def _database() -> str:
+    db = settings.DATABASES["default"]
+    engine = db["ENGINE"].rsplit(".", 1)[-1]
+    if engine == "sqlite3":
+        return f"sqlite3 ({db['NAME']})"
+    return engine  # host, user and password stay out of the page
+
+
+def effective() -> list[tuple[str, str, str]]:
+    """(environment variable, meaning, effective value) rows."""
+    s = settings
+    preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    budget = f"{s.MEMORY_BUDGET_GB:g} GB" if s.MEMORY_BUDGET_GB else "0 (no budget)"
+    return [
+        ("LLM_SERVICE_HOST", "bind address", s.HOST),
+        ("LLM_SERVICE_PORT", "port", str(s.PORT)),
+        ("LLM_SERVICE_DATA_DIR", "database, secret key, state", str(s.DATA_DIR)),
+        ("LLM_SERVICE_MODELS_DIR", "imported and downloaded models", str(s.MODELS_DIR)),
+        ("LLM_SERVICE_BACKEND", "inference backend", s.BACKEND),
+        ("LLM_SERVICE_DATABASE_URL", "database engine", _database()),
+        ("LLM_SERVICE_REDIS_URL", "Redis for Celery and channels",
+         _set(s.REDIS_URL, "not set (filesystem task queue, in-process channel layer)")),
+        ("LLM_SERVICE_MAX_QUEUE", "requests waiting to join a batch before 429", str(s.MAX_QUEUE)),
+        ("LLM_SERVICE_MAX_BATCH_SIZE", "sequences per batch (a model's own setting wins)",
+         str(s.MAX_BATCH_SIZE)),
+        ("LLM_SERVICE_MAX_LOADED_MODELS", "models resident at once", str(s.MAX_LOADED_MODELS)),
+        ("LLM_SERVICE_MEMORY_BUDGET_GB", "budget for resident weights", budget),
+        ("LLM_SERVICE_OPENBLAS", "preload OpenBLAS on Linux",
+         f"{str(s.OPENBLAS).lower()} (this process: {'OpenBLAS' if preloaded else 'bundled BLAS'})"),
+        ("LLM_SERVICE_METRICS_TOKEN", "bearer token for /metrics",
+         _set(s.METRICS_TOKEN, "not set (/metrics is open)")),
+        ("LLM_SERVICE_API_KEY", "extra accepted API key", _set(s.API_KEY)),
+        ("LLM_SERVICE_PRELOAD_DEFAULT_MODEL", "load the default model at start",
+         str(s.PRELOAD_DEFAULT_MODEL).lower()),
+        ("LLM_SERVICE_ANALYTICS_RETENTION_DAYS", "request rows kept (days)",
+         str(s.ANALYTICS_RETENTION_DAYS)),
+        ("LLM_SERVICE_ALLOWED_HOSTS", "accepted Host headers", ", ".join(s.ALLOWED_HOSTS)),
+        ("LLM_SERVICE_DEBUG", "Django debug mode", str(s.DEBUG).lower()),
+    ]
