@@ -40,6 +40,8 @@ def worker_command(*, queue: str | None = None, loglevel: str = "INFO") -> list[
         "-Q", queue or settings.CELERY_QUEUE,
         "-n", WORKER_NODE,
         "--without-mingle", "--without-gossip",
+        # Embedded beat for the hourly analytics prune; one worker per server, so one beat.
+        "--beat", "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
         f"--loglevel={loglevel}",
     ]
 

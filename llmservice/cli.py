@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import zipfile
@@ -73,6 +74,7 @@ def demo_gguf(data_dir: Path, configured: str) -> Path:
 def bootstrap(*, demo: bool) -> dict:
     """First-start work: database, an API key, a default model. Returns what to print."""
     from django.conf import settings
+    from django.contrib.auth import get_user_model
     from django.core.management import call_command
 
     from llmservice.models import ApiKey
@@ -81,7 +83,13 @@ def bootstrap(*, demo: bool) -> dict:
 
     call_command("migrate", interactive=False, verbosity=0)
     call_command("collectstatic", interactive=False, verbosity=0)
-    info: dict = {"key": None}
+    info: dict = {"key": None, "admin_password": None}
+    user_model = get_user_model()
+    if not user_model.objects.filter(is_superuser=True).exists():
+        # The dashboard needs a login: make one, with the operator's password when given.
+        password = settings.ADMIN_PASSWORD or secrets.token_urlsafe(12)
+        user_model.objects.create_superuser("admin", "", password)
+        info["admin_password"] = "(LLM_SERVICE_ADMIN_PASSWORD)" if settings.ADMIN_PASSWORD else password
     if not ApiKey.objects.exists():
         _, info["key"] = ApiKey.generate("first key")
     if demo and not LLMModel.objects.exists():
@@ -112,6 +120,11 @@ def serve(args: argparse.Namespace) -> None:
         else:
             print("API key: created on first start; make another with `manage.py create_api_key`")
         print(f"Default model: {info['model'] or '(none: import one with manage.py import_model)'}")
+        if info["admin_password"]:
+            print(f"Dashboard: http://{shown}:{port}/admin  user: admin  password: "
+                  f"{info['admin_password']}  (shown once)")
+        else:
+            print(f"Dashboard: http://{shown}:{port}/admin")
         blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
         print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
         if not args.no_worker:

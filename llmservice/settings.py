@@ -96,6 +96,8 @@ MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 16, minimum=1, maximum=1024)
 MAX_LOADED_MODELS = env_int("MAX_LOADED_MODELS", 2, minimum=1)
 # Alternatively (or too) a budget for resident weights, in GB; 0 means no budget.
 MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
+# Password of the `admin` user that the first `serve` creates when there is no superuser yet.
+ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
 # Bearer token required by GET /metrics when set.
 METRICS_TOKEN = env_str("METRICS_TOKEN")
 # Request rows older than this are pruned (daily task / manage.py prune_analytics).
@@ -219,6 +221,7 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = DATA_DIR / "static"
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns on every start otherwise
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -284,3 +287,9 @@ else:
     }
 # huggingface_hub's HTTP client logs every request at INFO; the worker's log wants the downloads.
 LOGGING["loggers"].setdefault("httpx2", {"level": "WARNING"})
+
+# Periodic upkeep, run by the worker's embedded beat (see llmservice/celery.py).
+CELERY_BEAT_SCHEDULE = {
+    "prune-request-analytics": {"task": "analytics.prune_request_logs", "schedule": 3600.0},
+}
+CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")

@@ -8,9 +8,50 @@ from models_app.models import Download, LLMModel
 
 @admin.register(LLMModel)
 class LLMModelAdmin(admin.ModelAdmin):
-    list_display = ["name", "is_default", "status", "enabled", "source", "size_bytes", "updated_at"]
-    list_filter = ["status", "enabled", "source"]
+    """The registry; the change form is the per-model settings form (load/unload: Models page)."""
+
+    list_display = ["name", "is_default", "status", "enabled", "pinned", "source", "size", "updated_at"]
+    list_filter = ["status", "enabled", "source", "pinned"]
     search_fields = ["name", "source_ref"]
+    readonly_fields = ["source", "source_ref", "revision", "path", "format", "size_bytes", "status",
+                       "is_default", "created_at", "updated_at"]
+    fieldsets = [
+        (None, {"fields": ["name", "aliases", "enabled", "is_default", "status"]}),
+        ("Generation defaults (used when a request leaves them out)", {"fields": [
+            "default_temperature", "default_top_p", "default_top_k", "default_min_p",
+            "default_max_tokens", "default_presence_penalty", "default_frequency_penalty",
+            "default_repetition_penalty"]}),
+        ("Prompt", {"fields": ["context_length", "system_prompt", "chat_template"]}),
+        ("Serving", {"fields": ["max_batch_size", "keep_alive_seconds", "pinned", "backend"]}),
+        ("Files", {"fields": ["source", "source_ref", "revision", "path", "format", "size_bytes",
+                              "created_at", "updated_at"]}),
+    ]
+    actions = ["make_default", "enable", "disable"]
+
+    def has_add_permission(self, request):
+        # Models arrive by download, import_model or the demo import, which also write the files.
+        return False
+
+    @admin.display(description="size", ordering="size_bytes")
+    def size(self, obj):
+        return f"{obj.size_bytes / 1e6:,.0f} MB"
+
+    @admin.action(description="Make the selected model the default")
+    def make_default(self, request, queryset):
+        if queryset.count() != 1:
+            self.message_user(request, "Select exactly one model to make default.", messages.ERROR)
+            return
+        row = queryset.get()
+        row.make_default()
+        self.message_user(request, f"{row.name} is now the default model (alias `default`).")
+
+    @admin.action(description="Enable the selected models")
+    def enable(self, request, queryset):
+        self.message_user(request, f"Enabled {queryset.update(enabled=True)} model(s).")
+
+    @admin.action(description="Disable the selected models (they answer 404)")
+    def disable(self, request, queryset):
+        self.message_user(request, f"Disabled {queryset.update(enabled=False)} model(s).")
 
 
 # --- downloads from the Hugging Face hub ---------------------------------------------------------

@@ -97,6 +97,13 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
         assert f"http://127.0.0.1:{port}" in text
         key = next(line.split(": ", 1)[1] for line in text.splitlines() if "API key (shown once)" in line)
         assert "Default model: smollm2-135m-instruct" in text
+        dashboard = next(line for line in text.splitlines() if line.startswith("Dashboard:"))
+        password = dashboard.split("password: ")[1].split()[0]
+        check = run([sys.executable, "manage.py", "shell", "--no-imports", "-c",
+                     "from django.contrib.auth import authenticate; "
+                     f"u = authenticate(username='admin', password={password!r}); "
+                     "print(u is not None and u.is_staff)"], tmp_path)
+        assert check.stdout.strip() == "True"
         srv = Server(tmp_path)
         srv.port, srv.url = port, f"http://127.0.0.1:{port}"
         wait_until(srv._healthy_quiet, timeout=60)
@@ -112,8 +119,22 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
         proc = subprocess.Popen([str(BIN / "llm-service"), "serve"], env=env, cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: "Default model" in log.read_text(), timeout=120)
+        wait_until(lambda: "Dashboard:" in log.read_text(), timeout=120)
         assert "shown once" not in log.read_text()
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_admin_password_can_come_from_the_environment(tmp_path):
+    from llmservice.cli import bootstrap  # noqa: F401 - the command below runs it in a subprocess
+
+    result = run([sys.executable, "-c",
+                  "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'llmservice.settings'); "
+                  "django.setup(); from llmservice.cli import bootstrap; print(bootstrap(demo=False))"],
+                 tmp_path, LLM_SERVICE_ADMIN_PASSWORD="operator-secret-1")
+    assert "(LLM_SERVICE_ADMIN_PASSWORD)" in result.stdout, result.stderr
+    check = manage(tmp_path, "shell", "--no-imports", "-c",
+                   "from django.contrib.auth import authenticate; "
+                   "print(authenticate(username='admin', password='operator-secret-1') is not None)")
+    assert check.stdout.strip() == "True"
