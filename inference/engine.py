@@ -58,6 +58,11 @@ class GenerationGroup:
         admitted = [s.admitted_at for s in self._sinks if s.admitted_at is not None]
         return (min(admitted) - self.submitted_at) if admitted else None
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache, over the group's sequences."""
+        return sum(s.cached_tokens for s in self._sinks)
+
     def __aiter__(self) -> GenerationGroup:
         return self
 

@@ -47,6 +47,7 @@ class Sink:
     key: int = 0
     submitted_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -325,7 +326,7 @@ class Scheduler:
             if sink is None:  # cancelled while waiting
                 continue
             try:
-                slot.model.add(seq_id, request)
+                sink.cached_tokens = slot.model.add(seq_id, request) or 0
             except Exception as exc:
                 log.exception("could not add request %s", request.request_id)
                 self._finish(seq_id, TokenDelta(None, finish_reason="error", error=str(exc)))

@@ -67,6 +67,7 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
         pinned=row.pinned,
         keep_alive=float(row.keep_alive_seconds) if row.keep_alive_seconds is not None else None,
         size_bytes=row.size_bytes,
+        prompt_cache_entries=settings.PROMPT_CACHE_ENTRIES,
     )
 
 
@@ -355,6 +356,11 @@ class Job:
     top_logprobs: int = 0
     started: float = field(default_factory=time.monotonic)
     stats: RequestStats | None = None
+    group: GenerationGroup | None = None
+
+    def usage(self, completion_tokens: int) -> dict:
+        cached = min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
+        return protocol.usage(self.prompt_tokens, completion_tokens, cached)
 
     def note(self, group: GenerationGroup, choices: list[Choice]) -> None:
         """Copy what analytics wants into the request's stats (plain attribute writes)."""
@@ -391,7 +397,8 @@ def submit(job: Job) -> GenerationGroup:
     if job.stats is not None:
         job.stats.prompt_tokens = job.prompt_tokens * job.n
     try:
-        return engine().submit(job.requests())
+        job.group = engine().submit(job.requests())
+        return job.group
     except QueueFull:
         raise APIError(
             429,
@@ -459,7 +466,7 @@ async def stream_events(job: Job, group: GenerationGroup, chunk: Callable[[Choic
 
 
 def usage_chunk(job: Job, completion_tokens: int) -> dict:
-    u = protocol.usage(job.prompt_tokens, completion_tokens)
+    u = job.usage(completion_tokens)
     if job.kind == "chat":
         return protocol.chat_chunk(job.id, job.created, job.spec.name, [], FINGERPRINT, u)
     return protocol.text_completion(job.id, job.created, job.spec.name, [], u, FINGERPRINT)
@@ -524,7 +531,7 @@ async def chat_full(job: Job) -> dict:
             }
             for c in choices
         ],
-        protocol.usage(job.prompt_tokens, sum(c.tokens for c in choices)),
+        job.usage(sum(c.tokens for c in choices)),
         FINGERPRINT,
     )
 
@@ -619,7 +626,7 @@ async def completion_full(job: Job) -> dict:
             }
             for c in choices
         ],
-        protocol.usage(job.prompt_tokens, sum(c.tokens for c in choices)),
+        job.usage(sum(c.tokens for c in choices)),
         FINGERPRINT,
     )
 

@@ -27,7 +27,8 @@ class LoadedModel(ABC):
     eos_token_ids: frozenset[int]
 
     @abstractmethod
-    def add(self, seq_id: int, request: GenerationRequest) -> None: ...
+    def add(self, seq_id: int, request: GenerationRequest) -> int | None:
+        """Join the batch at the next step; returns how many prompt tokens came from a cache."""
 
     @abstractmethod
     def remove(self, seq_ids: list[int]) -> None: ...

@@ -14,6 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models.cache import LRUPromptCache, can_trim_prompt_cache, trim_prompt_cache
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
@@ -96,6 +97,9 @@ class MLXLoadedModel(LoadedModel):
         self._uid_to_seq: dict[int, int] = {}
         self._seq_to_uid: dict[int, int] = {}
         self._top_logprobs: dict[int, int] = {}  # uid -> top n (0 = just the sampled token)
+        # KV caches of finished sequences, by their tokens: a new prompt that shares a prefix (the
+        # chat template's system prompt, earlier turns of a conversation) skips that prefill.
+        self._prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_entries)
         self._new_generator()
 
     def _new_generator(self) -> None:
@@ -116,11 +120,27 @@ class MLXLoadedModel(LoadedModel):
         self._gen.completion_batch_size = size
         self._gen.prefill_batch_size = size
 
-    def add(self, seq_id: int, request: GenerationRequest) -> None:
+    def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
+        if self.spec.prompt_cache_entries <= 0:
+            return None, prompt
+        cache, rest = self._prompt_cache.fetch_nearest_cache(self.spec.name, prompt)
+        if cache is not None and not rest:
+            # An exact hit: recompute the last token so the batch has something to start from.
+            if not can_trim_prompt_cache(cache):
+                return None, prompt
+            trim_prompt_cache(cache, 1)
+            rest = prompt[-1:]
+        return cache, rest
+
+    def add(self, seq_id: int, request: GenerationRequest) -> int:
         params = request.params
+        prompt = list(request.prompt_tokens)
+        cache, rest = self._cached_prefix(prompt)
         (uid,) = self._gen.insert(
-            [list(request.prompt_tokens)],
+            [rest],
             max_tokens=[params.max_tokens],
+            caches=[cache] if cache is not None else None,
+            all_tokens=[prompt[: len(prompt) - len(rest)]] if cache is not None else None,
             samplers=[make_sampler(params)],
             logits_processors=[make_processors(params)],
         )
@@ -128,6 +148,7 @@ class MLXLoadedModel(LoadedModel):
         self._seq_to_uid[seq_id] = uid
         if params.logprobs:
             self._top_logprobs[uid] = params.top_logprobs
+        return len(prompt) - len(rest)
 
     def remove(self, seq_ids: list[int]) -> None:
         uids = [self._seq_to_uid.pop(s) for s in seq_ids if s in self._seq_to_uid]
@@ -155,12 +176,15 @@ class MLXLoadedModel(LoadedModel):
                 delta = TokenDelta(r.token, logprob, top, r.finish_reason)
             out.append((seq_id, delta))
             if r.finish_reason is not None:
+                if r.prompt_cache is not None and self.spec.prompt_cache_entries > 0:
+                    self._prompt_cache.insert_cache(self.spec.name, list(r.all_tokens), r.prompt_cache)
                 del self._uid_to_seq[r.uid]
                 self._seq_to_uid.pop(seq_id, None)
                 self._top_logprobs.pop(r.uid, None)
         return out
 
     def reset(self) -> None:
+        self._prompt_cache = LRUPromptCache(max_size=self.spec.prompt_cache_entries)
         self._uid_to_seq.clear()
         self._seq_to_uid.clear()
         self._top_logprobs.clear()
