@@ -19,7 +19,14 @@ from django.http import StreamingHttpResponse
 
 from inference import protocol
 from inference.backends.base import LoadedModel
-from inference.engine import EngineConfig, GenerationGroup, ModelBusy, QueueFull, get_engine
+from inference.engine import (
+    EngineConfig,
+    GenerationGroup,
+    ModelBusy,
+    QueueFull,
+    current_engine,
+    get_engine,
+)
 from inference.types import GenerationRequest, ModelSpec, RequestStats, SamplingParams, TokenDelta
 from llmservice.errors import APIError, error_body, model_not_found
 from models_app.models import LLMModel
@@ -88,7 +95,13 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
 async def resolve_model(name: str, stats: RequestStats | None = None,
                         allowed: tuple[str, ...] = ()) -> tuple[ModelSpec, ModelDefaults]:
     row = await LLMModel.objects.servable().afind(name)
-    if row is None or (allowed and row.name not in allowed):
+    if row is None:
+        running = current_engine()
+        if running is not None and name in {m["name"] for m in running.scheduler.loaded()}:
+            # Removed or disabled in the registry: free its memory (after any requests in flight).
+            running.scheduler.unload(name)
+        raise model_not_found(name)
+    if allowed and row.name not in allowed:
         raise model_not_found(name)
     if stats is not None:
         stats.model = row.name

@@ -61,11 +61,15 @@ def test_the_least_recently_used_model_is_unloaded_at_the_limit(multi):
 def test_the_model_list_follows_the_registry_live(multi):
     client = multi.openai()
     assert {"a", "b", "c"} <= {m.id for m in client.models.list()}
+    chat(client, "c")
+    assert "c" in multi.loaded_models()
     multi.set_model("c", enabled=False)
     try:
         assert "c" not in {m.id for m in client.models.list()}
         with pytest.raises(openai.NotFoundError):
             chat(client, "c")
+        # A disabled model's memory is freed once a request names it.
+        wait_until(lambda: "c" not in multi.loaded_models(), timeout=5)
     finally:
         multi.set_model("c", enabled=True)
     assert chat(client, "c").model == "c"
