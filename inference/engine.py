@@ -7,6 +7,7 @@ The engine wraps the scheduler thread for asyncio callers: `await engine.load(sp
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 import time
 from dataclasses import dataclass
@@ -124,7 +125,10 @@ class Engine:
         }
 
     def shutdown(self) -> None:
+        """Stop the scheduler thread and free the models (at exit: mlx aborts the process if its
+        threads are still busy while the interpreter tears down)."""
         self.scheduler.stop()
+        self.scheduler.close_models()
 
 
 _engine: Engine | None = None
@@ -138,6 +142,7 @@ def get_engine(config: EngineConfig | None = None) -> Engine:
         with _engine_lock:
             if _engine is None:
                 _engine = Engine(config or EngineConfig())
+                atexit.register(_engine.shutdown)
     return _engine
 
 

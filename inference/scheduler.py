@@ -99,6 +99,16 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def close_models(self) -> None:
+        """Free every model; only once the thread has stopped (see stop)."""
+        if self._thread.is_alive():
+            return
+        for key in list(self._slots):
+            try:
+                self._unload(key)
+            except Exception:
+                log.exception("closing %s failed", key[0])
+
     def load(self, spec: ModelSpec) -> Future:
         """Load (or refresh the settings of) a model; the future resolves to its LoadedModel."""
         future: Future = Future()

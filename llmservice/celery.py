@@ -86,9 +86,19 @@ def stop_worker_subprocess(proc: subprocess.Popen, timeout: float = 2.0) -> None
     """
     if proc.poll() is not None:
         return
-    proc.terminate()
+    # The whole process group: the worker and its embedded beat process.
+    _signal_group(proc, signal.SIGTERM)
     try:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _signal_group(proc, signal.SIGKILL)
         proc.wait(5)
+    else:
+        _signal_group(proc, signal.SIGKILL)  # a beat child that outlived its worker
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # start_new_session made the worker its group's leader
+    except (ProcessLookupError, PermissionError):
+        pass

