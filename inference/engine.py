@@ -103,6 +103,9 @@ class Engine:
 
     async def load(self, spec: ModelSpec) -> LoadedModel:
         """Make `spec` resident (loading it if needed) and return it; waits, never times out."""
+        model = self.scheduler.resident(spec)
+        if model is not None:
+            return model
         return await asyncio.wrap_future(self.scheduler.load(spec))
 
     async def unload(self, name: str) -> bool:

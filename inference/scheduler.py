@@ -24,6 +24,8 @@ from inference.types import GenerationRequest, ModelSpec, TokenDelta
 log = logging.getLogger(__name__)
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between keep-alive checks
+COALESCE_WINDOW = 0.015  # an idle model waits this long for more of a burst before prefilling,
+COALESCE_MAX = 0.15  # and at most this long in all
 
 
 class QueueFull(Exception):
@@ -99,6 +101,15 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
+    def resident(self, spec: ModelSpec) -> LoadedModel | None:
+        """The loaded model for `spec` if it is resident now, read without waiting for the thread.
+
+        A request for a loaded model skips a round trip through the command queue, which would wait
+        for the current batch step to end. Settings changes still reach the slot at submit time.
+        """
+        slot = self._slots.get((spec.name, *spec.load_key))
+        return slot.model if slot is not None else None
+
     def close_models(self) -> None:
         """Free every model; only once the thread has stopped (see stop)."""
         if self._thread.is_alive():
@@ -167,6 +178,8 @@ class Scheduler:
                 break
             if self._deferred:
                 self._retry_deferred()
+            if self._starting_fresh():
+                self._gather_burst()
             for slot in list(self._slots.values()):
                 self._admit(slot)
                 if slot.running:
@@ -178,6 +191,21 @@ class Scheduler:
         for slot in list(self._slots.values()):
             for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
                 self._finish(seq_id, TokenDelta(None, finish_reason="error", error="server shutting down"))
+
+    def _gather_burst(self) -> None:
+        """A burst of requests arrives a few ms apart (each is parsed and authenticated in turn):
+        gather it so the prompts prefill together, instead of each waiting out a step."""
+        deadline = time.monotonic() + COALESCE_MAX
+        while time.monotonic() < deadline:
+            waiting = self._queued
+            time.sleep(COALESCE_WINDOW)
+            self._drain_commands(block=False)
+            if self._queued == waiting:  # nothing new for a whole window: the burst is over
+                return
+
+    def _starting_fresh(self) -> bool:
+        """Requests are waiting for a model whose batch is empty (nothing would be delayed)."""
+        return any(slot.waiting and not slot.running for slot in self._slots.values())
 
     def _drain_commands(self, *, block: bool) -> None:
         try:

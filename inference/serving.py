@@ -75,6 +75,7 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
         keep_alive=float(row.keep_alive_seconds) if row.keep_alive_seconds is not None else None,
         size_bytes=row.size_bytes,
         prompt_cache_entries=settings.PROMPT_CACHE_ENTRIES,
+        prefill_batch_size=settings.PREFILL_BATCH_SIZE or None,
     )
 
 

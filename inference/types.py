@@ -20,6 +20,7 @@ class ModelSpec:
     keep_alive: float | None = None  # seconds idle before unloading; None keeps it loaded
     size_bytes: int = 0  # weights on disk: the estimate checked against a memory budget
     prompt_cache_entries: int = 16  # finished sequences' KV caches kept for prefix reuse
+    prefill_batch_size: int | None = None  # prompts prefilled together; None: max_batch_size
 
     @property
     def load_key(self) -> tuple[str, str]:

@@ -56,10 +56,9 @@ class BearerKey(HttpBearer):
                 headers={"Retry-After": str(max(1, int(wait + 0.999)))},
             )
         now = timezone.now()
-        # last_used_at is for humans; one write per key per minute is plenty.
-        await ApiKey.objects.filter(pk=key.pk).exclude(
-            last_used_at__gt=now - timezone.timedelta(minutes=1)
-        ).aupdate(last_used_at=now)
+        # last_used_at is for humans: one write per key per minute, not one per request.
+        if key.last_used_at is None or key.last_used_at < now - timezone.timedelta(minutes=1):
+            await ApiKey.objects.filter(pk=key.pk).aupdate(last_used_at=now)
         return Caller(key.pk, key.name, tuple(key.allowed_models or ()))
 
     async def __call__(self, request: HttpRequest):  # type: ignore[override]

@@ -107,9 +107,9 @@ class MLXLoadedModel(LoadedModel):
             self.model,
             stop_tokens=[[t] for t in sorted(self.eos_token_ids)],
             completion_batch_size=self._max_batch,
-            # Prefill every waiting prompt together: at this size the per-step fixed cost
-            # dominates, so one big prefill beats several small ones for time to first token.
-            prefill_batch_size=self._max_batch,
+            # Prefill every waiting prompt together by default: the per-step fixed cost dominates
+            # at these sizes, so one prefill beats several small ones (docs/benchmarks.md).
+            prefill_batch_size=min(self.spec.prefill_batch_size or self._max_batch, self._max_batch),
             # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
             # per-thread, and the module-level generation stream belongs to the importer.
             stream=mx.default_stream(mx.default_device()),
@@ -118,7 +118,7 @@ class MLXLoadedModel(LoadedModel):
     def set_max_batch_size(self, size: int) -> None:
         self._max_batch = size
         self._gen.completion_batch_size = size
-        self._gen.prefill_batch_size = size
+        self._gen.prefill_batch_size = min(self.spec.prefill_batch_size or size, size)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         if self.spec.prompt_cache_entries <= 0:
