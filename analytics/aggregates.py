@@ -1,8 +1,11 @@
-"""Dashboard aggregates, computed in the database (one grouped query per chart).
+"""Dashboard aggregates.
 
-Percentiles of time to first token come from a histogram counted in SQL (conditional counts per
-bucket edge), like Prometheus' histogram_quantile: each is the upper edge of the bin holding that
-quantile. That keeps every query a single indexed range scan, fast on millions of rows.
+The last hour is computed from the request rows in the database (one grouped query per chart, by
+minute). Days and weeks read the hourly rollup (analytics.rollup), so they stay fast with millions
+of request rows; their windows start on a whole hour.
+
+Percentiles of time to first token come from a histogram (conditional counts per bin edge), like
+Prometheus' histogram_quantile: each is the upper edge of the bin holding that quantile.
 """
 
 from __future__ import annotations
@@ -14,10 +17,8 @@ from django.db.models import Avg, Count, F, Q, Sum
 from django.db.models.functions import Coalesce, Trunc
 from django.utils import timezone
 
-from analytics.models import RequestLog
-
-# TTFT histogram edges in milliseconds.
-TTFT_EDGES = (25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 20000, 60000)
+from analytics.models import RequestHour, RequestLog
+from analytics.rollup import TTFT_EDGES
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,17 @@ def _window(window: str, now: datetime | None) -> tuple[Window, datetime, dateti
 def series(window: str = "hour", *, by: str | None = None, now: datetime | None = None) -> list[dict]:
     """Per time bucket (and per model or key when `by` says so) over the window."""
     w, start, end = _window(window, now)
+    if w.bucket == "hour":
+        field = {"model": "model", "key": "key_name"}[by] if by else None
+        groups = _rollup_groups(start, end, lambda r: (r.hour, getattr(r, field)) if field else (r.hour,))
+        out = []
+        for group_key, row in sorted(groups.items()):
+            row["bucket"] = group_key[0]
+            if field:
+                row[field] = group_key[1]
+            row["requests_per_minute"] = row["requests"] / w.bucket_minutes
+            out.append(row)
+        return out
     group = ["bucket"] + ({"model": ["model"], "key": ["key_name"]}[by] if by else [])
     rows = (
         RequestLog.objects.filter(created_at__gte=start, created_at__lte=end)
@@ -106,6 +118,10 @@ def breakdown(window: str = "hour", *, by: str = "model", now: datetime | None =
     """Totals over the window per model or per API key, busiest first."""
     w, start, end = _window(window, now)
     field = {"model": "model", "key": "key_name"}[by]
+    if w.bucket == "hour":
+        groups = _rollup_groups(start, end, lambda r: getattr(r, field))
+        rows = [{"name": name, **row} for name, row in groups.items()]
+        return sorted(rows, key=lambda r: (-r["requests"], r["name"]))
     rows = (
         RequestLog.objects.filter(created_at__gte=start, created_at__lte=end)
         .values(name=F(field))
@@ -117,8 +133,44 @@ def breakdown(window: str = "hour", *, by: str = "model", now: datetime | None =
 
 def totals(window: str = "hour", *, now: datetime | None = None) -> dict:
     w, start, end = _window(window, now)
+    if w.bucket == "hour":
+        return _rollup_groups(start, end, lambda r: None).get(None) or _combine([])
     row = RequestLog.objects.filter(created_at__gte=start, created_at__lte=end).aggregate(
         **_measures())
+    return _finish(row)
+
+
+def _rollup_groups(start: datetime, end: datetime, key) -> dict:
+    hour = start.replace(minute=0, second=0, microsecond=0)
+    grouped: dict = {}
+    for r in RequestHour.objects.filter(hour__gte=hour, hour__lte=end):
+        grouped.setdefault(key(r), []).append(r)
+    return {k: _combine(v) for k, v in grouped.items()}
+
+
+def _combine(parts: list[RequestHour]) -> dict:
+    def total(field: str):
+        return sum(getattr(p, field) for p in parts)
+
+    bins = [sum(col) for col in zip(*(p.ttft_bins for p in parts), strict=True)] if parts else []
+    tps_n, ttft_n, requests = total("tps_n"), total("ttft_n"), total("requests")
+    row = {
+        "requests": requests,
+        "prompt_tokens": total("prompt_tokens"),
+        "completion_tokens": total("completion_tokens"),
+        "errors": total("errors"),
+        "cancelled": total("cancelled"),
+        "tokens_per_second": total("tps_sum") / tps_n if tps_n else None,
+        "ttft_avg_ms": total("ttft_sum") / ttft_n if ttft_n else None,
+        "latency_avg_ms": total("latency_sum") / requests if requests else None,
+        "ttft_n": ttft_n,
+    }
+    cumulative = 0
+    for edge, count in zip(TTFT_EDGES, bins, strict=False):
+        cumulative += count
+        row[f"ttft_le_{edge}"] = cumulative
+    for edge in TTFT_EDGES[len(bins):]:
+        row[f"ttft_le_{edge}"] = 0
     return _finish(row)
 
 
@@ -130,4 +182,5 @@ def prune(days: int, *, now: datetime | None = None) -> int:
     """Delete rows older than `days`; returns how many."""
     cutoff = (now or timezone.now()) - timedelta(days=days)
     deleted, _ = RequestLog.objects.filter(created_at__lt=cutoff).delete()
+    RequestHour.objects.filter(hour__lt=cutoff.replace(minute=0, second=0, microsecond=0)).delete()
     return deleted

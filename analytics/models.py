@@ -43,3 +43,32 @@ class RequestLog(models.Model):
 
     def __str__(self) -> str:
         return f"{self.endpoint} {self.model} {self.status_code}"
+
+
+class RequestHour(models.Model):
+    """Requests rolled up per hour, model and key: what day and week charts read.
+
+    Kept up to date by the recorder as it writes RequestLog rows (and rebuilt from them by
+    `manage.py rebuild_analytics_rollup`), so a week's chart reads ~a thousand rows, not millions.
+    """
+
+    hour = models.DateTimeField()
+    model = models.CharField(max_length=200, blank=True)
+    key_name = models.CharField(max_length=100, blank=True)
+    requests = models.PositiveIntegerField(default=0)
+    prompt_tokens = models.BigIntegerField(default=0)
+    completion_tokens = models.BigIntegerField(default=0)
+    errors = models.PositiveIntegerField(default=0)
+    cancelled = models.PositiveIntegerField(default=0)
+    tps_sum = models.FloatField(default=0)
+    tps_n = models.PositiveIntegerField(default=0)
+    ttft_sum = models.FloatField(default=0)
+    ttft_n = models.PositiveIntegerField(default=0)
+    latency_sum = models.FloatField(default=0)
+    ttft_bins = models.JSONField(default=list, help_text="Counts per TTFT histogram bin.")
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["hour", "model", "key_name"], name="reqhour_unique")
+        ]
+        indexes = [models.Index(fields=["hour"], name="reqhour_hour")]

@@ -14,9 +14,9 @@ import time
 from collections import deque
 from datetime import UTC, datetime
 
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 
-from analytics import metrics
+from analytics import metrics, rollup
 from inference.types import RequestStats
 from llmservice.ratelimit import limiter
 
@@ -92,7 +92,10 @@ class Recorder:
                 return 0
             try:
                 close_old_connections()
-                RequestLog.objects.bulk_create([RequestLog(**r) for r in rows], batch_size=500)
+                with transaction.atomic():
+                    objects = RequestLog.objects.bulk_create(
+                        [RequestLog(**r) for r in rows], batch_size=500)
+                    rollup.add_rows(objects)
             except Exception:
                 # Put them back in order for the next attempt rather than lose them.
                 self._buffer.extendleft(reversed(rows))

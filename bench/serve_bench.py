@@ -213,7 +213,8 @@ def ensure_model(model_path: str | None) -> Path:
 def bench_env(data_dir: Path, max_batch: int) -> tuple[dict[str, str], bool]:
     """One environment for both servers; returns it and whether OpenBLAS is preloaded."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    preload = os.path.exists(OPENBLAS)
+    # BENCH_BLAS=bundled measures both servers on mlx's bundled BLAS (what OpenBLAS buys us).
+    preload = os.path.exists(OPENBLAS) and os.environ.get("BENCH_BLAS", "openblas") != "bundled"
     if preload:
         env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD", "")) if p)
     else:

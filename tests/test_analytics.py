@@ -192,7 +192,7 @@ def test_ready_is_503_while_the_default_model_loads():
 
 @pytest.mark.django_db
 def test_the_dashboard_aggregates_match_a_hand_computed_set():
-    from analytics import aggregates
+    from analytics import aggregates, rollup
     from analytics.models import RequestLog
 
     now = datetime(2026, 5, 1, 12, 30, 30, tzinfo=UTC)
@@ -214,6 +214,8 @@ def test_the_dashboard_aggregates_match_a_hand_computed_set():
         row(now - timedelta(hours=3), "a", "k1", 50),  # outside the hour, inside the day
         row(now - timedelta(days=3), "a", "k1", 50),  # only in the week
     ])
+    # Day and week charts read the hourly rollup, which the recorder keeps as it writes rows.
+    rollup.add_rows(RequestLog.objects.all())
 
     hour = aggregates.totals("hour", now=now)
     assert hour["requests"] == 5
@@ -265,3 +267,27 @@ def test_the_beat_schedule_prunes_hourly():
 
     entry = settings.CELERY_BEAT_SCHEDULE["prune-request-analytics"]
     assert entry["task"] == "analytics.prune_request_logs" and entry["schedule"] == 3600.0
+
+
+@pytest.mark.django_db
+def test_the_hourly_rollup_matches_the_rows_it_summarises():
+    from analytics import aggregates, rollup
+    from analytics.models import RequestLog
+
+    now = datetime(2026, 5, 1, 12, 30, tzinfo=UTC)
+    RequestLog.objects.bulk_create([
+        RequestLog(created_at=now - timedelta(minutes=m), model="m", key_name="k", endpoint="completions",
+                   status_code=200, outcome="ok", prompt_tokens=m, completion_tokens=2 * m,
+                   ttft_ms=10.0 * m, latency_ms=100.0, tokens_per_second=float(m))
+        for m in range(1, 121)
+    ])
+    rollup.add_rows(RequestLog.objects.filter(created_at__gte=now - timedelta(minutes=60)))
+    rollup.add_rows(RequestLog.objects.filter(created_at__lt=now - timedelta(minutes=60)))
+    incremental = aggregates.totals("day", now=now)
+    assert rollup.rebuild() == 3  # 10:00, 11:00 and 12:00
+    assert aggregates.totals("day", now=now) == incremental
+    assert incremental["requests"] == 120
+    assert incremental["prompt_tokens"] == sum(range(1, 121))
+    assert incremental["tokens_per_second"] == pytest.approx(60.5)
+    # TTFTs 10..1200 ms: the median (600 ms) lies in the (500, 750] bin.
+    assert incremental["ttft_p50_ms"] == 750
