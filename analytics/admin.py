@@ -5,8 +5,19 @@ from analytics.models import RequestLog
 
 @admin.register(RequestLog)
 class RequestLogAdmin(admin.ModelAdmin):
-    list_display = ["created_at", "endpoint", "model", "key_name", "status_code", "outcome",
-                    "prompt_tokens", "completion_tokens", "ttft_ms", "latency_ms", "tokens_per_second"]
+    list_display = [
+        "created_at",
+        "endpoint",
+        "model",
+        "key_name",
+        "status_code",
+        "outcome",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft_ms",
+        "latency_ms",
+        "tokens_per_second",
+    ]
     list_filter = ["outcome", "endpoint", "model", "stream"]
     search_fields = ["model", "key_name"]
     date_hierarchy = "created_at"

@@ -84,12 +84,16 @@ def _window(window: str, now: datetime | None) -> tuple[Window, datetime, dateti
     return w, end - w.span, end
 
 
-def series(window: str = "hour", *, by: str | None = None, now: datetime | None = None) -> list[dict]:
+def series(
+    window: str = "hour", *, by: str | None = None, now: datetime | None = None
+) -> list[dict]:
     """Per time bucket (and per model or key when `by` says so) over the window."""
     w, start, end = _window(window, now)
     if w.bucket == "hour":
         field = {"model": "model", "key": "key_name"}[by] if by else None
-        groups = _rollup_groups(start, end, lambda r: (r.hour, getattr(r, field)) if field else (r.hour,))
+        groups = _rollup_groups(
+            start, end, lambda r: (r.hour, getattr(r, field)) if field else (r.hour,)
+        )
         out = []
         for group_key, row in sorted(groups.items()):
             row["bucket"] = group_key[0]
@@ -114,7 +118,9 @@ def series(window: str = "hour", *, by: str | None = None, now: datetime | None 
     return out
 
 
-def breakdown(window: str = "hour", *, by: str = "model", now: datetime | None = None) -> list[dict]:
+def breakdown(
+    window: str = "hour", *, by: str = "model", now: datetime | None = None
+) -> list[dict]:
     """Totals over the window per model or per API key, busiest first."""
     w, start, end = _window(window, now)
     field = {"model": "model", "key": "key_name"}[by]
@@ -136,7 +142,8 @@ def totals(window: str = "hour", *, now: datetime | None = None) -> dict:
     if w.bucket == "hour":
         return _rollup_groups(start, end, lambda r: None).get(None) or _combine([])
     row = RequestLog.objects.filter(created_at__gte=start, created_at__lte=end).aggregate(
-        **_measures())
+        **_measures()
+    )
     return _finish(row)
 
 
@@ -169,7 +176,7 @@ def _combine(parts: list[RequestHour]) -> dict:
     for edge, count in zip(TTFT_EDGES, bins, strict=False):
         cumulative += count
         row[f"ttft_le_{edge}"] = cumulative
-    for edge in TTFT_EDGES[len(bins):]:
+    for edge in TTFT_EDGES[len(bins) :]:
         row[f"ttft_le_{edge}"] = 0
     return _finish(row)
 

@@ -21,19 +21,29 @@ from inference.engine import current_engine
 registry = CollectorRegistry(auto_describe=True)
 
 REQUESTS = Counter(
-    "llm_requests", "API requests by model, endpoint, HTTP status and outcome",
-    ["model", "endpoint", "status", "outcome"], registry=registry,
+    "llm_requests",
+    "API requests by model, endpoint, HTTP status and outcome",
+    ["model", "endpoint", "status", "outcome"],
+    registry=registry,
 )
-PROMPT_TOKENS = Counter("llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry)
+PROMPT_TOKENS = Counter(
+    "llm_prompt_tokens", "Prompt tokens processed", ["model"], registry=registry
+)
 COMPLETION_TOKENS = Counter(
     "llm_completion_tokens", "Completion tokens returned", ["model"], registry=registry
 )
 TTFT = Histogram(
-    "llm_time_to_first_token_seconds", "Time to first token", ["model"], registry=registry,
+    "llm_time_to_first_token_seconds",
+    "Time to first token",
+    ["model"],
+    registry=registry,
     buckets=(0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
 )
 LATENCY = Histogram(
-    "llm_request_latency_seconds", "Whole request latency", ["model", "endpoint"], registry=registry,
+    "llm_request_latency_seconds",
+    "Whole request latency",
+    ["model", "endpoint"],
+    registry=registry,
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160),
 )
 
@@ -75,8 +85,12 @@ class DownloadCollector:
 
     @staticmethod
     def _families():
-        done = GaugeMetricFamily("llm_download_bytes_done", "Bytes downloaded", labels=["repo", "id"])
-        total = GaugeMetricFamily("llm_download_bytes_total", "Bytes to download", labels=["repo", "id"])
+        done = GaugeMetricFamily(
+            "llm_download_bytes_done", "Bytes downloaded", labels=["repo", "id"]
+        )
+        total = GaugeMetricFamily(
+            "llm_download_bytes_total", "Bytes to download", labels=["repo", "id"]
+        )
         return done, total
 
     def describe(self):
@@ -88,7 +102,8 @@ class DownloadCollector:
         try:
             download = apps.get_model("models_app", "Download")
             rows = download.objects.filter(status__in=["queued", "running"]).values_list(
-                "id", "repo_id", "bytes_done", "bytes_total")
+                "id", "repo_id", "bytes_done", "bytes_total"
+            )
             for pk, repo, got, size in rows:
                 done.add_metric([repo, str(pk)], got or 0)
                 total.add_metric([repo, str(pk)], size or 0)

@@ -12,7 +12,7 @@ from inference.types import RequestStats
 
 
 def endpoint_name(path: str) -> str:
-    rest = path[len("/v1/"):].strip("/")
+    rest = path[len("/v1/") :].strip("/")
     if rest.startswith("models"):
         return "models"
     return rest.replace("/", ".") if rest in ("chat/completions", "completions") else "other"

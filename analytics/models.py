@@ -15,7 +15,11 @@ class RequestLog(models.Model):
 
     created_at = models.DateTimeField(default=timezone.now)
     api_key = models.ForeignKey(
-        "llmservice.ApiKey", null=True, blank=True, on_delete=models.SET_NULL, related_name="requests"
+        "llmservice.ApiKey",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="requests",
     )
     key_name = models.CharField(max_length=100, blank=True, help_text="Kept if the key is deleted.")
     model = models.CharField(max_length=200, blank=True)

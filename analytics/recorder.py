@@ -68,8 +68,9 @@ class Recorder:
         if self._thread is None:
             with self._start_lock:
                 if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="analytics-recorder",
-                                                    daemon=True)
+                    self._thread = threading.Thread(
+                        target=self._run, name="analytics-recorder", daemon=True
+                    )
                     self._thread.start()
 
     def _run(self) -> None:
@@ -94,7 +95,8 @@ class Recorder:
                 close_old_connections()
                 with transaction.atomic():
                     objects = RequestLog.objects.bulk_create(
-                        [RequestLog(**r) for r in rows], batch_size=500)
+                        [RequestLog(**r) for r in rows], batch_size=500
+                    )
                     rollup.add_rows(objects)
             except Exception:
                 # Put them back in order for the next attempt rather than lose them.

@@ -21,14 +21,28 @@ def _get(row, name):
 
 
 def _partials(rows: Iterable) -> dict[tuple, dict]:
-    acc: dict[tuple, dict] = defaultdict(lambda: {
-        "requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "errors": 0, "cancelled": 0,
-        "tps_sum": 0.0, "tps_n": 0, "ttft_sum": 0.0, "ttft_n": 0, "latency_sum": 0.0,
-        "ttft_bins": [0] * (len(TTFT_EDGES) + 1)})
+    acc: dict[tuple, dict] = defaultdict(
+        lambda: {
+            "requests": 0,
+            "prompt_tokens": 0,
+            "completion_tokens": 0,
+            "errors": 0,
+            "cancelled": 0,
+            "tps_sum": 0.0,
+            "tps_n": 0,
+            "ttft_sum": 0.0,
+            "ttft_n": 0,
+            "latency_sum": 0.0,
+            "ttft_bins": [0] * (len(TTFT_EDGES) + 1),
+        }
+    )
     for row in rows:
         created = _get(row, "created_at")
-        key = (created.replace(minute=0, second=0, microsecond=0), _get(row, "model"),
-               _get(row, "key_name"))
+        key = (
+            created.replace(minute=0, second=0, microsecond=0),
+            _get(row, "model"),
+            _get(row, "key_name"),
+        )
         a = acc[key]
         a["requests"] += 1
         a["prompt_tokens"] += _get(row, "prompt_tokens")
@@ -54,12 +68,16 @@ def add_rows(rows: Iterable) -> None:
     """Fold request rows (RequestLog objects or dicts with its fields) into the hourly rollup."""
     for (hour, model, key_name), part in _partials(rows).items():
         row, _ = RequestHour.objects.select_for_update().get_or_create(
-            hour=hour, model=model, key_name=key_name,
-            defaults={"ttft_bins": [0] * (len(TTFT_EDGES) + 1)})
+            hour=hour,
+            model=model,
+            key_name=key_name,
+            defaults={"ttft_bins": [0] * (len(TTFT_EDGES) + 1)},
+        )
         for field, value in part.items():
             if field == "ttft_bins":
-                row.ttft_bins = [x + y for x, y in zip(row.ttft_bins or [0] * len(value), value,
-                                                       strict=True)]
+                row.ttft_bins = [
+                    x + y for x, y in zip(row.ttft_bins or [0] * len(value), value, strict=True)
+                ]
             else:
                 setattr(row, field, getattr(row, field) + value)
         row.save()
@@ -69,12 +87,22 @@ def rebuild(batch: int = 50_000) -> int:
     """Recompute the rollup from every RequestLog row; returns the rollup rows written."""
     with transaction.atomic():
         RequestHour.objects.all().delete()
-        fields = ["created_at", "model", "key_name", "prompt_tokens", "completion_tokens",
-                  "outcome", "tokens_per_second", "ttft_ms", "latency_ms"]
+        fields = [
+            "created_at",
+            "model",
+            "key_name",
+            "prompt_tokens",
+            "completion_tokens",
+            "outcome",
+            "tokens_per_second",
+            "ttft_ms",
+            "latency_ms",
+        ]
         partials: dict[tuple, dict] = {}
         for part_key, part in _partials(RequestLog.objects.values(*fields).iterator(batch)).items():
             partials[part_key] = part
         RequestHour.objects.bulk_create(
             [RequestHour(hour=h, model=m, key_name=k, **p) for (h, m, k), p in partials.items()],
-            batch_size=2000)
+            batch_size=2000,
+        )
     return len(partials)

@@ -48,15 +48,22 @@ def fill(rows: int) -> float:
     batch = []
     for i in range(rows):
         ok = rng.random() > 0.05
-        batch.append(RequestLog(
-            created_at=now - timedelta(seconds=rng.uniform(0, 7 * 86400)),
-            model=rng.choice(models), key_name=rng.choice(keys), endpoint="chat.completions",
-            stream=rng.random() < 0.7, status_code=200 if ok else 400,
-            outcome="ok" if ok else "client_error", prompt_tokens=rng.randint(5, 500),
-            completion_tokens=rng.randint(0, 300) if ok else 0,
-            ttft_ms=rng.lognormvariate(5.5, 0.8) if ok else None, latency_ms=rng.uniform(50, 9000),
-            tokens_per_second=rng.uniform(5, 80) if ok else None,
-        ))
+        batch.append(
+            RequestLog(
+                created_at=now - timedelta(seconds=rng.uniform(0, 7 * 86400)),
+                model=rng.choice(models),
+                key_name=rng.choice(keys),
+                endpoint="chat.completions",
+                stream=rng.random() < 0.7,
+                status_code=200 if ok else 400,
+                outcome="ok" if ok else "client_error",
+                prompt_tokens=rng.randint(5, 500),
+                completion_tokens=rng.randint(0, 300) if ok else 0,
+                ttft_ms=rng.lognormvariate(5.5, 0.8) if ok else None,
+                latency_ms=rng.uniform(50, 9000),
+                tokens_per_second=rng.uniform(5, 80) if ok else None,
+            )
+        )
         if len(batch) == 20000 or i == rows - 1:
             RequestLog.objects.bulk_create(batch)
             batch = []
@@ -99,7 +106,9 @@ def write_docs(text: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-docs", action="store_true")

@@ -36,7 +36,9 @@ class Message(Schema):
         if isinstance(value, list):
             for part in value:
                 if isinstance(part, ImagePart):
-                    raise ValueError(f"content parts of type '{part.type}' are not supported; use text")
+                    raise ValueError(
+                        f"content parts of type '{part.type}' are not supported; use text"
+                    )
         return value
 
     def text(self) -> str:
@@ -182,7 +184,12 @@ def chat_completion(
 
 
 def chat_chunk(
-    id: str, created: int, model: str, choices: list[dict], fingerprint: str, usage_: dict | None = None
+    id: str,
+    created: int,
+    model: str,
+    choices: list[dict],
+    fingerprint: str,
+    usage_: dict | None = None,
 ) -> dict[str, Any]:
     chunk = {
         "id": id,

@@ -66,8 +66,15 @@ class Slot:
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_queue: int = 64, max_loaded_models: int = 1,
-                 memory_budget_bytes: int = 0, load_wait: float = 300.0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_queue: int = 64,
+        max_loaded_models: int = 1,
+        memory_budget_bytes: int = 0,
+        load_wait: float = 300.0,
+    ) -> None:
         self.backend = backend
         self.max_queue = max_queue
         self.max_loaded_models = max_loaded_models
@@ -190,7 +197,9 @@ class Scheduler:
                 self._expire_idle()
         for slot in list(self._slots.values()):
             for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
-                self._finish(seq_id, TokenDelta(None, finish_reason="error", error="server shutting down"))
+                self._finish(
+                    seq_id, TokenDelta(None, finish_reason="error", error="server shutting down")
+                )
 
     def _gather_burst(self) -> None:
         """A burst of requests arrives a few ms apart (each is parsed and authenticated in turn):
@@ -209,7 +218,9 @@ class Scheduler:
 
     def _drain_commands(self, *, block: bool) -> None:
         try:
-            command = self._commands.get(timeout=IDLE_WAIT) if block else self._commands.get_nowait()
+            command = (
+                self._commands.get(timeout=IDLE_WAIT) if block else self._commands.get_nowait()
+            )
         except queue.Empty:
             return
         while True:
@@ -236,7 +247,10 @@ class Scheduler:
             except Exception as exc:
                 with self._lock:
                     self._queued -= 1
-                self._finish(seq_id, TokenDelta(None, finish_reason="error", error=f"model load failed: {exc}"))
+                self._finish(
+                    seq_id,
+                    TokenDelta(None, finish_reason="error", error=f"model load failed: {exc}"),
+                )
                 return
             slot.waiting.append((seq_id, request))
         elif kind == "cancel":
@@ -380,7 +394,11 @@ class Scheduler:
             # Never let one bad batch kill the engine: end its sequences, keep the weights.
             log.exception("generation step failed for %s", slot.spec.name)
             for seq_id in list(slot.running):
-                self._finish(seq_id, TokenDelta(None, finish_reason="error", error=str(exc)), deliver_now=False)
+                self._finish(
+                    seq_id,
+                    TokenDelta(None, finish_reason="error", error=str(exc)),
+                    deliver_now=False,
+                )
             slot.running.clear()
             slot.model.reset()
             self._flush()

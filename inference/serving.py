@@ -93,8 +93,9 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
     )
 
 
-async def resolve_model(name: str, stats: RequestStats | None = None,
-                        allowed: tuple[str, ...] = ()) -> tuple[ModelSpec, ModelDefaults]:
+async def resolve_model(
+    name: str, stats: RequestStats | None = None, allowed: tuple[str, ...] = ()
+) -> tuple[ModelSpec, ModelDefaults]:
     row = await LLMModel.objects.servable().afind(name)
     if row is None:
         running = current_engine()
@@ -113,20 +114,32 @@ async def load_model(spec: ModelSpec) -> LoadedModel:
     try:
         return await engine().load(spec)
     except ModelBusy as exc:
-        raise APIError(503, f"Model `{spec.name}` cannot be loaded now: {exc}", type="server_error",
-                       code="model_busy", headers={"Retry-After": "5"}) from exc
+        raise APIError(
+            503,
+            f"Model `{spec.name}` cannot be loaded now: {exc}",
+            type="server_error",
+            code="model_busy",
+            headers={"Retry-After": "5"},
+        ) from exc
     except Exception as exc:
         log.exception("loading %s failed", spec.name)
-        raise APIError(503, f"Model `{spec.name}` failed to load: {exc}", type="server_error",
-                       code="model_load_failed", headers={"Retry-After": "30"}) from exc
+        raise APIError(
+            503,
+            f"Model `{spec.name}` failed to load: {exc}",
+            type="server_error",
+            code="model_load_failed",
+            headers={"Retry-After": "30"},
+        ) from exc
 
 
 # --- prompts ---------------------------------------------------------------------------------
 
 
 def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaults) -> list[dict]:
-    messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                for m in request.messages]
+    messages = [
+        {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        for m in request.messages
+    ]
     if defaults.system_prompt:
         if messages and messages[0]["role"] == "system":
             messages[0]["content"] = defaults.system_prompt + "\n\n" + messages[0]["content"]
@@ -145,8 +158,9 @@ def render_chat(model: LoadedModel, spec: ModelSpec, messages: list[dict]) -> li
                 messages, add_generation_prompt=True, tokenize=False, chat_template=template
             )
         except Exception as exc:
-            raise APIError(400, f"The chat template could not render these messages: {exc}",
-                           param="messages") from exc
+            raise APIError(
+                400, f"The chat template could not render these messages: {exc}", param="messages"
+            ) from exc
     else:
         # A base model without a template: a plain transcript it can continue.
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
@@ -162,8 +176,15 @@ def encode_prompt(model: LoadedModel, prompt: str | list[int]) -> list[int]:
     return model.tokenizer.encode(prompt)
 
 
-def sampling_params(request: protocol.SamplingFields, defaults: ModelDefaults, max_tokens: int,
-                    *, logprobs: bool, top_logprobs: int, vocab: int) -> SamplingParams:
+def sampling_params(
+    request: protocol.SamplingFields,
+    defaults: ModelDefaults,
+    max_tokens: int,
+    *,
+    logprobs: bool,
+    top_logprobs: int,
+    vocab: int,
+) -> SamplingParams:
     def pick(value, default, fallback):
         return value if value is not None else (default if default is not None else fallback)
 
@@ -172,8 +193,11 @@ def sampling_params(request: protocol.SamplingFields, defaults: ModelDefaults, m
         bias = tuple((int(k), float(v)) for k, v in request.logit_bias.items())
         bad = [k for k, _ in bias if k >= vocab]
         if bad:
-            raise APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab})",
-                           param="logit_bias")
+            raise APIError(
+                400,
+                f"logit_bias token id {bad[0]} is outside the vocabulary (size {vocab})",
+                param="logit_bias",
+            )
     top_k = pick(request.top_k, defaults.top_k, 0)
     return SamplingParams(
         max_tokens=max_tokens,
@@ -191,8 +215,14 @@ def sampling_params(request: protocol.SamplingFields, defaults: ModelDefaults, m
     )
 
 
-def budget(model: LoadedModel, spec: ModelSpec, prompt_len: int, requested: int | None,
-           defaults: ModelDefaults, param: str) -> int:
+def budget(
+    model: LoadedModel,
+    spec: ModelSpec,
+    prompt_len: int,
+    requested: int | None,
+    defaults: ModelDefaults,
+    param: str,
+) -> int:
     """max_tokens for this request, or a 400 when prompt + completion exceed the context."""
     ctx = spec.context_length or model.context_length
     max_tokens = requested if requested is not None else defaults.max_tokens
@@ -216,8 +246,11 @@ def budget(model: LoadedModel, spec: ModelSpec, prompt_len: int, requested: int 
 
 def _bytes_to_unicode() -> dict[str, int]:
     # GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -272,18 +305,18 @@ class Detokenizer:
 
     def add(self, token: int) -> str:
         self.tokens.append(token)
-        prefix_text = self._decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
-        new_text = self._decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        prefix_text = self._decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        new_text = self._decode(self.tokens[self._prefix :], skip_special_tokens=True)
         if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
             self._prefix, self._read = self._read, len(self.tokens)
-            return new_text[len(prefix_text):]
+            return new_text[len(prefix_text) :]
         return ""
 
     def flush(self) -> str:
-        prefix_text = self._decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
-        new_text = self._decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        prefix_text = self._decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
+        new_text = self._decode(self.tokens[self._prefix :], skip_special_tokens=True)
         self._prefix = self._read = len(self.tokens)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
 
 class StopFilter:
@@ -307,7 +340,7 @@ class StopFilter:
                 if buffer.endswith(stop[:k]):
                     hold = k
                     break
-        self._held = buffer[len(buffer) - hold:] if hold else ""
+        self._held = buffer[len(buffer) - hold :] if hold else ""
         return buffer[: len(buffer) - hold], False
 
     def flush(self) -> str:
@@ -384,7 +417,9 @@ class Job:
         self.stats.first_token_at = group.first_token_at
         self.stats.queue_wait = group.queue_wait
         reasons = [c.finish_reason for c in choices if c.finish_reason]
-        self.stats.finish_reason = "error" if "error" in reasons else (reasons[0] if reasons else "")
+        self.stats.finish_reason = (
+            "error" if "error" in reasons else (reasons[0] if reasons else "")
+        )
 
     @property
     def prompt_tokens(self) -> int:
@@ -398,13 +433,16 @@ class Job:
                 if params.seed is not None and self.n > 1:
                     # Reproducible but different choices, as with OpenAI's n and seed.
                     params = replace(params, seed=params.seed + i)
-                out.append(GenerationRequest(f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt),
-                                             params))
+                out.append(
+                    GenerationRequest(f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt), params)
+                )
         return out
 
     def choices(self) -> list[Choice]:
-        return [Choice(i, Detokenizer(self.model.tokenizer), StopFilter(self.stops))
-                for i in range(len(self.prompts) * self.n)]
+        return [
+            Choice(i, Detokenizer(self.model.tokenizer), StopFilter(self.stops))
+            for i in range(len(self.prompts) * self.n)
+        ]
 
 
 def submit(job: Job) -> GenerationGroup:
@@ -424,8 +462,11 @@ def submit(job: Job) -> GenerationGroup:
 
 
 def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"),
-                                                            ensure_ascii=False)
+    payload = (
+        data
+        if isinstance(data, str)
+        else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    )
     return f"data: {payload}\n\n"
 
 
@@ -447,8 +488,12 @@ async def run_to_end(job: Job) -> list[Choice]:
     return choices
 
 
-async def stream_events(job: Job, group: GenerationGroup, chunk: Callable[[Choice, str, bool], dict],
-                        first: Callable[[int], dict] | None) -> AsyncIterator[str]:
+async def stream_events(
+    job: Job,
+    group: GenerationGroup,
+    chunk: Callable[[Choice, str, bool], dict],
+    first: Callable[[int], dict] | None,
+) -> AsyncIterator[str]:
     """SSE events for a submitted job: `chunk(choice, text, final)` builds each choice's chunk."""
     choices = job.choices()
     try:
@@ -515,27 +560,46 @@ def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | N
     return {"content": content, "refusal": None}
 
 
-async def prepare_chat(request: protocol.ChatCompletionRequest,
-                       stats: RequestStats | None = None, allowed: tuple[str, ...] = ()) -> Job:
+async def prepare_chat(
+    request: protocol.ChatCompletionRequest,
+    stats: RequestStats | None = None,
+    allowed: tuple[str, ...] = (),
+) -> Job:
     spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
     prompt = render_chat(model, spec, chat_messages(request, defaults))
     max_tokens = budget(model, spec, len(prompt), request.max_new_tokens(), defaults, "messages")
     top = request.top_logprobs or 0
-    params = sampling_params(request, defaults, max_tokens, logprobs=bool(request.logprobs),
-                             top_logprobs=top, vocab=len(model.tokenizer))
+    params = sampling_params(
+        request,
+        defaults,
+        max_tokens,
+        logprobs=bool(request.logprobs),
+        top_logprobs=top,
+        vocab=len(model.tokenizer),
+    )
     return Job(
-        kind="chat", id=protocol.new_id("chatcmpl"), created=protocol.now(), spec=spec, model=model,
-        prompts=[prompt], params=params, n=request.n or 1, stops=request.stop_list(),
+        kind="chat",
+        id=protocol.new_id("chatcmpl"),
+        created=protocol.now(),
+        spec=spec,
+        model=model,
+        prompts=[prompt],
+        params=params,
+        n=request.n or 1,
+        stops=request.stop_list(),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        top_logprobs=top, stats=stats,
+        top_logprobs=top,
+        stats=stats,
     )
 
 
 async def chat_full(job: Job) -> dict:
     choices = await run_to_end(job)
     return protocol.chat_completion(
-        job.id, job.created, job.spec.name,
+        job.id,
+        job.created,
+        job.spec.name,
         [
             {
                 "index": c.index,
@@ -555,11 +619,22 @@ def chat_stream(job: Job) -> StreamingHttpResponse:
     sent: dict[int, int] = {}  # logprob entries already sent, per choice
 
     def frame(choices: list[dict]) -> dict:
-        return protocol.chat_chunk(job.id, job.created, job.spec.name, choices, FINGERPRINT) | usage_field
+        return (
+            protocol.chat_chunk(job.id, job.created, job.spec.name, choices, FINGERPRINT)
+            | usage_field
+        )
 
     def first(index: int) -> dict:
-        return frame([{"index": index, "delta": {"role": "assistant", "content": ""},
-                       "logprobs": None, "finish_reason": None}])
+        return frame(
+            [
+                {
+                    "index": index,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
 
     def chunk(choice: Choice, text: str, final: bool) -> dict:
         logprobs = None
@@ -567,12 +642,16 @@ def chat_stream(job: Job) -> StreamingHttpResponse:
             start = sent.get(choice.index, 0)
             logprobs = chat_logprobs(job, choice.logprobs[start:])
             sent[choice.index] = len(choice.logprobs)
-        return frame([{
-            "index": choice.index,
-            "delta": {"content": text} if text or not final else {},
-            "logprobs": logprobs,
-            "finish_reason": choice.finish_reason if final else None,
-        }])
+        return frame(
+            [
+                {
+                    "index": choice.index,
+                    "delta": {"content": text} if text or not final else {},
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason if final else None,
+                }
+            ]
+        )
 
     group = submit(job)
     return streaming_response(stream_events(job, group, chunk, first), group)
@@ -594,12 +673,19 @@ def completion_logprobs(job: Job, choice: Choice, offset: int = 0) -> dict | Non
         top_logprobs.append({texts.get(t)[0]: lp for t, lp in top} if job.top_logprobs else None)
         text_offset.append(position)
         position += len(text)
-    return {"tokens": tokens, "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs if job.top_logprobs else None, "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs if job.top_logprobs else None,
+        "text_offset": text_offset,
+    }
 
 
-async def prepare_completion(request: protocol.CompletionRequest,
-                             stats: RequestStats | None = None, allowed: tuple[str, ...] = ()) -> Job:
+async def prepare_completion(
+    request: protocol.CompletionRequest,
+    stats: RequestStats | None = None,
+    allowed: tuple[str, ...] = (),
+) -> Job:
     spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
     raw = request.prompts()
@@ -607,19 +693,40 @@ async def prepare_completion(request: protocol.CompletionRequest,
     if any(len(p) == 0 for p in prompts):
         raise APIError(400, "prompt must not be empty", param="prompt")
     longest = max(len(p) for p in prompts)
-    max_tokens = budget(model, spec, longest, request.max_new_tokens(), ModelDefaults(
-        max_tokens=defaults.max_tokens if defaults.max_tokens is not None else 16), "prompt")
+    max_tokens = budget(
+        model,
+        spec,
+        longest,
+        request.max_new_tokens(),
+        ModelDefaults(max_tokens=defaults.max_tokens if defaults.max_tokens is not None else 16),
+        "prompt",
+    )
     top = request.logprobs or 0
-    params = sampling_params(request, defaults, max_tokens, logprobs=request.logprobs is not None,
-                             top_logprobs=top, vocab=len(model.tokenizer))
+    params = sampling_params(
+        request,
+        defaults,
+        max_tokens,
+        logprobs=request.logprobs is not None,
+        top_logprobs=top,
+        vocab=len(model.tokenizer),
+    )
     echo = []
     if request.echo:
         echo = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in raw]
     return Job(
-        kind="completion", id=protocol.new_id("cmpl"), created=protocol.now(), spec=spec,
-        model=model, prompts=prompts, params=params, n=request.n or 1, stops=request.stop_list(),
+        kind="completion",
+        id=protocol.new_id("cmpl"),
+        created=protocol.now(),
+        spec=spec,
+        model=model,
+        prompts=prompts,
+        params=params,
+        n=request.n or 1,
+        stops=request.stop_list(),
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        echo_texts=echo, top_logprobs=top, stats=stats,
+        echo_texts=echo,
+        top_logprobs=top,
+        stats=stats,
     )
 
 
@@ -630,7 +737,9 @@ def _echo(job: Job, choice: Choice) -> str:
 async def completion_full(job: Job) -> dict:
     choices = await run_to_end(job)
     return protocol.text_completion(
-        job.id, job.created, job.spec.name,
+        job.id,
+        job.created,
+        job.spec.name,
         [
             {
                 "index": c.index,
@@ -656,14 +765,25 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
         logprobs = None
         if job.params.logprobs:
             start = sent.get(choice.index, 0)
-            part = Choice(choice.index, choice.detok, choice.stops, logprobs=choice.logprobs[start:])
+            part = Choice(
+                choice.index, choice.detok, choice.stops, logprobs=choice.logprobs[start:]
+            )
             logprobs = completion_logprobs(job, part)
             sent[choice.index] = len(choice.logprobs)
         body = protocol.text_completion(
-            job.id, job.created, job.spec.name,
-            [{"index": choice.index, "text": text, "logprobs": logprobs,
-              "finish_reason": choice.finish_reason if final else None}],
-            None, FINGERPRINT,
+            job.id,
+            job.created,
+            job.spec.name,
+            [
+                {
+                    "index": choice.index,
+                    "text": text,
+                    "logprobs": logprobs,
+                    "finish_reason": choice.finish_reason if final else None,
+                }
+            ],
+            None,
+            FINGERPRINT,
         )
         if job.include_usage:
             body["usage"] = None
@@ -671,7 +791,6 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
 
     group = submit(job)
     return streaming_response(stream_events(job, group, chunk, None), group)
-
 
 
 # --- loading the default model at start --------------------------------------------------------

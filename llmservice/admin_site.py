@@ -52,18 +52,33 @@ class LLMServiceAdminSite(admin.AdminSite):
         urls = [
             path("dashboard/status.json", page(views.status_json), name="dashboard_status_json"),
             path("dashboard/models/", page(views.models_page), name="dashboard_models"),
-            path("dashboard/models/<int:pk>/<str:action>", page(views.model_action),
-                 name="dashboard_model_action"),
-            path("dashboard/downloads/", page(views.download_create),
-                 name="dashboard_download_create"),
-            path("dashboard/downloads/<int:pk>/<str:action>", page(views.download_action),
-                 name="dashboard_download_action"),
+            path(
+                "dashboard/models/<int:pk>/<str:action>",
+                page(views.model_action),
+                name="dashboard_model_action",
+            ),
+            path(
+                "dashboard/downloads/",
+                page(views.download_create),
+                name="dashboard_download_create",
+            ),
+            path(
+                "dashboard/downloads/<int:pk>/<str:action>",
+                page(views.download_action),
+                name="dashboard_download_action",
+            ),
             path("dashboard/playground/", page(views.playground_page), name="dashboard_playground"),
             path("dashboard/analytics/", page(views.analytics_page), name="dashboard_analytics"),
-            path("dashboard/analytics.json", page(views.analytics_json),
-                 name="dashboard_analytics_json"),
+            path(
+                "dashboard/analytics.json",
+                page(views.analytics_json),
+                name="dashboard_analytics_json",
+            ),
             path("dashboard/settings/", page(views.settings_page), name="dashboard_settings"),
-            path("dashboard/keys/<int:pk>/revoke", page(views.key_revoke),
-                 name="dashboard_key_revoke"),
+            path(
+                "dashboard/keys/<int:pk>/revoke",
+                page(views.key_revoke),
+                name="dashboard_key_revoke",
+            ),
         ]
         return urls + super().get_urls()

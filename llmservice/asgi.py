@@ -14,11 +14,15 @@ from django.conf import settings  # noqa: E402
 
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
 
-application = ProtocolTypeRouter({
-    "http": django_asgi_app,
-    # The dashboard's live status: staff sessions only (the consumer checks the user).
-    "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
-})
+application = ProtocolTypeRouter(
+    {
+        "http": django_asgi_app,
+        # The dashboard's live status: staff sessions only (the consumer checks the user).
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+    }
+)
 
 if settings.PRELOAD_DEFAULT_MODEL:
     from inference.serving import start_preload

@@ -35,13 +35,24 @@ def worker_command(*, queue: str | None = None, loglevel: str = "INFO") -> list[
     from django.conf import settings
 
     return [
-        sys.executable, "-m", "celery", "-A", "llmservice", "worker",
-        "--pool=solo", "--concurrency=1",
-        "-Q", queue or settings.CELERY_QUEUE,
-        "-n", WORKER_NODE,
-        "--without-mingle", "--without-gossip",
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "llmservice",
+        "worker",
+        "--pool=solo",
+        "--concurrency=1",
+        "-Q",
+        queue or settings.CELERY_QUEUE,
+        "-n",
+        WORKER_NODE,
+        "--without-mingle",
+        "--without-gossip",
         # Embedded beat for the hourly analytics prune; one worker per server, so one beat.
-        "--beat", "--schedule", settings.CELERY_BEAT_SCHEDULE_FILENAME,
+        "--beat",
+        "--schedule",
+        settings.CELERY_BEAT_SCHEDULE_FILENAME,
         f"--loglevel={loglevel}",
     ]
 

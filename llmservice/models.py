@@ -28,7 +28,9 @@ class ApiKeyQuerySet(models.QuerySet):
 
 class ApiKey(models.Model):
     name = models.CharField(max_length=100)
-    prefix = models.CharField(max_length=16, help_text="First characters of the key, to recognise it.")
+    prefix = models.CharField(
+        max_length=16, help_text="First characters of the key, to recognise it."
+    )
     hashed_key = models.CharField(max_length=64, unique=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now)
     last_used_at = models.DateTimeField(null=True, blank=True)
@@ -57,9 +59,13 @@ class ApiKey(models.Model):
     def generate(cls, name: str) -> tuple[ApiKey, str]:
         """Create a key; returns the row and the secret, which is not stored anywhere."""
         raw = KEY_PREFIX + secrets.token_urlsafe(32)
-        key = cls.objects.create(name=name, prefix=raw[: len(KEY_PREFIX) + 4], hashed_key=hash_key(raw))
+        key = cls.objects.create(
+            name=name, prefix=raw[: len(KEY_PREFIX) + 4], hashed_key=hash_key(raw)
+        )
         return key, raw
 
     @property
     def is_active(self) -> bool:
-        return self.revoked_at is None and (self.expires_at is None or self.expires_at > timezone.now())
+        return self.revoked_at is None and (
+            self.expires_at is None or self.expires_at > timezone.now()
+        )

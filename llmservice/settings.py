@@ -27,7 +27,9 @@ def env_str(name: str, default: str = "") -> str:
     return default if value is None else value
 
 
-def env_int(name: str, default: int, *, minimum: int | None = None, maximum: int | None = None) -> int:
+def env_int(
+    name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
+) -> int:
     value = _raw(name)
     if value is None:
         return default
@@ -70,7 +72,9 @@ def env_bool(name: str, default: bool) -> bool:
 def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
     value = env_str(name, default).lower()
     if value not in choices:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}")
+        raise ImproperlyConfigured(
+            f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}"
+        )
     return value
 
 
@@ -199,7 +203,9 @@ def _databases() -> dict:
     try:
         config = dj_database_url.parse(url, conn_max_age=0)
     except Exception as exc:  # dj-database-url raises several types for a bad URL
-        raise ImproperlyConfigured(f"{PREFIX}DATABASE_URL is not a valid database URL: {exc}") from exc
+        raise ImproperlyConfigured(
+            f"{PREFIX}DATABASE_URL is not a valid database URL: {exc}"
+        ) from exc
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # WAL lets the server read while a worker or the analytics writer writes.
         config.setdefault("OPTIONS", {})
@@ -280,7 +286,9 @@ else:
     CELERY_DATA_DIR = DATA_DIR / "celery"
     for _sub in ("queue", "processed", "control"):
         (CELERY_DATA_DIR / _sub).mkdir(parents=True, exist_ok=True)
-    CELERY_BROKER_URL = "filesystem://localhost//"  # the host part is unused; without one kombu warns
+    CELERY_BROKER_URL = (
+        "filesystem://localhost//"  # the host part is unused; without one kombu warns
+    )
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_DATA_DIR / "queue"),
         "data_folder_out": str(CELERY_DATA_DIR / "queue"),

@@ -10,21 +10,64 @@ from models_app.models import Download, LLMModel
 class LLMModelAdmin(admin.ModelAdmin):
     """The registry; the change form is the per-model settings form (load/unload: Models page)."""
 
-    list_display = ["name", "is_default", "status", "enabled", "pinned", "source", "size", "updated_at"]
+    list_display = [
+        "name",
+        "is_default",
+        "status",
+        "enabled",
+        "pinned",
+        "source",
+        "size",
+        "updated_at",
+    ]
     list_filter = ["status", "enabled", "source", "pinned"]
     search_fields = ["name", "source_ref"]
-    readonly_fields = ["source", "source_ref", "revision", "path", "format", "size_bytes", "status",
-                       "is_default", "created_at", "updated_at"]
+    readonly_fields = [
+        "source",
+        "source_ref",
+        "revision",
+        "path",
+        "format",
+        "size_bytes",
+        "status",
+        "is_default",
+        "created_at",
+        "updated_at",
+    ]
     fieldsets = [
         (None, {"fields": ["name", "aliases", "enabled", "is_default", "status"]}),
-        ("Generation defaults (used when a request leaves them out)", {"fields": [
-            "default_temperature", "default_top_p", "default_top_k", "default_min_p",
-            "default_max_tokens", "default_presence_penalty", "default_frequency_penalty",
-            "default_repetition_penalty"]}),
+        (
+            "Generation defaults (used when a request leaves them out)",
+            {
+                "fields": [
+                    "default_temperature",
+                    "default_top_p",
+                    "default_top_k",
+                    "default_min_p",
+                    "default_max_tokens",
+                    "default_presence_penalty",
+                    "default_frequency_penalty",
+                    "default_repetition_penalty",
+                ]
+            },
+        ),
         ("Prompt", {"fields": ["context_length", "system_prompt", "chat_template"]}),
         ("Serving", {"fields": ["max_batch_size", "keep_alive_seconds", "pinned", "backend"]}),
-        ("Files", {"fields": ["source", "source_ref", "revision", "path", "format", "size_bytes",
-                              "created_at", "updated_at"]}),
+        (
+            "Files",
+            {
+                "fields": [
+                    "source",
+                    "source_ref",
+                    "revision",
+                    "path",
+                    "format",
+                    "size_bytes",
+                    "created_at",
+                    "updated_at",
+                ]
+            },
+        ),
     ]
     actions = ["make_default", "enable", "disable"]
 
@@ -61,12 +104,17 @@ class DownloadAddForm(forms.ModelForm):
     """Queue a download: repo, revision, file patterns, model name. Saving sends it to the worker."""
 
     include_patterns = forms.CharField(
-        required=False, label="Include", widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        required=False,
+        label="Include",
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
         help_text="Glob patterns of the files to fetch, one per line or comma-separated. Empty: "
-                  + ", ".join(downloads.DEFAULT_INCLUDE),
+        + ", ".join(downloads.DEFAULT_INCLUDE),
     )
-    name = forms.CharField(required=False, max_length=200,
-                           help_text="The model name to register (default: the repo id).")
+    name = forms.CharField(
+        required=False,
+        max_length=200,
+        help_text="The model name to register (default: the repo id).",
+    )
 
     class Meta:
         model = Download
@@ -78,7 +126,8 @@ class DownloadAddForm(forms.ModelForm):
             return data
         try:
             repo_id, revision, name = downloads.validate_request(
-                data.get("repo_id", ""), data.get("revision", ""), data.get("name"))
+                data.get("repo_id", ""), data.get("revision", ""), data.get("name")
+            )
         except downloads.DownloadError as exc:
             raise forms.ValidationError(str(exc)) from exc
         data.update(repo_id=repo_id, revision=revision, name=name)
@@ -89,16 +138,45 @@ class DownloadAddForm(forms.ModelForm):
 
 @admin.register(Download)
 class DownloadAdmin(admin.ModelAdmin):
-    list_display = ["id", "repo_id", "name", "status", "progress", "speed", "eta", "files",
-                    "error_summary", "created_at"]
+    list_display = [
+        "id",
+        "repo_id",
+        "name",
+        "status",
+        "progress",
+        "speed",
+        "eta",
+        "files",
+        "error_summary",
+        "created_at",
+    ]
     list_display_links = ["id", "repo_id"]
     list_filter = ["status"]
     search_fields = ["repo_id", "name", "error"]
     actions = ["cancel_downloads", "retry_downloads"]
-    detail_fields = ["repo_id", "revision", "commit", "include", "name", "status", "progress",
-                     "bytes_done", "bytes_total", "speed", "eta", "files", "error", "model",
-                     "cancel_requested", "celery_task_id", "worker", "created_at", "started_at",
-                     "finished_at", "updated_at"]
+    detail_fields = [
+        "repo_id",
+        "revision",
+        "commit",
+        "include",
+        "name",
+        "status",
+        "progress",
+        "bytes_done",
+        "bytes_total",
+        "speed",
+        "eta",
+        "files",
+        "error",
+        "model",
+        "cancel_requested",
+        "celery_task_id",
+        "worker",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "updated_at",
+    ]
 
     def get_form(self, request, obj=None, **kwargs):
         if obj is None:
@@ -129,11 +207,17 @@ class DownloadAdmin(admin.ModelAdmin):
 
     @admin.display(description="rate")
     def speed(self, obj):
-        return f"{downloads.human_bytes(obj.rate)}/s" if obj.status == Download.Status.RUNNING else "-"
+        return (
+            f"{downloads.human_bytes(obj.rate)}/s" if obj.status == Download.Status.RUNNING else "-"
+        )
 
     @admin.display(description="ETA")
     def eta(self, obj):
-        return downloads.human_seconds(obj.eta_seconds) if obj.status == Download.Status.RUNNING else "-"
+        return (
+            downloads.human_seconds(obj.eta_seconds)
+            if obj.status == Download.Status.RUNNING
+            else "-"
+        )
 
     @admin.display(description="files")
     def files(self, obj):
@@ -149,7 +233,9 @@ class DownloadAdmin(admin.ModelAdmin):
         for row in queryset.filter(status__in=Download.ACTIVE):
             downloads.request_cancel(row.pk)
             count += 1
-        self.message_user(request, f"Cancel requested for {count} download(s); partial files are deleted.")
+        self.message_user(
+            request, f"Cancel requested for {count} download(s); partial files are deleted."
+        )
 
     @admin.action(description="Retry selected failed or cancelled downloads")
     def retry_downloads(self, request, queryset):

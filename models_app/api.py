@@ -23,8 +23,11 @@ def model_object(row: LLMModel) -> dict:
 @router.get("/models")
 async def list_models(request: HttpRequest):
     allowed = getattr(request.auth, "allowed_models", ())
-    rows = [row async for row in LLMModel.objects.servable().order_by("name")
-            if not allowed or row.name in allowed]
+    rows = [
+        row
+        async for row in LLMModel.objects.servable().order_by("name")
+        if not allowed or row.name in allowed
+    ]
     return {"object": "list", "data": [model_object(r) for r in rows]}
 
 

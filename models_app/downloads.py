@@ -61,8 +61,14 @@ logger = logging.getLogger(__name__)
 
 # What mlx-lm itself fetches (mlx_lm.utils.DEFAULT_ALLOW_PATTERNS) minus `*.py`: we never run repo code.
 DEFAULT_INCLUDE = [
-    "*.json", "model*.safetensors", "tokenizer.model", "*.tiktoken", "tiktoken.model", "*.txt",
-    "*.jsonl", "*.jinja",
+    "*.json",
+    "model*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "tiktoken.model",
+    "*.txt",
+    "*.jsonl",
+    "*.jinja",
 ]
 PROGRESS_INTERVAL = 0.25  # seconds between row updates (and cancel checks) while bytes flow
 RATE_WINDOW = 3.0  # seconds of history the transfer rate is averaged over
@@ -122,8 +128,13 @@ def validate_request(repo_id: str, revision: str, name: str | None) -> tuple[str
     return repo_id, revision, name
 
 
-def create_download(repo_id: str, *, revision: str = "main", include: list[str] | None = None,
-                    name: str | None = None) -> Download:
+def create_download(
+    repo_id: str,
+    *,
+    revision: str = "main",
+    include: list[str] | None = None,
+    name: str | None = None,
+) -> Download:
     """A new queued row (not yet sent to a worker: see models_app.tasks.enqueue)."""
     repo_id, revision, name = validate_request(repo_id, revision, name)
     patterns = [p.strip() for p in include or [] if p and p.strip()]
@@ -138,10 +149,17 @@ def request_cancel(download_id: int) -> Download:
     if row.status in Download.FINISHED:
         return row
     now = timezone.now()
-    finished = dict(status=Download.Status.CANCELLED, cancel_requested=True, finished_at=now,
-                    rate=0.0, eta_seconds=None, updated_at=now)
-    orphaned = Q(status=Download.Status.QUEUED) | Q(status=Download.Status.RUNNING,
-                                                    updated_at__lt=now - STALE_AFTER)
+    finished = dict(
+        status=Download.Status.CANCELLED,
+        cancel_requested=True,
+        finished_at=now,
+        rate=0.0,
+        eta_seconds=None,
+        updated_at=now,
+    )
+    orphaned = Q(status=Download.Status.QUEUED) | Q(
+        status=Download.Status.RUNNING, updated_at__lt=now - STALE_AFTER
+    )
     if Download.objects.filter(orphaned, pk=row.pk).update(**finished):
         remove_partial_files(row)
     else:
@@ -155,7 +173,9 @@ def request_cancel(download_id: int) -> Download:
 def prepare_retry(row: Download) -> Download:
     """Reset a failed or cancelled row to queued (a failed one resumes from its files on disk)."""
     if row.status not in (Download.Status.FAILED, Download.Status.CANCELLED):
-        raise DownloadError(f"download {row.pk} is {row.status}; only failed or cancelled ones retry")
+        raise DownloadError(
+            f"download {row.pk} is {row.status}; only failed or cancelled ones retry"
+        )
     check_name_free(row.name, exclude_pk=row.pk)
     if row.status == Download.Status.CANCELLED:
         row.bytes_done = row.files_done = 0
@@ -218,8 +238,11 @@ def human_seconds(s: float | None) -> str:
 
 
 def format_progress(row: Download) -> str:
-    parts = [f"[{row.status}]", row.percent_display,
-             f"{human_bytes(row.bytes_done)} / {human_bytes(row.bytes_total)}"]
+    parts = [
+        f"[{row.status}]",
+        row.percent_display,
+        f"{human_bytes(row.bytes_done)} / {human_bytes(row.bytes_total)}",
+    ]
     if row.status == Download.Status.RUNNING:
         parts += [f"{human_bytes(row.rate)}/s", f"ETA {human_seconds(row.eta_seconds)}"]
     parts.append(f"files {row.files_done}/{row.files_total}")
@@ -321,7 +344,11 @@ class _Progress:
             return
         self.last_write = now
         self._update_rate(now)
-        flags = Download.objects.filter(pk=self.pk).values_list("cancel_requested", "celery_task_id").first()
+        flags = (
+            Download.objects.filter(pk=self.pk)
+            .values_list("cancel_requested", "celery_task_id")
+            .first()
+        )
         if flags is None:
             raise DownloadCancelled("the download row was deleted")
         if flags[0]:
@@ -331,8 +358,13 @@ class _Progress:
         remaining = max(self.total - self.done, 0)
         eta = remaining / self.rate if self.rate > 0 else None
         Download.objects.filter(pk=self.pk).update(
-            bytes_done=self.done, bytes_total=self.total, rate=self.rate, eta_seconds=eta,
-            files_done=self.files_done, files_total=self.files_total, updated_at=timezone.now(),
+            bytes_done=self.done,
+            bytes_total=self.total,
+            rate=self.rate,
+            eta_seconds=eta,
+            files_done=self.files_done,
+            files_total=self.files_total,
+            updated_at=timezone.now(),
         )
 
 
@@ -344,10 +376,20 @@ def _claim(download_id: int, task_id: str | None, worker: str) -> Download | Non
         # A message for an older queueing (e.g. redelivered by the broker) has a stale id: skip it.
         rows = rows.filter(Q(celery_task_id=task_id) | Q(celery_task_id=""))
     # Running but silent: a broker redelivering the task of a worker that was killed.
-    rows = rows.filter(Q(status=Download.Status.QUEUED)
-                       | Q(status=Download.Status.RUNNING, updated_at__lt=now - STALE_AFTER))
-    changes = dict(status=Download.Status.RUNNING, started_at=now, finished_at=None, worker=worker,
-                   error="", rate=0.0, eta_seconds=None, updated_at=now)
+    rows = rows.filter(
+        Q(status=Download.Status.QUEUED)
+        | Q(status=Download.Status.RUNNING, updated_at__lt=now - STALE_AFTER)
+    )
+    changes = dict(
+        status=Download.Status.RUNNING,
+        started_at=now,
+        finished_at=None,
+        worker=worker,
+        error="",
+        rate=0.0,
+        eta_seconds=None,
+        updated_at=now,
+    )
     if task_id:
         changes["celery_task_id"] = task_id
     if not rows.update(**changes):
@@ -378,7 +420,10 @@ def run_download(download_id: int, *, task_id: str | None = None, worker: str = 
         remove_partial_files(row)
         now = timezone.now()
         _ours(row, task_id).update(
-            status=Download.Status.CANCELLED, finished_at=now, updated_at=now, rate=0.0,
+            status=Download.Status.CANCELLED,
+            finished_at=now,
+            updated_at=now,
+            rate=0.0,
             eta_seconds=None,
         )
         logger.info("download %s: cancelled, files removed", row.pk)
@@ -393,15 +438,29 @@ def run_download(download_id: int, *, task_id: str | None = None, worker: str = 
         else:
             logger.exception("download %s failed: %s", row.pk, message)
         now = timezone.now()
-        if _ours(row, task_id).filter(cancel_requested=False).update(
-                status=Download.Status.FAILED, error=message, finished_at=now, updated_at=now,
-                rate=0.0, eta_seconds=None):
+        if (
+            _ours(row, task_id)
+            .filter(cancel_requested=False)
+            .update(
+                status=Download.Status.FAILED,
+                error=message,
+                finished_at=now,
+                updated_at=now,
+                rate=0.0,
+                eta_seconds=None,
+            )
+        ):
             _remove_if_empty(row)
         else:  # cancelled meanwhile (or re-queued): a cancel's cleanup still applies
             if Download.objects.filter(pk=row.pk, cancel_requested=True).exists():
                 remove_partial_files(row)
-            _ours(row, task_id).update(status=Download.Status.CANCELLED, finished_at=now,
-                                       updated_at=now, rate=0.0, eta_seconds=None)
+            _ours(row, task_id).update(
+                status=Download.Status.CANCELLED,
+                finished_at=now,
+                updated_at=now,
+                rate=0.0,
+                eta_seconds=None,
+            )
         return Download.Status.FAILED
     logger.info("download %s: completed and registered as %s", row.pk, row.name)
     return Download.Status.COMPLETED
@@ -428,18 +487,23 @@ def _download_and_register(row: Download, task_id: str | None) -> None:
     info = api.model_info(row.repo_id, revision=row.revision, files_metadata=True)
     commit = info.sha or row.revision
     patterns = row.include or DEFAULT_INCLUDE
-    files = list(filter_repo_objects(info.siblings or [], allow_patterns=patterns,
-                                     key=lambda s: s.rfilename))
+    files = list(
+        filter_repo_objects(info.siblings or [], allow_patterns=patterns, key=lambda s: s.rfilename)
+    )
     where = f"{row.repo_id}@{row.revision}"
     if not files:
         raise DownloadError(f"no files of {where} match {', '.join(patterns)}")
     names = {f.rfilename for f in files}
     if "config.json" not in names:
-        raise DownloadError(f"{where} has no config.json among the files to fetch: not an mlx-lm / "
-                            "transformers model (or add config.json to --include)")
+        raise DownloadError(
+            f"{where} has no config.json among the files to fetch: not an mlx-lm / "
+            "transformers model (or add config.json to --include)"
+        )
     if not any(n.endswith(".safetensors") for n in names):
-        raise DownloadError(f"{where} has no .safetensors weights among the files to fetch "
-                            "(only safetensors models can be served)")
+        raise DownloadError(
+            f"{where} has no .safetensors weights among the files to fetch "
+            "(only safetensors models can be served)"
+        )
     files.sort(key=lambda s: (_file_size(s) or 0, s.rfilename))  # small files first
     total = sum(_file_size(f) or 0 for f in files)
 
@@ -448,10 +512,13 @@ def _download_and_register(row: Download, task_id: str | None) -> None:
     on_disk = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
     free = shutil.disk_usage(target).free
     if free < total - on_disk:
-        raise DownloadError(f"not enough disk space in {target.parent}: need "
-                            f"{human_bytes(total - on_disk)}, {human_bytes(free)} free")
-    Download.objects.filter(pk=row.pk).update(commit=commit, bytes_total=total,
-                                              files_total=len(files), updated_at=timezone.now())
+        raise DownloadError(
+            f"not enough disk space in {target.parent}: need "
+            f"{human_bytes(total - on_disk)}, {human_bytes(free)} free"
+        )
+    Download.objects.filter(pk=row.pk).update(
+        commit=commit, bytes_total=total, files_total=len(files), updated_at=timezone.now()
+    )
 
     progress = _Progress(row, task_id, total=total, files_total=len(files))
     for sibling in files:
@@ -466,10 +533,14 @@ def _prepare_target(target: Path, row: Download, commit: str) -> dict:
     state_path = target / WORK_DIR / STATE_FILE
     if target.exists():
         if LLMModel.objects.filter(path=str(target)).exists():
-            raise DownloadError(f"{target} is the folder of a registered model; choose another name")
+            raise DownloadError(
+                f"{target} is the folder of a registered model; choose another name"
+            )
         if not state_path.is_file() and any(target.iterdir()):
-            raise DownloadError(f"{target} already exists and was not made by a download; "
-                                "remove it or choose another name")
+            raise DownloadError(
+                f"{target} already exists and was not made by a download; "
+                "remove it or choose another name"
+            )
     state: dict = {}
     if state_path.is_file():
         try:
@@ -498,21 +569,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fetch_file(row: Download, endpoint: str, commit: str, target: Path, sibling, state: dict,
-                progress: _Progress) -> None:
+def _fetch_file(
+    row: Download,
+    endpoint: str,
+    commit: str,
+    target: Path,
+    sibling,
+    state: dict,
+    progress: _Progress,
+) -> None:
     filename = sibling.rfilename
     listed = _file_size(sibling)
     final = target / filename
     url = hf_hub_url(row.repo_id, filename, revision=commit, endpoint=endpoint)
     meta = get_hf_file_metadata(url, endpoint=endpoint, retry_on_errors=True)
     if not meta.etag or not meta.commit_hash:
-        raise DownloadError(f"{endpoint} does not answer like the Hugging Face hub (no ETag or "
-                            f"X-Repo-Commit for {filename}); check HF_ENDPOINT")
+        raise DownloadError(
+            f"{endpoint} does not answer like the Hugging Face hub (no ETag or "
+            f"X-Repo-Commit for {filename}); check HF_ENDPOINT"
+        )
     size = meta.size if meta.size is not None else listed
     if listed is not None and size != listed:
         raise DownloadError(f"{filename}: the hub lists {listed} bytes but serves {size}")
 
-    if state["files"].get(filename) == meta.etag and final.is_file() and final.stat().st_size == size:
+    if (
+        state["files"].get(filename) == meta.etag
+        and final.is_file()
+        and final.stat().st_size == size
+    ):
         progress.finish_file(size)  # finished by an earlier run
         return
 
@@ -535,13 +619,21 @@ def _fetch_file(row: Download, endpoint: str, commit: str, target: Path, sibling
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
     progress.start_file(resume)
     with open(partial, "ab") as f:
-        http_get(meta.location, f, resume_size=resume, headers=headers, expected_size=size,
-                 displayed_filename=filename, tqdm_class=progress.bar_class)
+        http_get(
+            meta.location,
+            f,
+            resume_size=resume,
+            headers=headers,
+            expected_size=size,
+            displayed_filename=filename,
+            tqdm_class=progress.bar_class,
+        )
 
     if sibling.lfs is not None and sibling.lfs.sha256 and _sha256(partial) != sibling.lfs.sha256:
         partial.unlink(missing_ok=True)
-        raise DownloadError(f"{filename}: checksum mismatch after download (removed; retry fetches "
-                            "it again)")
+        raise DownloadError(
+            f"{filename}: checksum mismatch after download (removed; retry fetches it again)"
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(partial, final)
     state["files"][filename] = meta.etag
@@ -557,32 +649,54 @@ def _verify(target: Path, files: list, where: str) -> None:
         if not path.is_file():
             problems.append(f"{sibling.rfilename} missing")
         elif expected is not None and path.stat().st_size != expected:
-            problems.append(f"{sibling.rfilename} has {path.stat().st_size} bytes, the hub lists {expected}")
+            problems.append(
+                f"{sibling.rfilename} has {path.stat().st_size} bytes, the hub lists {expected}"
+            )
     if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
         problems.append("config.json or *.safetensors missing")
     if problems:
         raise DownloadError(f"{where}: verification failed: {'; '.join(problems)}")
 
 
-def _register(row: Download, task_id: str | None, target: Path, commit: str, total: int,
-              files_total: int) -> None:
+def _register(
+    row: Download, task_id: str | None, target: Path, commit: str, total: int, files_total: int
+) -> None:
     """Register the model and complete the row in one transaction: never half-registered."""
     now = timezone.now()
     with transaction.atomic():
         if LLMModel.objects.filter(name=row.name).exists():
-            raise DownloadError(f"a model named {row.name!r} was registered meanwhile; the files "
-                                f"stay in {target}")
+            raise DownloadError(
+                f"a model named {row.name!r} was registered meanwhile; the files stay in {target}"
+            )
         model = LLMModel.objects.create(
-            name=row.name, source=LLMModel.Source.HUGGINGFACE, source_ref=row.repo_id,
-            revision=commit, path=str(target), format=LLMModel.Format.MLX, size_bytes=total,
+            name=row.name,
+            source=LLMModel.Source.HUGGINGFACE,
+            source_ref=row.repo_id,
+            revision=commit,
+            path=str(target),
+            format=LLMModel.Format.MLX,
+            size_bytes=total,
             status=LLMModel.Status.AVAILABLE,
         )
         if not LLMModel.objects.filter(is_default=True).exists():
             model.make_default()
-        completed = _ours(row, task_id).filter(cancel_requested=False).update(
-            status=Download.Status.COMPLETED, model=model, commit=commit, bytes_done=total,
-            bytes_total=total, files_done=files_total, files_total=files_total, rate=0.0,
-            eta_seconds=0.0, error="", finished_at=now, updated_at=now,
+        completed = (
+            _ours(row, task_id)
+            .filter(cancel_requested=False)
+            .update(
+                status=Download.Status.COMPLETED,
+                model=model,
+                commit=commit,
+                bytes_done=total,
+                bytes_total=total,
+                files_done=files_total,
+                files_total=files_total,
+                rate=0.0,
+                eta_seconds=0.0,
+                error="",
+                finished_at=now,
+                updated_at=now,
+            )
         )
         if not completed:  # cancelled or taken over at the last moment: roll the model back
             raise DownloadCancelled("the row changed before registration")

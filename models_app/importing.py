@@ -28,7 +28,9 @@ def default_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._:/@+-]+", "-", stem).strip("-").lower() or "model"
 
 
-def import_model(path: str | Path, *, name: str | None = None, make_default: bool = False) -> LLMModel:
+def import_model(
+    path: str | Path, *, name: str | None = None, make_default: bool = False
+) -> LLMModel:
     source = Path(path).expanduser().resolve()
     if not source.exists():
         raise ImportError_(f"{source} does not exist")
@@ -38,7 +40,9 @@ def import_model(path: str | Path, *, name: str | None = None, make_default: boo
 
     if source.is_dir():
         if not (source / "config.json").is_file():
-            raise ImportError_(f"{source} has no config.json: not an mlx-lm / Hugging Face model folder")
+            raise ImportError_(
+                f"{source} has no config.json: not an mlx-lm / Hugging Face model folder"
+            )
         if not any(source.glob("*.safetensors")):
             raise ImportError_(f"{source} has no .safetensors weights")
         target, kind = source, LLMModel.Source.LOCAL

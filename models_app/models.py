@@ -55,7 +55,9 @@ class LLMModel(models.Model):
         DELETING = "deleting", "Deleting"
 
     name = models.CharField(
-        max_length=200, unique=True, validators=[model_name_validator],
+        max_length=200,
+        unique=True,
+        validators=[model_name_validator],
         help_text="The id clients send as `model`.",
     )
     source = models.CharField(max_length=10, choices=Source.choices, default=Source.LOCAL)
@@ -76,7 +78,9 @@ class LLMModel(models.Model):
     # --- per-model settings, honoured by the API ---
     enabled = models.BooleanField(default=True, help_text="A disabled model answers 404.")
     context_length = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(16)],
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(16)],
         help_text="Prompt + max_tokens limit. Empty: the model's own.",
     )
     default_temperature = models.FloatField(
@@ -102,13 +106,16 @@ class LLMModel(models.Model):
         null=True, blank=True, validators=[MinValueValidator(0.01), MaxValueValidator(10)]
     )
     chat_template = models.TextField(
-        blank=True, help_text="Jinja chat template overriding the tokenizer's. Empty: the tokenizer's."
+        blank=True,
+        help_text="Jinja chat template overriding the tokenizer's. Empty: the tokenizer's.",
     )
     system_prompt = models.TextField(
         blank=True, help_text="Put before the conversation as a system message when set."
     )
     max_batch_size = models.PositiveIntegerField(
-        null=True, blank=True, validators=[MinValueValidator(1), MaxValueValidator(256)],
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(1), MaxValueValidator(256)],
         help_text="Sequences decoded together. Empty: the service default.",
     )
     keep_alive_seconds = models.PositiveIntegerField(
@@ -136,7 +143,9 @@ class LLMModel(models.Model):
     def clean(self) -> None:
         for alias in self.aliases or []:
             if not isinstance(alias, str) or alias == "default":
-                raise ValidationError({"aliases": "Aliases are names (strings), and not `default`."})
+                raise ValidationError(
+                    {"aliases": "Aliases are names (strings), and not `default`."}
+                )
             other = LLMModel.objects.exclude(pk=self.pk).find(alias)
             if other is not None:
                 raise ValidationError({"aliases": f"`{alias}` already names model {other}."})
@@ -166,18 +175,28 @@ class Download(models.Model):
     ACTIVE = (Status.QUEUED, Status.RUNNING)
     FINISHED = (Status.COMPLETED, Status.FAILED, Status.CANCELLED)
 
-    repo_id = models.CharField(max_length=200, verbose_name="repo id",
-                               help_text="Hugging Face repo, e.g. mlx-community/SmolLM2-135M-Instruct.")
+    repo_id = models.CharField(
+        max_length=200,
+        verbose_name="repo id",
+        help_text="Hugging Face repo, e.g. mlx-community/SmolLM2-135M-Instruct.",
+    )
     revision = models.CharField(max_length=100, default="main", help_text="Branch, tag or commit.")
     include = models.JSONField(
-        default=list, blank=True,
+        default=list,
+        blank=True,
         help_text="Glob patterns of the files to fetch. Empty: config, tokenizer and safetensors files.",
     )
-    name = models.CharField(max_length=200, validators=[model_name_validator],
-                            help_text="The model name to register (what clients send as `model`).")
-    status = models.CharField(max_length=10, choices=Status.choices, default=Status.QUEUED,
-                              db_index=True)
-    commit = models.CharField(max_length=64, blank=True, help_text="The commit `revision` resolved to.")
+    name = models.CharField(
+        max_length=200,
+        validators=[model_name_validator],
+        help_text="The model name to register (what clients send as `model`).",
+    )
+    status = models.CharField(
+        max_length=10, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    commit = models.CharField(
+        max_length=64, blank=True, help_text="The commit `revision` resolved to."
+    )
     bytes_done = models.BigIntegerField(default=0)
     bytes_total = models.BigIntegerField(default=0)
     rate = models.FloatField(default=0.0, help_text="Transfer rate, bytes per second.")
@@ -193,7 +212,11 @@ class Download(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     updated_at = models.DateTimeField(auto_now=True)
     model = models.ForeignKey(
-        LLMModel, null=True, blank=True, on_delete=models.SET_NULL, related_name="downloads",
+        LLMModel,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="downloads",
         help_text="The model registered when the download completed.",
     )
 

@@ -16,14 +16,20 @@ from models_app.models import Download
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="models_app.download_model", bind=True, acks_late=True,
-             reject_on_worker_lost=True, ignore_result=True)
+@shared_task(
+    name="models_app.download_model",
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    ignore_result=True,
+)
 def download_model(self, download_id: int) -> str:
     """Run one download. Late ack + reject on worker loss: a killed worker's task is not lost; the
     row's task id makes a stale redelivery a no-op, and worker_ready re-queues what a killed worker
     left running (the filesystem transport has no redelivery at all)."""
-    return downloads.run_download(download_id, task_id=self.request.id,
-                                  worker=self.request.hostname or "")
+    return downloads.run_download(
+        download_id, task_id=self.request.id, worker=self.request.hostname or ""
+    )
 
 
 def enqueue(row: Download) -> Download:
@@ -33,19 +39,24 @@ def enqueue(row: Download) -> Download:
     newest message for a row can run it.
     """
     task_id = str(uuid.uuid4())
-    Download.objects.filter(pk=row.pk).update(celery_task_id=task_id, status=Download.Status.QUEUED,
-                                              updated_at=timezone.now())
+    Download.objects.filter(pk=row.pk).update(
+        celery_task_id=task_id, status=Download.Status.QUEUED, updated_at=timezone.now()
+    )
     row.celery_task_id, row.status = task_id, Download.Status.QUEUED
     pk = row.pk
 
     def send() -> None:
         try:
             download_model.apply_async(args=[pk], task_id=task_id)
-        except Exception as exc:  # broker down: say so on the row rather than leave it queued forever
+        except (
+            Exception
+        ) as exc:  # broker down: say so on the row rather than leave it queued forever
             logger.warning("could not queue download %s: %s", pk, exc)
             now = timezone.now()
             Download.objects.filter(pk=pk, celery_task_id=task_id).update(
-                status=Download.Status.FAILED, finished_at=now, updated_at=now,
+                status=Download.Status.FAILED,
+                finished_at=now,
+                updated_at=now,
                 error=f"Could not queue the download: the task broker is unreachable ({exc})",
             )
 
@@ -64,8 +75,9 @@ def resume_interrupted_downloads(worker: str | None = None) -> list[int]:
     for row in downloads.interrupted_downloads(worker):
         # Conditional on the row being unchanged since we read it: a live worker's write wins.
         reset = Download.objects.filter(pk=row.pk, status=row.status, updated_at=row.updated_at)
-        if reset.update(status=Download.Status.QUEUED, rate=0.0, eta_seconds=None,
-                        updated_at=timezone.now()):
+        if reset.update(
+            status=Download.Status.QUEUED, rate=0.0, eta_seconds=None, updated_at=timezone.now()
+        ):
             enqueue(row)
             requeued.append(row.pk)
     if requeued:

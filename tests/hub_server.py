@@ -62,7 +62,8 @@ def _describe_folder(repo_id: str, folder: Path) -> HubRepo:
         data = path.read_bytes()
         name = path.relative_to(folder).as_posix()
         files[name] = HubFile(
-            path=path, size=len(data),
+            path=path,
+            size=len(data),
             git_oid=hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest(),
             sha256=hashlib.sha256(data).hexdigest(),
             lfs=path.suffix in LFS_SUFFIXES,
@@ -136,7 +137,11 @@ class HubServer:
     def ranges(self, filename: str) -> list[str | None]:
         """The Range header of every GET of `filename` (None: no Range)."""
         with self._lock:
-            return [r["range"] for r in self.requests if r["method"] == "GET" and r.get("file") == filename]
+            return [
+                r["range"]
+                for r in self.requests
+                if r["method"] == "GET" and r.get("file") == filename
+            ]
 
     def take_fault(self, filename: str) -> tuple[str, int] | None:
         with self._lock:
@@ -187,8 +192,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(404, None, "Not found")
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, revision, filename = f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:])
-            hub.record(method=self.command, path=url.path, repo=repo_id, file=filename,
-                       range=self.headers.get("Range"))
+            hub.record(
+                method=self.command,
+                path=url.path,
+                repo=repo_id,
+                file=filename,
+                range=self.headers.get("Range"),
+            )
             repo = hub.repos.get(repo_id)
             if repo is None:
                 return self._error(404, "RepoNotFound", "Repository not found")
@@ -196,8 +206,12 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(404, "RevisionNotFound", "Invalid rev id")
             hub_file = repo.files.get(filename)
             if hub_file is None:
-                return self._error(404, "EntryNotFound", f"{filename} does not exist on \"{revision}\"",
-                                   commit=repo.commit)
+                return self._error(
+                    404,
+                    "EntryNotFound",
+                    f'{filename} does not exist on "{revision}"',
+                    commit=repo.commit,
+                )
             return self._send_file(repo, filename, hub_file, head)
         hub.record(method=self.command, path=url.path, repo=None, file=None, range=None)
         return self._error(404, None, "Not found")
@@ -218,9 +232,17 @@ class _Handler(BaseHTTPRequestHandler):
                 if f.lfs:
                     entry["lfs"] = {"size": f.size, "sha256": f.sha256, "pointerSize": 134}
             siblings.append(entry)
-        return {"_id": repo.commit[:24], "id": repo.repo_id, "modelId": repo.repo_id,
-                "sha": repo.commit, "private": False, "disabled": False, "gated": False,
-                "tags": [], "siblings": siblings}
+        return {
+            "_id": repo.commit[:24],
+            "id": repo.repo_id,
+            "modelId": repo.repo_id,
+            "sha": repo.commit,
+            "private": False,
+            "disabled": False,
+            "gated": False,
+            "tags": [],
+            "siblings": siblings,
+        }
 
     @staticmethod
     def _tree(repo: HubRepo, prefix: str) -> list[dict]:
@@ -243,7 +265,9 @@ class _Handler(BaseHTTPRequestHandler):
         if not head:
             self.wfile.write(body)
 
-    def _error(self, status: int, code: str | None, message: str, commit: str | None = None) -> None:
+    def _error(
+        self, status: int, code: str | None, message: str, commit: str | None = None
+    ) -> None:
         body = json.dumps({"error": message}).encode()
         self.send_response(status)
         if code:

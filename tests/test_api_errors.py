@@ -34,7 +34,9 @@ def test_a_wrong_key_gets_401_through_the_sdk(server):
 
 def test_an_unknown_model_gets_404(client):
     with pytest.raises(openai.NotFoundError) as info:
-        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+        client.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "x"}]
+        )
     assert info.value.body["code"] == "model_not_found"
     assert info.value.body["param"] == "model"
 
@@ -52,8 +54,11 @@ def test_a_wrong_method_gets_a_json_405(server):
 
 def test_invalid_json_gets_400(server):
     with server.http() as http:
-        response = http.post("/v1/chat/completions", content=b"{not json",
-                             headers={"Content-Type": "application/json"})
+        response = http.post(
+            "/v1/chat/completions",
+            content=b"{not json",
+            headers={"Content-Type": "application/json"},
+        )
     assert_openai_error(response, 400)
 
 
@@ -66,12 +71,19 @@ def test_a_missing_field_is_named_in_param(server):
 
 def test_a_prompt_over_the_context_gets_400_context_length_exceeded(server):
     with server.http() as http:
-        response = http.post("/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "hi " * 3000}], "max_tokens": 10,
-        })
+        response = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi " * 3000}],
+                "max_tokens": 10,
+            },
+        )
         error = assert_openai_error(response, 400, "context_length_exceeded")
         assert "maximum context length" in error["message"]
-        too_many = http.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**7})
+        too_many = http.post(
+            "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 10**7}
+        )
         assert_openai_error(too_many, 400, "context_length_exceeded")
 
 
@@ -86,8 +98,15 @@ def test_models_are_listed_and_retrievable(client):
 
 def test_image_parts_are_refused_clearly(server):
     with server.http() as http:
-        response = http.post("/v1/chat/completions", json={"model": "tiny", "messages": [
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})
+        response = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+                ],
+            },
+        )
     error = assert_openai_error(response, 400)
     assert "not supported" in error["message"]
 

@@ -13,11 +13,16 @@ from tests.helpers import Server, sse_events, wait_until
 from tests.test_chat_completions import NO_EOS
 
 
-async def timed_stream(client: openai.AsyncOpenAI, prompt: str, max_tokens: int,
-                       started: asyncio.Event | None = None) -> dict:
+async def timed_stream(
+    client: openai.AsyncOpenAI, prompt: str, max_tokens: int, started: asyncio.Event | None = None
+) -> dict:
     stream = await client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-        temperature=0, stream=True, extra_body=NO_EOS,
+        model="tiny",
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        extra_body=NO_EOS,
     )
     times, text = [], ""
     async for chunk in stream:
@@ -43,14 +48,30 @@ def test_concurrent_streams_share_one_batch(server):
 def test_concurrent_answers_match_the_same_answers_alone(server, client):
     async def main():
         c = server.async_openai()
-        return await asyncio.gather(*(c.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": f"Tell me about {i}"}],
-            max_tokens=10, temperature=0) for i in range(4)))
+        return await asyncio.gather(
+            *(
+                c.chat.completions.create(
+                    model="tiny",
+                    messages=[{"role": "user", "content": f"Tell me about {i}"}],
+                    max_tokens=10,
+                    temperature=0,
+                )
+                for i in range(4)
+            )
+        )
 
     together = [r.choices[0].message.content for r in asyncio.run(main())]
-    alone = [client.chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": f"Tell me about {i}"}],
-        max_tokens=10, temperature=0).choices[0].message.content for i in range(4)]
+    alone = [
+        client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": f"Tell me about {i}"}],
+            max_tokens=10,
+            temperature=0,
+        )
+        .choices[0]
+        .message.content
+        for i in range(4)
+    ]
     assert together == alone
 
 
@@ -61,8 +82,12 @@ def test_a_new_request_joins_a_running_batch(server):
         long = asyncio.create_task(timed_stream(client, "A long story", 1500, decoding))
         await decoding.wait()  # the long stream is decoding now
         short = await client.chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "Quick"}], max_tokens=5,
-            temperature=0, extra_body=NO_EOS)
+            model="tiny",
+            messages=[{"role": "user", "content": "Quick"}],
+            max_tokens=5,
+            temperature=0,
+            extra_body=NO_EOS,
+        )
         short_done = time.monotonic()
         return await long, short, short_done
 
@@ -74,10 +99,21 @@ def test_a_new_request_joins_a_running_batch(server):
 
 def test_a_disconnected_client_frees_its_slot(server):
     base = server.metric("llm_generated_tokens_total")
-    with server.http() as http, http.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "Go on forever"}],
-        "max_tokens": 1500, "stream": True, "temperature": 0, **NO_EOS,
-    }) as response:
+    with (
+        server.http() as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Go on forever"}],
+                "max_tokens": 1500,
+                "stream": True,
+                "temperature": 0,
+                **NO_EOS,
+            },
+        ) as response,
+    ):
         events = sse_events(response)
         for _ in range(5):
             next(events)
@@ -97,21 +133,32 @@ def small_server(tmp_path_factory, smollm_dir):
     It serves the real 135M model under the name `tiny`: slow enough (about 10 tokens/s here)
     that a 400-token answer is still running while the test fills the queue.
     """
-    srv = Server(tmp_path_factory.mktemp("small"), models=[("tiny", smollm_dir, True)],
-                 env={"LLM_SERVICE_MAX_QUEUE": "1", "LLM_SERVICE_MAX_BATCH_SIZE": "1"})
+    srv = Server(
+        tmp_path_factory.mktemp("small"),
+        models=[("tiny", smollm_dir, True)],
+        env={"LLM_SERVICE_MAX_QUEUE": "1", "LLM_SERVICE_MAX_BATCH_SIZE": "1"},
+    )
     srv.start()
     yield srv
     srv.stop()
 
 
 def test_a_full_queue_answers_429_with_retry_after(small_server):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "Long"}], "max_tokens": 400,
-            "stream": True, **NO_EOS}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Long"}],
+        "max_tokens": 400,
+        "stream": True,
+        **NO_EOS,
+    }
     started = threading.Event()
     release = threading.Event()
 
     def hold_stream():
-        with small_server.http() as http, http.stream("POST", "/v1/chat/completions", json=body) as r:
+        with (
+            small_server.http() as http,
+            http.stream("POST", "/v1/chat/completions", json=body) as r,
+        ):
             events = sse_events(r)  # kept referenced: dropping it would close the stream
             next(events)
             started.set()
@@ -131,7 +178,9 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
         assert response.json()["error"]["type"] == "rate_limit_exceeded"
         client = small_server.openai()
         with pytest.raises(openai.RateLimitError):
-            client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}])
+            client.chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "x"}]
+            )
     finally:
         release.set()
         for t in holders:
@@ -139,14 +188,25 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     # Once the holders are gone, the server serves again.
     wait_until(lambda: small_server.metric("llm_running_sequences") == 0, timeout=10)
     reply = small_server.openai().chat.completions.create(
-        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
     assert reply.choices[0].message.content is not None
 
 
 def test_streams_over_raw_http_end_with_done(server):
-    with server.http() as http, http.stream("POST", "/v1/completions", json={
-        "model": "tiny", "prompt": "Hi", "max_tokens": 3, "stream": True,
-    }) as response:
+    with (
+        server.http() as http,
+        http.stream(
+            "POST",
+            "/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": "Hi",
+                "max_tokens": 3,
+                "stream": True,
+            },
+        ) as response,
+    ):
         assert response.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(response))
     assert events[-1] == "[DONE]"
@@ -155,13 +215,26 @@ def test_streams_over_raw_http_end_with_done(server):
 
 def test_ttft_is_not_blocked_by_a_slow_reader(server):
     """A client that reads slowly does not hold the batch back for others."""
-    with server.http() as http, http.stream("POST", "/v1/chat/completions", json={
-        "model": "tiny", "messages": [{"role": "user", "content": "slow reader"}], "max_tokens": 100,
-        "stream": True, **NO_EOS,
-    }) as slow:
+    with (
+        server.http() as http,
+        http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "slow reader"}],
+                "max_tokens": 100,
+                "stream": True,
+                **NO_EOS,
+            },
+        ) as slow,
+    ):
         events = sse_events(slow)
         next(events)
         reply = server.openai().chat.completions.create(
-            model="tiny", messages=[{"role": "user", "content": "fast"}], max_tokens=20,
-            extra_body=NO_EOS)
+            model="tiny",
+            messages=[{"role": "user", "content": "fast"}],
+            max_tokens=20,
+            extra_body=NO_EOS,
+        )
         assert reply.usage.completion_tokens == 20

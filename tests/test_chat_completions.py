@@ -42,9 +42,15 @@ def test_default_is_an_alias_of_the_default_model(client):
 
 def test_content_may_be_a_list_of_text_parts(client):
     as_parts = client.chat.completions.create(
-        model="tiny", temperature=0, max_tokens=8,
-        messages=[{"role": "user", "content": [{"type": "text", "text": "Hello "},
-                                               {"type": "text", "text": "there"}]}],
+        model="tiny",
+        temperature=0,
+        max_tokens=8,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there"}],
+            }
+        ],
     )
     as_string = ask(client, "Hello there", max_tokens=8)
     assert as_parts.choices[0].message.content == as_string.choices[0].message.content
@@ -68,23 +74,36 @@ def test_it_streams_role_first_then_content_then_finish_reason(client):
 
 
 def test_it_streams_usage_last_when_asked(client):
-    chunks = list(ask(client, stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS))
+    chunks = list(
+        ask(client, stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS)
+    )
     assert chunks[-1].choices == []
     assert chunks[-1].usage.completion_tokens == 12
     assert all(c.usage is None for c in chunks[:-1])
 
 
 def test_stop_strings_end_the_answer_and_never_appear_in_it(client):
-    full = ask(client, max_tokens=30, temperature=1, seed=5, extra_body=NO_EOS).choices[0].message.content
+    full = (
+        ask(client, max_tokens=30, temperature=1, seed=5, extra_body=NO_EOS)
+        .choices[0]
+        .message.content
+    )
     stop = full[10:13]
     assert stop.strip(), full
     expected = full[: full.index(stop)]
-    reply = ask(client, max_tokens=30, stop=[stop, "never-appears"], temperature=1, seed=5,
-                extra_body=NO_EOS)
+    reply = ask(
+        client,
+        max_tokens=30,
+        stop=[stop, "never-appears"],
+        temperature=1,
+        seed=5,
+        extra_body=NO_EOS,
+    )
     assert reply.choices[0].message.content == expected
     assert reply.choices[0].finish_reason == "stop"
-    streamed = list(ask(client, max_tokens=30, stop=stop, stream=True, temperature=1,
-                         seed=5, extra_body=NO_EOS))
+    streamed = list(
+        ask(client, max_tokens=30, stop=stop, stream=True, temperature=1, seed=5, extra_body=NO_EOS)
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == expected
     assert streamed[-1].choices[0].finish_reason == "stop"
 
@@ -125,16 +144,28 @@ def test_logprobs_come_in_openais_shape(client):
 
 
 def test_logprobs_are_streamed_with_their_tokens(client):
-    chunks = list(ask(client, logprobs=True, top_logprobs=1, max_tokens=5, stream=True,
-                      extra_body=NO_EOS))
-    entries = [e for c in chunks if c.choices and c.choices[0].logprobs
-               for e in c.choices[0].logprobs.content]
+    chunks = list(
+        ask(client, logprobs=True, top_logprobs=1, max_tokens=5, stream=True, extra_body=NO_EOS)
+    )
+    entries = [
+        e
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for e in c.choices[0].logprobs.content
+    ]
     assert len(entries) == 5
 
 
 def test_penalties_and_sampling_extensions_are_accepted(client):
-    reply = ask(client, temperature=0.8, top_p=0.9, presence_penalty=1.0, frequency_penalty=0.5,
-                seed=3, extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3})
+    reply = ask(
+        client,
+        temperature=0.8,
+        top_p=0.9,
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        seed=3,
+        extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.3},
+    )
     assert reply.choices[0].message.content
 
 
@@ -142,7 +173,8 @@ def test_logit_bias_steers_the_choice(client):
     token = 28  # any id: a +100 bias makes it certain
     reply = ask(client, logit_bias={str(token): 100}, logprobs=True, max_tokens=3)
     assert {e.token for e in reply.choices[0].logprobs.content} == {
-        reply.choices[0].logprobs.content[0].token}
+        reply.choices[0].logprobs.content[0].token
+    }
 
 
 def test_unknown_fields_are_ignored(client):
@@ -150,19 +182,25 @@ def test_unknown_fields_are_ignored(client):
     assert reply.choices[0].message.content is not None
 
 
-@pytest.mark.parametrize("bad", [
-    {"temperature": 3},
-    {"top_p": 1.5},
-    {"n": 0},
-    {"max_tokens": 0},
-    {"top_logprobs": 3},  # without logprobs
-    {"stop": ["a", "b", "c", "d", "e"]},
-    {"logit_bias": {"not-a-token": 1}},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"temperature": 3},
+        {"top_p": 1.5},
+        {"n": 0},
+        {"max_tokens": 0},
+        {"top_logprobs": 3},  # without logprobs
+        {"stop": ["a", "b", "c", "d", "e"]},
+        {"logit_bias": {"not-a-token": 1}},
+    ],
+)
 def test_bad_parameters_get_a_400_naming_the_parameter(client, bad):
     with pytest.raises(openai.BadRequestError) as info:
-        ask(client, **{k: v for k, v in bad.items() if k != "logit_bias"},
-            extra_body={"logit_bias": bad["logit_bias"]} if "logit_bias" in bad else None)
+        ask(
+            client,
+            **{k: v for k, v in bad.items() if k != "logit_bias"},
+            extra_body={"logit_bias": bad["logit_bias"]} if "logit_bias" in bad else None,
+        )
     error = info.value.body
     assert info.value.status_code == 400
     assert error["type"] == "invalid_request_error"

@@ -15,8 +15,12 @@ from tests.helpers import BIN, ROOT, Server, demo_gguf_path, free_port, wait_unt
 
 
 def run(args: list[str], data_dir: Path, **env) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "LLM_SERVICE_DATA_DIR": str(data_dir),
-                "LLM_SERVICE_MODELS_DIR": str(data_dir / "models"), **env}
+    full_env = {
+        **os.environ,
+        "LLM_SERVICE_DATA_DIR": str(data_dir),
+        "LLM_SERVICE_MODELS_DIR": str(data_dir / "models"),
+        **env,
+    }
     return subprocess.run(args, env=full_env, cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -30,9 +34,14 @@ def test_a_gguf_is_converted_into_models_dir_and_registered(tmp_path):
     assert result.returncode == 0, result.stderr
     target = tmp_path / "models" / "smol"
     assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()
-    listed = manage(tmp_path, "shell", "--no-imports", "-c",
-                    "from models_app.models import LLMModel as M; "
-                    "print([(m.name, m.is_default, m.source, m.size_bytes > 4e8) for m in M.objects.all()])")
+    listed = manage(
+        tmp_path,
+        "shell",
+        "--no-imports",
+        "-c",
+        "from models_app.models import LLMModel as M; "
+        "print([(m.name, m.is_default, m.source, m.size_bytes > 4e8) for m in M.objects.all()])",
+    )
     assert "('smol', True, 'gguf', True)" in listed.stdout
 
 
@@ -45,7 +54,13 @@ def test_an_unsupported_file_gets_a_clear_error_and_leaves_nothing(tmp_path):
     assert "GGUF" in result.stderr and "Traceback" not in result.stderr
     models_dir = tmp_path / "models"
     assert not models_dir.exists() or not any(models_dir.iterdir())
-    count = manage(tmp_path, "shell", "--no-imports", "-c", "from models_app.models import LLMModel; print(LLMModel.objects.count())")
+    count = manage(
+        tmp_path,
+        "shell",
+        "--no-imports",
+        "-c",
+        "from models_app.models import LLMModel; print(LLMModel.objects.count())",
+    )
     assert count.stdout.strip() == "0"
 
 
@@ -69,14 +84,17 @@ def test_create_api_key_prints_a_key_that_is_stored_hashed(tmp_path):
     assert key.encode() not in db
 
 
-@pytest.mark.parametrize("variable, value", [
-    ("LLM_SERVICE_PORT", "eighty"),
-    ("LLM_SERVICE_PORT", "70000"),
-    ("LLM_SERVICE_BACKEND", "tpu"),
-    ("LLM_SERVICE_MAX_QUEUE", "0"),
-    ("LLM_SERVICE_DEBUG", "maybe"),
-    ("LLM_SERVICE_DATABASE_URL", "nosuchdb://x"),
-])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("LLM_SERVICE_PORT", "eighty"),
+        ("LLM_SERVICE_PORT", "70000"),
+        ("LLM_SERVICE_BACKEND", "tpu"),
+        ("LLM_SERVICE_MAX_QUEUE", "0"),
+        ("LLM_SERVICE_DEBUG", "maybe"),
+        ("LLM_SERVICE_DATABASE_URL", "nosuchdb://x"),
+    ],
+)
 def test_an_invalid_setting_fails_at_start_naming_the_variable(tmp_path, variable, value):
     result = run([str(BIN / "llm-service"), "serve", "--no-demo"], tmp_path, **{variable: value})
     assert result.returncode != 0
@@ -86,25 +104,48 @@ def test_an_invalid_setting_fails_at_start_naming_the_variable(tmp_path, variabl
 
 def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
     port = free_port()
-    env = {**os.environ, "LLM_SERVICE_DATA_DIR": str(tmp_path), "LLM_SERVICE_PORT": str(port),
-           "LLM_SERVICE_HOST": "127.0.0.1", "LLM_SERVICE_DEMO_GGUF": str(demo_gguf_path())}
+    env = {
+        **os.environ,
+        "LLM_SERVICE_DATA_DIR": str(tmp_path),
+        "LLM_SERVICE_PORT": str(port),
+        "LLM_SERVICE_HOST": "127.0.0.1",
+        "LLM_SERVICE_DEMO_GGUF": str(demo_gguf_path()),
+    }
     env.pop("LLM_SERVICE_API_KEY", None)
     log = tmp_path / "out.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "llm-service"), "serve"], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "llm-service"), "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
-        wait_until(lambda: "Default model" in log.read_text() or proc.poll() is not None, timeout=300)
+        wait_until(
+            lambda: "Default model" in log.read_text() or proc.poll() is not None, timeout=300
+        )
         text = log.read_text()
         assert f"http://127.0.0.1:{port}" in text
-        key = next(line.split(": ", 1)[1] for line in text.splitlines() if "API key (shown once)" in line)
+        key = next(
+            line.split(": ", 1)[1] for line in text.splitlines() if "API key (shown once)" in line
+        )
         assert "Default model: smollm2-135m-instruct" in text
         dashboard = next(line for line in text.splitlines() if line.startswith("Dashboard:"))
         password = dashboard.split("password: ")[1].split()[0]
-        check = run([sys.executable, "manage.py", "shell", "--no-imports", "-c",
-                     "from django.contrib.auth import authenticate; "
-                     f"u = authenticate(username='admin', password={password!r}); "
-                     "print(u is not None and u.is_staff)"], tmp_path)
+        check = run(
+            [
+                sys.executable,
+                "manage.py",
+                "shell",
+                "--no-imports",
+                "-c",
+                "from django.contrib.auth import authenticate; "
+                f"u = authenticate(username='admin', password={password!r}); "
+                "print(u is not None and u.is_staff)",
+            ],
+            tmp_path,
+        )
         assert check.stdout.strip() == "True"
         srv = Server(tmp_path)
         srv.port, srv.url = port, f"http://127.0.0.1:{port}"
@@ -124,8 +165,13 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
     assert not Path(f"/proc/{worker_pid}").exists()
     # Second start: same key still valid, not shown again, no second import.
     with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "llm-service"), "serve"], env=env, cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(BIN / "llm-service"), "serve"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         wait_until(lambda: "Dashboard:" in log.read_text(), timeout=120)
         assert "shown once" not in log.read_text()
@@ -137,12 +183,23 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
 def test_the_admin_password_can_come_from_the_environment(tmp_path):
     from llmservice.cli import bootstrap  # noqa: F401 - the command below runs it in a subprocess
 
-    result = run([sys.executable, "-c",
-                  "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'llmservice.settings'); "
-                  "django.setup(); from llmservice.cli import bootstrap; print(bootstrap(demo=False))"],
-                 tmp_path, LLM_SERVICE_ADMIN_PASSWORD="operator-secret-1")
+    result = run(
+        [
+            sys.executable,
+            "-c",
+            "import django, os; os.environ.setdefault('DJANGO_SETTINGS_MODULE', 'llmservice.settings'); "
+            "django.setup(); from llmservice.cli import bootstrap; print(bootstrap(demo=False))",
+        ],
+        tmp_path,
+        LLM_SERVICE_ADMIN_PASSWORD="operator-secret-1",
+    )
     assert "(LLM_SERVICE_ADMIN_PASSWORD)" in result.stdout, result.stderr
-    check = manage(tmp_path, "shell", "--no-imports", "-c",
-                   "from django.contrib.auth import authenticate; "
-                   "print(authenticate(username='admin', password='operator-secret-1') is not None)")
+    check = manage(
+        tmp_path,
+        "shell",
+        "--no-imports",
+        "-c",
+        "from django.contrib.auth import authenticate; "
+        "print(authenticate(username='admin', password='operator-secret-1') is not None)",
+    )
     assert check.stdout.strip() == "True"

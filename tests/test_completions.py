@@ -46,8 +46,9 @@ def test_completion_logprobs_use_the_legacy_shape(client):
 
 
 def test_completions_stream_with_usage(client):
-    chunks = list(complete(client, stream=True, stream_options={"include_usage": True},
-                           extra_body=NO_EOS))
+    chunks = list(
+        complete(client, stream=True, stream_options={"include_usage": True}, extra_body=NO_EOS)
+    )
     assert chunks[-1].usage.completion_tokens == 8
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == complete(client, extra_body=NO_EOS).choices[0].text
@@ -56,7 +57,6 @@ def test_completions_stream_with_usage(client):
 def test_stop_works_for_completions_too(client):
     full = complete(client, max_tokens=30, temperature=1, seed=5, extra_body=NO_EOS).choices[0].text
     stop = full[8:11]
-    reply = complete(client, max_tokens=30, stop=stop, temperature=1, seed=5,
-                     extra_body=NO_EOS)
+    reply = complete(client, max_tokens=30, stop=stop, temperature=1, seed=5, extra_body=NO_EOS)
     assert reply.choices[0].text == full[: full.index(stop)]
     assert reply.choices[0].finish_reason == "stop"

@@ -22,16 +22,23 @@ from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 VIEWPORT = {"width": 1280, "height": 800}
 SHOTS = ROOT / "docs" / "screenshots"
 USER, PASSWORD = "operator", "operator-pw-4321"
 REPO = "test-org/tiny"
 SMOLLM = "smollm2-135m-instruct"
 
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
-                                reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(
+    not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)"
+)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------
@@ -48,11 +55,18 @@ def hub(tiny_dir: Path):
 def dash(tmp_path_factory, tiny_dir: Path, tiny2_dir: Path, smollm_dir: Path, hub: HubServer):
     data = tmp_path_factory.mktemp("dashboard")
     models = [("tiny", tiny_dir, True), ("tiny2", tiny2_dir, False), (SMOLLM, smollm_dir, False)]
-    server = Server(data, models=models, env={
-        "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
-        "HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-        "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HOME": str(data / "hf-home"),
-    })
+    server = Server(
+        data,
+        models=models,
+        env={
+            "DJANGO_SUPERUSER_PASSWORD": PASSWORD,
+            "HF_ENDPOINT": hub.url,
+            "HF_HUB_DISABLE_XET": "1",
+            "HF_HUB_OFFLINE": "0",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "HF_HOME": str(data / "hf-home"),
+        },
+    )
     server.start()
     server.manage("createsuperuser", "--noinput", "--username", USER, "--email", "op@example.com")
     wait_until(lambda: "tiny" in server.loaded_models(), timeout=30)  # the default model preloads
@@ -88,7 +102,10 @@ def page(browser, login_state: dict, dash: Server):
     context = browser.new_context(viewport=VIEWPORT, storage_state=login_state, base_url=dash.url)
     page = context.new_page()
     errors: list[str] = []
-    page.on("console", lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None)
+    page.on(
+        "console",
+        lambda m: errors.append(f"console.{m.type}: {m.text}") if m.type == "error" else None,
+    )
     page.on("pageerror", lambda exc: errors.append(f"pageerror: {exc}"))
     yield page
     context.close()
@@ -109,10 +126,20 @@ def stream_in_background(server: Server, stop: threading.Event) -> threading.Thr
     """A long streamed chat that runs until `stop` is set (then the client disconnects)."""
 
     def run() -> None:
-        with server.http() as http, http.stream("POST", "/v1/chat/completions", json={
-            "model": "tiny", "messages": [{"role": "user", "content": "go"}], "max_tokens": 1800,
-            "stream": True, **NO_EOS,
-        }) as response:
+        with (
+            server.http() as http,
+            http.stream(
+                "POST",
+                "/v1/chat/completions",
+                json={
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": "go"}],
+                    "max_tokens": 1800,
+                    "stream": True,
+                    **NO_EOS,
+                },
+            ) as response,
+        ):
             for _ in response.iter_lines():
                 if stop.is_set():
                     break
@@ -132,10 +159,15 @@ def test_the_dashboard_needs_a_staff_login_and_so_does_its_websocket(browser, da
         page.goto("/admin/")
         assert "/admin/login/" in page.url
         screenshot(page, "login")
-        for path in ("/admin/dashboard/status.json", "/admin/dashboard/models/",
-                     "/admin/dashboard/analytics.json"):
+        for path in (
+            "/admin/dashboard/status.json",
+            "/admin/dashboard/models/",
+            "/admin/dashboard/analytics.json",
+        ):
             response = httpx.get(dash.url + path, follow_redirects=False)
-            assert response.status_code == 302 and "/admin/login/" in response.headers["location"], path
+            assert (
+                response.status_code == 302 and "/admin/login/" in response.headers["location"]
+            ), path
         # An anonymous websocket is refused at the handshake (this page's console error is expected).
         outcome = page.evaluate("""() => new Promise((resolve) => {
             const ws = new WebSocket(`ws://${location.host}/ws/admin/status/`);
@@ -154,9 +186,14 @@ def test_the_dashboard_needs_a_staff_login_and_so_does_its_websocket(browser, da
 
 
 def test_every_page_opens_without_console_errors_with_the_nav_and_admin_look(page, dash):
-    pages = {"Status": "/admin/", "Models": "/admin/dashboard/models/",
-             "Playground": "/admin/dashboard/playground/", "Analytics": "/admin/dashboard/analytics/",
-             "Settings": "/admin/dashboard/settings/", "Models admin": "/admin/models_app/llmmodel/"}
+    pages = {
+        "Status": "/admin/",
+        "Models": "/admin/dashboard/models/",
+        "Playground": "/admin/dashboard/playground/",
+        "Analytics": "/admin/dashboard/analytics/",
+        "Settings": "/admin/dashboard/settings/",
+        "Models admin": "/admin/models_app/llmmodel/",
+    }
     for title, path in pages.items():
         page.goto(path)
         nav = page.locator("#dashboard-nav a")
@@ -191,10 +228,12 @@ def test_status_shows_the_loaded_model_and_updates_live_while_a_request_runs(pag
         # Without reloading: the running count, the token counter and the token rate move.
         expect(page.locator("[data-field=running]")).to_have_text("1", timeout=10_000)
         page.wait_for_function(
-            "() => parseFloat(document.querySelector('[data-field=tokens_per_second]').textContent) > 0")
+            "() => parseFloat(document.querySelector('[data-field=tokens_per_second]').textContent) > 0"
+        )
         page.wait_for_function(
             f"() => parseFloat(document.querySelector('[data-field=tokens_generated]').textContent"
-            f".replace(/,/g, '')) >= {before + 50}")
+            f".replace(/,/g, '')) >= {before + 50}"
+        )
         expect(page.locator("#loaded-models tr[data-model=tiny] td").nth(2)).to_have_text("1")
         screenshot(page, "status")
     finally:
@@ -209,11 +248,13 @@ def test_status_falls_back_to_polling_when_websockets_are_unavailable(page, dash
     expect(page.locator("#live-transport")).to_have_text("polling")
     expect(page.locator("#loaded-models tr[data-model=tiny]")).to_be_visible()
     before = number(page, "[data-field=tokens_generated]")
-    dash.openai().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
-                                          max_tokens=20, extra_body=NO_EOS)
+    dash.openai().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=20, extra_body=NO_EOS
+    )
     page.wait_for_function(
         f"() => parseFloat(document.querySelector('[data-field=tokens_generated]').textContent"
-        f".replace(/,/g, '')) >= {before + 20}")
+        f".replace(/,/g, '')) >= {before + 20}"
+    )
 
 
 # --- models -----------------------------------------------------------------------------------------
@@ -236,7 +277,8 @@ def test_models_page_loads_unloads_and_sets_the_default_model(page, dash):
     row.locator("button:text-is('Set default')").click()
     expect(page.locator(".messagelist")).to_contain_text("Model tiny2 is now the default")
     reply = dash.openai().chat.completions.create(
-        model="default", messages=[{"role": "user", "content": "x"}], max_tokens=2)
+        model="default", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
     assert reply.model == "tiny2"
     page.locator("#registry tr[data-model=tiny] button:text-is('Set default')").click()
     expect(page.locator(".messagelist")).to_contain_text("Model tiny is now the default")
@@ -250,7 +292,9 @@ def test_a_download_shows_live_progress_and_can_be_cancelled_and_retried(page, d
         page.fill("#id_repo_id", REPO)
         page.fill("#id_name", "tiny-hub")
         page.click("#download-form input[type=submit]")
-        expect(page.locator(".messagelist")).to_contain_text("queued: test-org/tiny@main -> model tiny-hub")
+        expect(page.locator(".messagelist")).to_contain_text(
+            "queued: test-org/tiny@main -> model tiny-hub"
+        )
         row = page.locator("#downloads tr[data-download]").first
         expect(row).to_contain_text("tiny-hub")
         # The bar moves while bytes flow: several distinct percentages, with a rate and an ETA.
@@ -320,10 +364,13 @@ def test_the_playground_streams_a_reply_token_by_token_through_the_api(page, das
     expect(page.locator("#pg-send")).to_be_enabled()
 
     # The key the page used is the user's short-lived playground key.
-    keys = dash.manage("shell", "--no-imports", "-c",
-                       "from llmservice.models import ApiKey; "
-                       f"print([(k.name, k.is_active) for k in ApiKey.objects.filter(name='playground:{USER}')])"
-                       ).stdout
+    keys = dash.manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        "from llmservice.models import ApiKey; "
+        f"print([(k.name, k.is_active) for k in ApiKey.objects.filter(name='playground:{USER}')])",
+    ).stdout
     assert keys.count("True") == 1, keys  # reopening the page replaced the older ones
 
 
@@ -395,11 +442,15 @@ def test_a_key_created_in_settings_is_shown_once_works_and_is_refused_once_revok
 
 
 def test_a_request_appears_in_analytics_with_charts_drawn(page, dash):
-    code = ("from llmservice.models import ApiKey; k, raw = ApiKey.generate('analytics-probe'); print(raw)")
+    code = "from llmservice.models import ApiKey; k, raw = ApiKey.generate('analytics-probe'); print(raw)"
     key = dash.manage("shell", "--no-imports", "-c", code).stdout.strip()
     client = openai.OpenAI(base_url=dash.url + "/v1", api_key=key, max_retries=0)
-    client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hello"}],
-                                   max_tokens=12, extra_body=NO_EOS)
+    client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=12,
+        extra_body=NO_EOS,
+    )
 
     page.goto("/admin/dashboard/analytics/")
     recent = page.locator("#recent tbody")
@@ -429,6 +480,8 @@ def test_a_request_appears_in_analytics_with_charts_drawn(page, dash):
     screenshot(page, "analytics")
 
     page.select_option("#window", "day")
-    page.wait_for_function("() => window.Chart.getChart(document.getElementById('chart-requests'))"
-                           ".data.labels.length <= 25")
+    page.wait_for_function(
+        "() => window.Chart.getChart(document.getElementById('chart-requests'))"
+        ".data.labels.length <= 25"
+    )
     assert "window=day" in page.url

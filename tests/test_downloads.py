@@ -28,8 +28,12 @@ FINISHED = ("completed", "failed", "cancelled")
 
 
 def hub_env(hub: HubServer) -> dict[str, str]:
-    return {"HF_ENDPOINT": hub.url, "HF_HUB_DISABLE_XET": "1", "HF_HUB_OFFLINE": "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return {
+        "HF_ENDPOINT": hub.url,
+        "HF_HUB_DISABLE_XET": "1",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 def digest(path: Path) -> str:
@@ -37,7 +41,11 @@ def digest(path: Path) -> str:
 
 
 def same_files(downloaded: Path, source: Path) -> bool:
-    got = {p.relative_to(downloaded).as_posix(): digest(p) for p in downloaded.rglob("*") if p.is_file()}
+    got = {
+        p.relative_to(downloaded).as_posix(): digest(p)
+        for p in downloaded.rglob("*")
+        if p.is_file()
+    }
     want = {p.relative_to(source).as_posix(): digest(p) for p in source.rglob("*") if p.is_file()}
     return got == want
 
@@ -48,19 +56,32 @@ class Install:
     def __init__(self, data_dir: Path, hub: HubServer, **env: str) -> None:
         self.data_dir = data_dir
         self.models_dir = data_dir / "models"
-        self.env = {k: v for k, v in os.environ.items()
-                    if k not in ("LLM_SERVICE_REDIS_URL", "LLM_SERVICE_DATABASE_URL")}
+        self.env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("LLM_SERVICE_REDIS_URL", "LLM_SERVICE_DATABASE_URL")
+        }
         self.env.update(
-            LLM_SERVICE_DATA_DIR=str(data_dir), LLM_SERVICE_MODELS_DIR=str(self.models_dir),
-            LLM_SERVICE_DEMO_MODEL="false", LLM_SERVICE_API_KEY=API_KEY,
-            DJANGO_SETTINGS_MODULE="llmservice.settings", HF_HOME=str(data_dir / "hf-home"),
-            **hub_env(hub), **env,
+            LLM_SERVICE_DATA_DIR=str(data_dir),
+            LLM_SERVICE_MODELS_DIR=str(self.models_dir),
+            LLM_SERVICE_DEMO_MODEL="false",
+            LLM_SERVICE_API_KEY=API_KEY,
+            DJANGO_SETTINGS_MODULE="llmservice.settings",
+            HF_HOME=str(data_dir / "hf-home"),
+            **hub_env(hub),
+            **env,
         )
         self.workers: list[subprocess.Popen] = []
 
     def manage(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "python"), str(ROOT / "manage.py"), *args], env=self.env,
-                              cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [str(BIN / "python"), str(ROOT / "manage.py"), *args],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def pull(self, *args: str) -> tuple[subprocess.CompletedProcess, int | None]:
         result = self.manage("pull_model", *args)
@@ -71,10 +92,26 @@ class Install:
         log = self.data_dir / f"worker{len(self.workers)}.log"
         with open(log, "w") as out:
             proc = subprocess.Popen(
-                [str(BIN / "celery"), "-A", "llmservice", "worker", "--pool=solo", "--concurrency=1",
-                 "-Q", "downloads", "-n", "downloads@%h", "--without-mingle", "--without-gossip",
-                 "--loglevel=INFO"],
-                env=self.env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    str(BIN / "celery"),
+                    "-A",
+                    "llmservice",
+                    "worker",
+                    "--pool=solo",
+                    "--concurrency=1",
+                    "-Q",
+                    "downloads",
+                    "-n",
+                    "downloads@%h",
+                    "--without-mingle",
+                    "--without-gossip",
+                    "--loglevel=INFO",
+                ],
+                env=self.env,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self.workers.append(proc)
         wait_until(lambda: proc.poll() is not None or " ready." in log.read_text(), timeout=60)
@@ -108,11 +145,13 @@ class Install:
 
     def wait_finished(self, pk: int, timeout: float = 60) -> dict:
         try:
-            return wait_until(lambda: (row := self.download(pk))["status"] in FINISHED and row,
-                              timeout=timeout)
+            return wait_until(
+                lambda: (row := self.download(pk))["status"] in FINISHED and row, timeout=timeout
+            )
         except AssertionError:
-            raise AssertionError(f"download {pk} did not finish: {self.download(pk)}\n"
-                                 + self.worker_logs()) from None
+            raise AssertionError(
+                f"download {pk} did not finish: {self.download(pk)}\n" + self.worker_logs()
+            ) from None
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +182,20 @@ def redis_url():
     if not binary.exists():
         pytest.skip("redis-server is not installed (CI installs it: apt-get install redis-server)")
     port = free_port()
-    proc = subprocess.Popen([str(binary), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
 
     def accepting() -> bool:
         with socket.socket() as s:
@@ -159,7 +210,8 @@ def redis_url():
 
 
 def test_a_pull_with_wait_downloads_and_registers_a_model_that_then_answers_a_chat(
-        tmp_path, fresh_hub, tiny_dir):
+    tmp_path, fresh_hub, tiny_dir
+):
     # `llm-service serve` starts the download worker itself.
     server = Server(tmp_path, env=hub_env(fresh_hub)).start()
     try:
@@ -173,11 +225,14 @@ def test_a_pull_with_wait_downloads_and_registers_a_model_that_then_answers_a_ch
         target = tmp_path / "models" / "tiny"
         assert same_files(target, tiny_dir)  # byte for byte, and no partial or state files left
         listed = server.manage("list_models").stdout
-        assert re.search(r"tiny\s+\*\s+available\s+16\.\d MB\s+hf:test-org/tiny\s+" + re.escape(str(target)),
-                         listed), listed
+        assert re.search(
+            r"tiny\s+\*\s+available\s+16\.\d MB\s+hf:test-org/tiny\s+" + re.escape(str(target)),
+            listed,
+        ), listed
 
         reply = server.openai().chat.completions.create(
-            model="default", messages=[{"role": "user", "content": "Hello"}], max_tokens=5)
+            model="default", messages=[{"role": "user", "content": "Hello"}], max_tokens=5
+        )
         assert reply.model == "tiny"
         assert reply.choices[0].message.content
     finally:
@@ -193,7 +248,9 @@ def test_a_pull_with_wait_downloads_and_registers_a_model_that_then_answers_a_ch
     wait_until(gone, timeout=15)  # the worker stops with the server
 
 
-def test_progress_is_written_to_the_row_several_times_while_bytes_flow(install, fresh_hub, tiny_dir):
+def test_progress_is_written_to_the_row_several_times_while_bytes_flow(
+    install, fresh_hub, tiny_dir
+):
     fresh_hub.throttle = 4_000_000  # bytes/s: about 4 s for the 16 MB model
     install.start_worker()
     _, pk = install.pull(REPO, "--name", "tiny")
@@ -245,7 +302,8 @@ def test_cancel_stops_the_transfer_removes_partial_files_and_registers_nothing(i
 
 
 def test_a_worker_killed_mid_file_resumes_from_the_bytes_on_disk_after_restart(
-        install, fresh_hub, tiny_dir):
+    install, fresh_hub, tiny_dir
+):
     size = (tiny_dir / WEIGHTS).stat().st_size
     fresh_hub.throttle = 3_000_000
     worker = install.start_worker()
@@ -277,7 +335,8 @@ def test_a_worker_killed_mid_file_resumes_from_the_bytes_on_disk_after_restart(
 
 
 def test_a_dropped_connection_is_resumed_with_a_range_request_in_the_same_run(
-        install, fresh_hub, tiny_dir):
+    install, fresh_hub, tiny_dir
+):
     size = (tiny_dir / WEIGHTS).stat().st_size
     fresh_hub.drop_after[WEIGHTS] = 5_000_000
     install.start_worker()
@@ -293,7 +352,8 @@ def test_a_dropped_connection_is_resumed_with_a_range_request_in_the_same_run(
 
 
 def test_a_failed_download_keeps_its_bytes_and_pulling_again_continues_from_them(
-        install, fresh_hub, tiny_dir):
+    install, fresh_hub, tiny_dir
+):
     size = (tiny_dir / WEIGHTS).stat().st_size
     # The connection drops after 5 MB, and the hub then fails the resumed request.
     fresh_hub.faults[WEIGHTS] = [("drop", 5_000_000), ("status", 503)]
@@ -302,7 +362,10 @@ def test_a_failed_download_keeps_its_bytes_and_pulling_again_continues_from_them
     assert failed.returncode != 0 and "Traceback" not in failed.stderr
     row = install.download(pk)
     assert row["status"] == "failed"
-    assert row["error"].startswith("The hub answered an error for test-org/tiny: ") and "503" in row["error"]
+    assert (
+        row["error"].startswith("The hub answered an error for test-org/tiny: ")
+        and "503" in row["error"]
+    )
     assert install.models() == []
     kept = list((install.models_dir / "tiny" / ".download").glob(f"{WEIGHTS}.*.incomplete"))
     assert len(kept) == 1 and 0 < kept[0].stat().st_size <= 5_000_000
@@ -338,16 +401,23 @@ def test_a_wrong_repo_id_fails_with_a_clear_error_on_the_row_and_a_non_zero_exit
 
 def test_list_models_shows_a_table_and_remove_model_deletes_only_files_it_owns(install, tiny_dir):
     assert install.manage("list_models").stdout.startswith("No models registered")
-    assert install.manage("import_model", str(tiny_dir), "--name", "outside", "--default").returncode == 0
+    assert (
+        install.manage("import_model", str(tiny_dir), "--name", "outside", "--default").returncode
+        == 0
+    )
     inside = install.models_dir / "inside"
     shutil.copytree(tiny_dir, inside)
     assert install.manage("import_model", str(inside), "--name", "inside").returncode == 0
 
     table = install.manage("list_models").stdout.splitlines()
     assert table[0].split() == ["ID", "NAME", "DEFAULT", "STATUS", "SIZE", "SOURCE", "PATH"]
-    assert re.match(r"\d+\s+inside\s+available\s+16\.\d MB\s+local\s+" + re.escape(str(inside)), table[1])
-    assert re.match(r"\d+\s+outside\s+\*\s+available\s+16\.\d MB\s+local\s+" + re.escape(str(tiny_dir)),
-                    table[2])
+    assert re.match(
+        r"\d+\s+inside\s+available\s+16\.\d MB\s+local\s+" + re.escape(str(inside)), table[1]
+    )
+    assert re.match(
+        r"\d+\s+outside\s+\*\s+available\s+16\.\d MB\s+local\s+" + re.escape(str(tiny_dir)),
+        table[2],
+    )
 
     removed = install.manage("remove_model", "inside")
     assert removed.returncode == 0, removed.stderr
@@ -355,7 +425,11 @@ def test_list_models_shows_a_table_and_remove_model_deletes_only_files_it_owns(i
 
     outside_id = str(install.models()[0]["id"])
     refused = install.manage("remove_model", outside_id)
-    assert refused.returncode != 0 and "default model" in refused.stderr and "--force" in refused.stderr
+    assert (
+        refused.returncode != 0
+        and "default model" in refused.stderr
+        and "--force" in refused.stderr
+    )
     assert [m["name"] for m in install.models()] == ["outside"]
 
     forced = install.manage("remove_model", outside_id, "--force")
@@ -367,7 +441,8 @@ def test_list_models_shows_a_table_and_remove_model_deletes_only_files_it_owns(i
 
 
 def test_a_real_celery_worker_on_redis_downloads_and_registers_a_model(
-        tmp_path, fresh_hub, redis_url, tiny_dir):
+    tmp_path, fresh_hub, redis_url, tiny_dir
+):
     install = Install(tmp_path, fresh_hub, LLM_SERVICE_REDIS_URL=redis_url)
     try:
         assert install.manage("migrate", "-v0").returncode == 0
@@ -379,18 +454,27 @@ def test_a_real_celery_worker_on_redis_downloads_and_registers_a_model(
         assert result.returncode == 0, result.stdout + result.stderr + install.worker_logs()
         assert install.download(pk)["status"] == "completed"
         assert [(m["name"], m["source"], m["source_ref"]) for m in install.models()] == [
-            ("tiny", "hf", REPO)]
+            ("tiny", "hf", REPO)
+        ]
         assert same_files(install.models_dir / "tiny", tiny_dir)
     finally:
         install.stop()
 
 
 def test_the_download_worker_never_imports_mlx(install):
-    code = ("import sys, django; django.setup(); from llmservice.celery import app; "
-            "app.loader.import_default_modules(); import models_app.tasks; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))")
-    result = subprocess.run([str(BIN / "python"), "-c", code], env=install.env, cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+    code = (
+        "import sys, django; django.setup(); from llmservice.celery import app; "
+        "app.loader.import_default_modules(); import models_app.tasks; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')))"
+    )
+    result = subprocess.run(
+        [str(BIN / "python"), "-c", code],
+        env=install.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
 
@@ -412,25 +496,44 @@ def test_the_admin_queues_a_download_and_cancels_and_retries_it(admin_client, se
     if settings.REDIS_URL:
         pytest.skip("checks the filesystem broker's messages")
     page = admin_client.get("/admin/models_app/download/add/")
-    assert page.status_code == 200 and b"repo_id" in page.content and b"include_patterns" in page.content
+    assert (
+        page.status_code == 200
+        and b"repo_id" in page.content
+        and b"include_patterns" in page.content
+    )
 
-    bad = admin_client.post("/admin/models_app/download/add/",
-                            {"repo_id": "not a repo", "revision": "main", "include_patterns": "", "name": ""})
+    bad = admin_client.post(
+        "/admin/models_app/download/add/",
+        {"repo_id": "not a repo", "revision": "main", "include_patterns": "", "name": ""},
+    )
     assert bad.status_code == 200 and b"invalid repo id" in bad.content
 
     LLMModel.objects.create(name="taken", path="/x")
-    taken = admin_client.post("/admin/models_app/download/add/",
-                              {"repo_id": "org/x", "revision": "main", "include_patterns": "", "name": "taken"})
+    taken = admin_client.post(
+        "/admin/models_app/download/add/",
+        {"repo_id": "org/x", "revision": "main", "include_patterns": "", "name": "taken"},
+    )
     assert b"already registered" in taken.content
 
     sent = []
     try:
-        added = admin_client.post("/admin/models_app/download/add/", {
-            "repo_id": "org/model", "revision": "v1", "include_patterns": "*.json, *.safetensors",
-            "name": ""})
+        added = admin_client.post(
+            "/admin/models_app/download/add/",
+            {
+                "repo_id": "org/model",
+                "revision": "v1",
+                "include_patterns": "*.json, *.safetensors",
+                "name": "",
+            },
+        )
         assert added.status_code == 302
         row = Download.objects.get()
-        assert (row.repo_id, row.revision, row.name, row.status) == ("org/model", "v1", "org/model", "queued")
+        assert (row.repo_id, row.revision, row.name, row.status) == (
+            "org/model",
+            "v1",
+            "org/model",
+            "queued",
+        )
         assert row.include == ["*.json", "*.safetensors"]
         sent += _queued_messages(row.celery_task_id)
         assert len(sent) == 1  # the message is in the broker for a worker to take
@@ -438,14 +541,18 @@ def test_the_admin_queues_a_download_and_cancels_and_retries_it(admin_client, se
         listing = admin_client.get("/admin/models_app/download/")
         assert b"org/model" in listing.content and b"queued" in listing.content
 
-        admin_client.post("/admin/models_app/download/",
-                          {"action": "cancel_downloads", "_selected_action": [row.pk]})
+        admin_client.post(
+            "/admin/models_app/download/",
+            {"action": "cancel_downloads", "_selected_action": [row.pk]},
+        )
         row.refresh_from_db()
         assert row.status == "cancelled" and row.cancel_requested
 
         first_task = row.celery_task_id
-        admin_client.post("/admin/models_app/download/",
-                          {"action": "retry_downloads", "_selected_action": [row.pk]})
+        admin_client.post(
+            "/admin/models_app/download/",
+            {"action": "retry_downloads", "_selected_action": [row.pk]},
+        )
         row.refresh_from_db()
         assert row.status == "queued" and not row.cancel_requested
         assert row.celery_task_id != first_task  # the old message, if ever delivered, is a no-op

@@ -79,8 +79,16 @@ def tokenizer(tiny_dir):
 
 def make_job(model, max_tokens=5, n=1):
     return serving.Job(
-        kind="chat", id="chatcmpl-test", created=0, spec=model.spec, model=model, prompts=[[1, 2, 3]],
-        params=SamplingParams(max_tokens=max_tokens), n=n, stops=[], include_usage=False,
+        kind="chat",
+        id="chatcmpl-test",
+        created=0,
+        spec=model.spec,
+        model=model,
+        prompts=[[1, 2, 3]],
+        params=SamplingParams(max_tokens=max_tokens),
+        n=n,
+        stops=[],
+        include_usage=False,
     )
 
 
@@ -102,7 +110,7 @@ def test_a_failing_step_ends_its_streams_with_an_error_event_then_done(tokenizer
         engine = FakeEngine(scheduler)
         events = asyncio.run(collect(make_job(model, max_tokens=10), engine))
         assert events[-1] == "data: [DONE]\n\n"
-        error = json.loads(events[-2][len("data: "):])["error"]
+        error = json.loads(events[-2][len("data: ") :])["error"]
         assert error["type"] == "server_error" and "kernel exploded" in error["message"]
         assert model.resets == 1
         # The engine lives on: the next request on the same model completes.
@@ -183,8 +191,10 @@ def test_a_load_waits_for_a_busy_model_to_finish_instead_of_failing(tokenizer):
         scheduler.load(a).result(5)
 
         async def main():
-            group = GenerationGroup(FakeEngine(scheduler), [
-                GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=200))])
+            group = GenerationGroup(
+                FakeEngine(scheduler),
+                [GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=200))],
+            )
             await asyncio.sleep(0)  # let the scheduler admit it
             loading_b = asyncio.wrap_future(scheduler.load(ModelSpec(name="b", path="/b")))
             tokens = 0

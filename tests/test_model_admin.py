@@ -17,26 +17,46 @@ def models():
 
 
 def settings_form(row: LLMModel, **changes) -> dict:
-    data = {"name": row.name, "aliases": "[]", "enabled": "on", "backend": "auto",
-            "system_prompt": "", "chat_template": ""}
+    data = {
+        "name": row.name,
+        "aliases": "[]",
+        "enabled": "on",
+        "backend": "auto",
+        "system_prompt": "",
+        "chat_template": "",
+    }
     data.update(changes)
     return data
 
 
 def test_settings_are_saved_from_the_change_form(admin_client, models):
     a, _ = models
-    response = admin_client.post(f"/admin/models_app/llmmodel/{a.pk}/change/",
-                                 settings_form(a, default_temperature="0.3", context_length="512",
-                                               max_batch_size="4", keep_alive_seconds="60"))
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/",
+        settings_form(
+            a,
+            default_temperature="0.3",
+            context_length="512",
+            max_batch_size="4",
+            keep_alive_seconds="60",
+        ),
+    )
     assert response.status_code == 302, response.content
     a.refresh_from_db()
-    assert (a.default_temperature, a.context_length, a.max_batch_size, a.keep_alive_seconds) == (0.3, 512, 4, 60)
+    assert (a.default_temperature, a.context_length, a.max_batch_size, a.keep_alive_seconds) == (
+        0.3,
+        512,
+        4,
+        60,
+    )
 
 
 def test_out_of_range_settings_get_validation_messages(admin_client, models):
     a, _ = models
-    response = admin_client.post(f"/admin/models_app/llmmodel/{a.pk}/change/",
-                                 settings_form(a, default_temperature="3", default_top_p="1.5"))
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/",
+        settings_form(a, default_temperature="3", default_top_p="1.5"),
+    )
     assert response.status_code == 200
     errors = response.context["adminform"].form.errors
     assert "default_temperature" in errors and "default_top_p" in errors
@@ -46,20 +66,27 @@ def test_out_of_range_settings_get_validation_messages(admin_client, models):
 
 def test_an_alias_taken_by_another_model_is_refused(admin_client, models):
     a, b = models
-    response = admin_client.post(f"/admin/models_app/llmmodel/{b.pk}/change/",
-                                 settings_form(b, aliases='["a"]'))
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{b.pk}/change/", settings_form(b, aliases='["a"]')
+    )
     assert "already names model a" in response.content.decode()
 
 
 def test_the_make_default_action_moves_the_default(admin_client, models):
     a, b = models
-    admin_client.post("/admin/models_app/llmmodel/", {"action": "make_default", "_selected_action": [b.pk]})
+    admin_client.post(
+        "/admin/models_app/llmmodel/", {"action": "make_default", "_selected_action": [b.pk]}
+    )
     assert list(LLMModel.objects.filter(is_default=True).values_list("name", flat=True)) == ["b"]
 
 
 def test_disable_and_enable_actions(admin_client, models):
     a, b = models
-    admin_client.post("/admin/models_app/llmmodel/", {"action": "disable", "_selected_action": [a.pk, b.pk]})
+    admin_client.post(
+        "/admin/models_app/llmmodel/", {"action": "disable", "_selected_action": [a.pk, b.pk]}
+    )
     assert not LLMModel.objects.filter(enabled=True).exists()
-    admin_client.post("/admin/models_app/llmmodel/", {"action": "enable", "_selected_action": [a.pk]})
+    admin_client.post(
+        "/admin/models_app/llmmodel/", {"action": "enable", "_selected_action": [a.pk]}
+    )
     assert list(LLMModel.objects.filter(enabled=True).values_list("name", flat=True)) == ["a"]

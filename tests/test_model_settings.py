@@ -13,9 +13,11 @@ from tests.test_chat_completions import NO_EOS
 
 @pytest.fixture(scope="module")
 def multi(tmp_path_factory, tiny_dir, tiny2_dir):
-    srv = Server(tmp_path_factory.mktemp("multi"),
-                 models=[("a", tiny_dir, True), ("b", tiny2_dir, False), ("c", tiny_dir, False)],
-                 env={"LLM_SERVICE_MAX_LOADED_MODELS": "2"})
+    srv = Server(
+        tmp_path_factory.mktemp("multi"),
+        models=[("a", tiny_dir, True), ("b", tiny2_dir, False), ("c", tiny_dir, False)],
+        env={"LLM_SERVICE_MAX_LOADED_MODELS": "2"},
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -25,15 +27,23 @@ def chat(client, model, content="Hello", **kwargs):
     kwargs.setdefault("max_tokens", 8)
     kwargs.setdefault("temperature", 0)
     return client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": content}], **kwargs)
+        model=model, messages=[{"role": "user", "content": content}], **kwargs
+    )
 
 
 def test_concurrent_requests_to_two_models_both_succeed(multi):
     async def main():
         client = multi.async_openai()
-        calls = [client.chat.completions.create(
-            model=m, messages=[{"role": "user", "content": f"Hi {i}"}], max_tokens=30,
-            temperature=0, extra_body=NO_EOS) for i, m in enumerate(["a", "b"] * 3)]
+        calls = [
+            client.chat.completions.create(
+                model=m,
+                messages=[{"role": "user", "content": f"Hi {i}"}],
+                max_tokens=30,
+                temperature=0,
+                extra_body=NO_EOS,
+            )
+            for i, m in enumerate(["a", "b"] * 3)
+        ]
         return await asyncio.gather(*calls)
 
     replies = asyncio.run(main())
@@ -42,8 +52,10 @@ def test_concurrent_requests_to_two_models_both_succeed(multi):
     # Different weights, same prompt: the two models really are different models.
     client = multi.openai()
     sampled = {"temperature": 1.0, "seed": 3, "max_tokens": 20}
-    assert (chat(client, "a", **sampled).choices[0].message.content
-            != chat(client, "b", **sampled).choices[0].message.content)
+    assert (
+        chat(client, "a", **sampled).choices[0].message.content
+        != chat(client, "b", **sampled).choices[0].message.content
+    )
 
 
 def test_the_least_recently_used_model_is_unloaded_at_the_limit(multi):
@@ -79,7 +91,10 @@ def test_aliases_name_the_same_model(multi):
     multi.set_model("b", aliases=["bee", "gpt-4o-mini"])
     client = multi.openai()
     assert chat(client, "gpt-4o-mini").model == "b"
-    assert chat(client, "bee").choices[0].message.content == chat(client, "b").choices[0].message.content
+    assert (
+        chat(client, "bee").choices[0].message.content
+        == chat(client, "b").choices[0].message.content
+    )
 
 
 def test_a_context_length_setting_takes_effect_on_the_next_request(multi):
@@ -99,11 +114,13 @@ def test_default_sampling_settings_fill_what_the_request_leaves_out(multi):
     client = multi.openai()
     multi.set_model("a", default_max_tokens=3, default_temperature=0.0)
     try:
-        reply = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
-                                               extra_body=NO_EOS)
+        reply = client.chat.completions.create(
+            model="a", messages=[{"role": "user", "content": "Hi"}], extra_body=NO_EOS
+        )
         assert reply.usage.completion_tokens == 3
-        again = client.chat.completions.create(model="a", messages=[{"role": "user", "content": "Hi"}],
-                                               extra_body=NO_EOS)
+        again = client.chat.completions.create(
+            model="a", messages=[{"role": "user", "content": "Hi"}], extra_body=NO_EOS
+        )
         assert again.choices[0].message.content == reply.choices[0].message.content  # greedy
         # The request's own value wins over the default.
         assert chat(client, "a", max_tokens=5, extra_body=NO_EOS).usage.completion_tokens == 5
@@ -145,8 +162,10 @@ def test_a_model_that_cannot_load_answers_503_with_retry_after(multi, tmp_path):
     (broken / "model.safetensors").write_bytes(b"not weights")
     multi.manage("import_model", str(broken), "--name", "broken")
     with multi.http() as http:
-        response = http.post("/v1/chat/completions", json={
-            "model": "broken", "messages": [{"role": "user", "content": "hi"}]})
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": "broken", "messages": [{"role": "user", "content": "hi"}]},
+        )
     assert response.status_code == 503
     assert response.headers["Retry-After"]
     assert response.json()["error"]["code"] == "model_load_failed"

@@ -6,39 +6,78 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
-        ('llmservice', '0002_key_limits_and_expiry'),
+        ("llmservice", "0002_key_limits_and_expiry"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='RequestLog',
+            name="RequestLog",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('created_at', models.DateTimeField(default=django.utils.timezone.now)),
-                ('key_name', models.CharField(blank=True, help_text='Kept if the key is deleted.', max_length=100)),
-                ('model', models.CharField(blank=True, max_length=200)),
-                ('endpoint', models.CharField(max_length=100)),
-                ('stream', models.BooleanField(default=False)),
-                ('status_code', models.PositiveSmallIntegerField()),
-                ('outcome', models.CharField(choices=[('ok', 'Completed'), ('client_error', 'Client error'), ('server_error', 'Server error'), ('cancelled', 'Cancelled')], max_length=16)),
-                ('error_type', models.CharField(blank=True, max_length=64)),
-                ('finish_reason', models.CharField(blank=True, max_length=16)),
-                ('prompt_tokens', models.PositiveIntegerField(default=0)),
-                ('completion_tokens', models.PositiveIntegerField(default=0)),
-                ('ttft_ms', models.FloatField(blank=True, null=True, verbose_name='TTFT (ms)')),
-                ('latency_ms', models.FloatField(verbose_name='latency (ms)')),
-                ('queue_ms', models.FloatField(blank=True, null=True, verbose_name='queue wait (ms)')),
-                ('tokens_per_second', models.FloatField(blank=True, null=True, verbose_name='decode tok/s')),
-                ('api_key', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='requests', to='llmservice.apikey')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("created_at", models.DateTimeField(default=django.utils.timezone.now)),
+                (
+                    "key_name",
+                    models.CharField(
+                        blank=True, help_text="Kept if the key is deleted.", max_length=100
+                    ),
+                ),
+                ("model", models.CharField(blank=True, max_length=200)),
+                ("endpoint", models.CharField(max_length=100)),
+                ("stream", models.BooleanField(default=False)),
+                ("status_code", models.PositiveSmallIntegerField()),
+                (
+                    "outcome",
+                    models.CharField(
+                        choices=[
+                            ("ok", "Completed"),
+                            ("client_error", "Client error"),
+                            ("server_error", "Server error"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        max_length=16,
+                    ),
+                ),
+                ("error_type", models.CharField(blank=True, max_length=64)),
+                ("finish_reason", models.CharField(blank=True, max_length=16)),
+                ("prompt_tokens", models.PositiveIntegerField(default=0)),
+                ("completion_tokens", models.PositiveIntegerField(default=0)),
+                ("ttft_ms", models.FloatField(blank=True, null=True, verbose_name="TTFT (ms)")),
+                ("latency_ms", models.FloatField(verbose_name="latency (ms)")),
+                (
+                    "queue_ms",
+                    models.FloatField(blank=True, null=True, verbose_name="queue wait (ms)"),
+                ),
+                (
+                    "tokens_per_second",
+                    models.FloatField(blank=True, null=True, verbose_name="decode tok/s"),
+                ),
+                (
+                    "api_key",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="requests",
+                        to="llmservice.apikey",
+                    ),
+                ),
             ],
             options={
-                'verbose_name': 'request',
-                'ordering': ['-created_at'],
-                'indexes': [models.Index(fields=['created_at'], name='reqlog_created'), models.Index(fields=['model', 'created_at'], name='reqlog_model_created'), models.Index(fields=['api_key', 'created_at'], name='reqlog_key_created')],
+                "verbose_name": "request",
+                "ordering": ["-created_at"],
+                "indexes": [
+                    models.Index(fields=["created_at"], name="reqlog_created"),
+                    models.Index(fields=["model", "created_at"], name="reqlog_model_created"),
+                    models.Index(fields=["api_key", "created_at"], name="reqlog_key_created"),
+                ],
             },
         ),
     ]

@@ -4,34 +4,45 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('analytics', '0001_request_log'),
+        ("analytics", "0001_request_log"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='RequestHour',
+            name="RequestHour",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('hour', models.DateTimeField()),
-                ('model', models.CharField(blank=True, max_length=200)),
-                ('key_name', models.CharField(blank=True, max_length=100)),
-                ('requests', models.PositiveIntegerField(default=0)),
-                ('prompt_tokens', models.BigIntegerField(default=0)),
-                ('completion_tokens', models.BigIntegerField(default=0)),
-                ('errors', models.PositiveIntegerField(default=0)),
-                ('cancelled', models.PositiveIntegerField(default=0)),
-                ('tps_sum', models.FloatField(default=0)),
-                ('tps_n', models.PositiveIntegerField(default=0)),
-                ('ttft_sum', models.FloatField(default=0)),
-                ('ttft_n', models.PositiveIntegerField(default=0)),
-                ('latency_sum', models.FloatField(default=0)),
-                ('ttft_bins', models.JSONField(default=list, help_text='Counts per TTFT histogram bin.')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("hour", models.DateTimeField()),
+                ("model", models.CharField(blank=True, max_length=200)),
+                ("key_name", models.CharField(blank=True, max_length=100)),
+                ("requests", models.PositiveIntegerField(default=0)),
+                ("prompt_tokens", models.BigIntegerField(default=0)),
+                ("completion_tokens", models.BigIntegerField(default=0)),
+                ("errors", models.PositiveIntegerField(default=0)),
+                ("cancelled", models.PositiveIntegerField(default=0)),
+                ("tps_sum", models.FloatField(default=0)),
+                ("tps_n", models.PositiveIntegerField(default=0)),
+                ("ttft_sum", models.FloatField(default=0)),
+                ("ttft_n", models.PositiveIntegerField(default=0)),
+                ("latency_sum", models.FloatField(default=0)),
+                (
+                    "ttft_bins",
+                    models.JSONField(default=list, help_text="Counts per TTFT histogram bin."),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['hour'], name='reqhour_hour')],
-                'constraints': [models.UniqueConstraint(fields=('hour', 'model', 'key_name'), name='reqhour_unique')],
+                "indexes": [models.Index(fields=["hour"], name="reqhour_hour")],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("hour", "model", "key_name"), name="reqhour_unique"
+                    )
+                ],
             },
         ),
     ]

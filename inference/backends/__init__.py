@@ -46,7 +46,9 @@ def create_backend(name: str = "auto") -> Backend:
     try:
         dotted = BACKENDS[name]
     except KeyError:
-        raise BackendUnavailable(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}") from None
+        raise BackendUnavailable(
+            f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}"
+        ) from None
     module_name, _, cls_name = dotted.rpartition(".")
     module = importlib.import_module(module_name)
     return getattr(module, cls_name)()

@@ -109,7 +109,9 @@ class MLXLoadedModel(LoadedModel):
             completion_batch_size=self._max_batch,
             # Prefill every waiting prompt together by default: the per-step fixed cost dominates
             # at these sizes, so one prefill beats several small ones (docs/benchmarks.md).
-            prefill_batch_size=min(self.spec.prefill_batch_size or self._max_batch, self._max_batch),
+            prefill_batch_size=min(
+                self.spec.prefill_batch_size or self._max_batch, self._max_batch
+            ),
             # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
             # per-thread, and the module-level generation stream belongs to the importer.
             stream=mx.default_stream(mx.default_device()),
@@ -177,7 +179,9 @@ class MLXLoadedModel(LoadedModel):
             out.append((seq_id, delta))
             if r.finish_reason is not None:
                 if r.prompt_cache is not None and self.spec.prompt_cache_entries > 0:
-                    self._prompt_cache.insert_cache(self.spec.name, list(r.all_tokens), r.prompt_cache)
+                    self._prompt_cache.insert_cache(
+                        self.spec.name, list(r.all_tokens), r.prompt_cache
+                    )
                 del self._uid_to_seq[r.uid]
                 self._seq_to_uid.pop(seq_id, None)
                 self._top_logprobs.pop(r.uid, None)

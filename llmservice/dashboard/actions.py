@@ -81,7 +81,9 @@ def unload_model(name: str) -> bool:
     try:
         return engine.scheduler.unload(name).result(timeout=UNLOAD_WAIT)
     except ModelBusy as exc:
-        raise ActionError(f"Model {name} is busy: {exc}. Try again when its requests have ended.") from exc
+        raise ActionError(
+            f"Model {name} is busy: {exc}. Try again when its requests have ended."
+        ) from exc
     except FutureTimeout as exc:
         raise ActionError(f"Model {name} did not unload within {UNLOAD_WAIT:.0f} s") from exc
 

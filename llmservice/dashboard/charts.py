@@ -25,8 +25,18 @@ SERIES = [
     ("errors", "errors", 0),
     ("cancelled", "cancelled", 0),
 ]
-TABLE_FIELDS = ["name", "requests", "prompt_tokens", "completion_tokens", "errors", "cancelled",
-                "tokens_per_second", "ttft_p50_ms", "ttft_p95_ms", "latency_avg_ms"]
+TABLE_FIELDS = [
+    "name",
+    "requests",
+    "prompt_tokens",
+    "completion_tokens",
+    "errors",
+    "cancelled",
+    "tokens_per_second",
+    "ttft_p50_ms",
+    "ttft_p95_ms",
+    "latency_avg_ms",
+]
 RECENT = 50
 
 
@@ -83,8 +93,10 @@ def analytics_data(window: str) -> dict:
     totals = {k: _number(v) for k, v in aggregates.totals(window, now=now).items()}
 
     def table(by: str) -> list[dict]:
-        return [{k: _number(r.get(k)) for k in TABLE_FIELDS}
-                for r in aggregates.breakdown(window, by=by, now=now)]
+        return [
+            {k: _number(r.get(k)) for k in TABLE_FIELDS}
+            for r in aggregates.breakdown(window, by=by, now=now)
+        ]
 
     return {
         "window": window,

@@ -11,19 +11,27 @@ from llmservice.models import ApiKey
 
 class DownloadForm(forms.Form):
     repo_id = forms.CharField(
-        label="Repo id", max_length=200,
-        widget=forms.TextInput(attrs={"placeholder": "mlx-community/SmolLM2-135M-Instruct", "size": 40}),
+        label="Repo id",
+        max_length=200,
+        widget=forms.TextInput(
+            attrs={"placeholder": "mlx-community/SmolLM2-135M-Instruct", "size": 40}
+        ),
     )
-    revision = forms.CharField(max_length=100, initial="main", required=False,
-                               help_text="Branch, tag or commit.")
+    revision = forms.CharField(
+        max_length=100, initial="main", required=False, help_text="Branch, tag or commit."
+    )
     include = forms.CharField(
-        label="Include patterns", required=False,
+        label="Include patterns",
+        required=False,
         widget=forms.Textarea(attrs={"rows": 2, "cols": 40}),
         help_text="Glob patterns, one per line or comma-separated. Empty: config, tokenizer and "
-                  "safetensors files.",
+        "safetensors files.",
     )
-    name = forms.CharField(max_length=200, required=False,
-                           help_text="The model name clients will send (default: the repo id).")
+    name = forms.CharField(
+        max_length=200,
+        required=False,
+        help_text="The model name clients will send (default: the repo id).",
+    )
 
     def clean(self):
         from models_app import downloads
@@ -33,7 +41,8 @@ class DownloadForm(forms.Form):
             return data
         try:
             data["repo_id"], data["revision"], data["name"] = downloads.validate_request(
-                data.get("repo_id", ""), data.get("revision", ""), data.get("name"))
+                data.get("repo_id", ""), data.get("revision", ""), data.get("name")
+            )
         except downloads.DownloadError as exc:
             raise forms.ValidationError(str(exc)) from exc
         raw = data.get("include", "").replace(",", "\n")
@@ -43,7 +52,8 @@ class DownloadForm(forms.Form):
 
 class ApiKeyForm(forms.ModelForm):
     allowed_models = forms.MultipleChoiceField(
-        required=False, widget=forms.CheckboxSelectMultiple,
+        required=False,
+        widget=forms.CheckboxSelectMultiple,
         help_text="None ticked: every model.",
     )
 
@@ -51,8 +61,9 @@ class ApiKeyForm(forms.ModelForm):
         model = ApiKey
         fields = ["name", "allowed_models", "rpm_limit", "tpm_limit", "expires_at"]
         widgets = {
-            "expires_at": forms.DateTimeInput(attrs={"type": "datetime-local"},
-                                              format="%Y-%m-%dT%H:%M"),
+            "expires_at": forms.DateTimeInput(
+                attrs={"type": "datetime-local"}, format="%Y-%m-%dT%H:%M"
+            ),
         }
         help_texts = {"expires_at": "UTC. Empty: never expires."}
 
@@ -66,8 +77,9 @@ class ApiKeyForm(forms.ModelForm):
     def clean_name(self):
         name = self.cleaned_data["name"].strip()
         if name.startswith(PLAYGROUND_PREFIX):
-            raise forms.ValidationError(f"Names starting with {PLAYGROUND_PREFIX} are the "
-                                        "playground's own keys.")
+            raise forms.ValidationError(
+                f"Names starting with {PLAYGROUND_PREFIX} are the playground's own keys."
+            )
         return name
 
     def clean_expires_at(self):

@@ -67,8 +67,20 @@ def download_dict(row: dict) -> dict:
 
 def downloads(limit: int = RECENT_DOWNLOADS) -> list[dict]:
     rows = Download.objects.values(
-        "id", "repo_id", "revision", "name", "status", "bytes_done", "bytes_total", "rate",
-        "eta_seconds", "files_done", "files_total", "error", "cancel_requested")[:limit]
+        "id",
+        "repo_id",
+        "revision",
+        "name",
+        "status",
+        "bytes_done",
+        "bytes_total",
+        "rate",
+        "eta_seconds",
+        "files_done",
+        "files_total",
+        "error",
+        "cancel_requested",
+    )[:limit]
     return [download_dict(r) for r in rows]
 
 
@@ -85,8 +97,18 @@ def snapshot() -> dict:
         "backend": stats["backend"] if stats else configured_backend(),
         "device": stats["device"] if stats else "(engine not started)",
         "loaded_models": [
-            {k: m[k] for k in ("name", "memory_bytes", "running", "waiting", "pinned", "idle_seconds",
-                               "context_length")}
+            {
+                k: m[k]
+                for k in (
+                    "name",
+                    "memory_bytes",
+                    "running",
+                    "waiting",
+                    "pinned",
+                    "idle_seconds",
+                    "context_length",
+                )
+            }
             for m in (stats["loaded_models"] if stats else [])
         ],
         "loading_models": actions.loading(),

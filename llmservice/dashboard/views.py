@@ -26,8 +26,11 @@ from models_app.models import Download, LLMModel
 
 def _page(request, site, template: str, title: str, **context) -> TemplateResponse:
     request.current_app = site.name
-    return TemplateResponse(request, f"admin/dashboard/{template}",
-                            {**site.each_context(request), "title": title, **context})
+    return TemplateResponse(
+        request,
+        f"admin/dashboard/{template}",
+        {**site.each_context(request), "title": title, **context},
+    )
 
 
 def _require(request, perm: str) -> None:
@@ -53,14 +56,27 @@ def models_page(request, site, download_form: DownloadForm | None = None):
     snap = status.snapshot()
     memory = {m["name"]: m["memory_bytes"] for m in snap["loaded_models"]}
     rows = [
-        {"row": row, "loaded": row.name in memory, "memory_bytes": memory.get(row.name),
-         "loading": row.name in snap["loading_models"], "load_error": actions.load_error(row.name)}
+        {
+            "row": row,
+            "loaded": row.name in memory,
+            "memory_bytes": memory.get(row.name),
+            "loading": row.name in snap["loading_models"],
+            "load_error": actions.load_error(row.name),
+        }
         for row in LLMModel.objects.all()
     ]
-    return _page(request, site, "models.html", "Models", models=rows,
-                 downloads=snap["downloads"], form=download_form or DownloadForm(), snapshot=snap,
-                 can_change=request.user.has_perm("models_app.change_llmmodel"),
-                 can_download=request.user.has_perm("models_app.add_download"))
+    return _page(
+        request,
+        site,
+        "models.html",
+        "Models",
+        models=rows,
+        downloads=snap["downloads"],
+        form=download_form or DownloadForm(),
+        snapshot=snap,
+        can_change=request.user.has_perm("models_app.change_llmmodel"),
+        can_download=request.user.has_perm("models_app.add_download"),
+    )
 
 
 @require_POST
@@ -73,7 +89,9 @@ def model_action(request, site, pk: int, action: str):
             if state == "loaded":
                 messages.success(request, f"Model {row.name} is loaded.")
             else:
-                messages.info(request, f"Model {row.name} is loading; this page shows when it is resident.")
+                messages.info(
+                    request, f"Model {row.name} is loading; this page shows when it is resident."
+                )
         elif action == "unload":
             if actions.unload_model(row.name):
                 messages.success(request, f"Model {row.name} was unloaded.")
@@ -81,7 +99,9 @@ def model_action(request, site, pk: int, action: str):
                 messages.info(request, f"Model {row.name} was not loaded.")
         elif action == "default":
             row.make_default()
-            messages.success(request, f"Model {row.name} is now the default (what `model: \"default\"` means).")
+            messages.success(
+                request, f'Model {row.name} is now the default (what `model: "default"` means).'
+            )
         else:
             raise Http404(f"unknown action {action}")
     except actions.ActionError as exc:
@@ -97,15 +117,18 @@ def download_create(request, site):
         return models_page(request, site, download_form=form)
     data = form.cleaned_data
     try:
-        row = actions.start_download(data["repo_id"], data["revision"], data["include"], data["name"])
+        row = actions.start_download(
+            data["repo_id"], data["revision"], data["include"], data["name"]
+        )
     except actions.ActionError as exc:
         form.add_error(None, str(exc))
         return models_page(request, site, download_form=form)
     if row.status == Download.Status.FAILED:
         messages.error(request, f"Download {row.pk} failed: {row.error}")
     else:
-        messages.success(request, f"Download {row.pk} queued: {row.repo_id}@{row.revision} -> "
-                                  f"model {row.name}.")
+        messages.success(
+            request, f"Download {row.pk} queued: {row.repo_id}@{row.revision} -> model {row.name}."
+        )
     return redirect(reverse("admin:dashboard_models") + "#downloads")
 
 
@@ -116,10 +139,15 @@ def download_action(request, site, pk: int, action: str):
         if action == "cancel":
             row = actions.cancel_download(pk)
             if row.status == Download.Status.CANCELLED:
-                messages.success(request, f"Download {pk} cancelled; its partial files are deleted.")
+                messages.success(
+                    request, f"Download {pk} cancelled; its partial files are deleted."
+                )
             elif row.status in Download.ACTIVE:
-                messages.info(request, f"Download {pk}: cancel requested; the worker stops it at its "
-                                       "next progress update.")
+                messages.info(
+                    request,
+                    f"Download {pk}: cancel requested; the worker stops it at its "
+                    "next progress update.",
+                )
             else:
                 messages.warning(request, f"Download {pk} already {row.status}; nothing to cancel.")
         elif action == "retry":
@@ -138,10 +166,16 @@ def download_action(request, site, pk: int, action: str):
 def playground_page(request, site):
     models = list(LLMModel.objects.servable().values_list("name", "is_default"))
     default = next((name for name, is_default in models if is_default), None)
-    return _page(request, site, "playground.html", "Playground",
-                 models=[name for name, _ in models], default_model=default,
-                 api_key=actions.playground_key(request.user.get_username()),
-                 key_hours=int(actions.PLAYGROUND_KEY_TTL.total_seconds() // 3600))
+    return _page(
+        request,
+        site,
+        "playground.html",
+        "Playground",
+        models=[name for name, _ in models],
+        default_model=default,
+        api_key=actions.playground_key(request.user.get_username()),
+        key_hours=int(actions.PLAYGROUND_KEY_TTL.total_seconds() // 3600),
+    )
 
 
 # --- Analytics ------------------------------------------------------------------------------------
@@ -155,8 +189,14 @@ def _window(request) -> str:
 
 
 def analytics_page(request, site):
-    return _page(request, site, "analytics.html", "Analytics", window=_window(request),
-                 windows=[("hour", "Last hour"), ("day", "Last day"), ("week", "Last week")])
+    return _page(
+        request,
+        site,
+        "analytics.html",
+        "Analytics",
+        window=_window(request),
+        windows=[("hour", "Last hour"), ("day", "Last day"), ("week", "Last week")],
+    )
 
 
 def analytics_json(request, site):
@@ -171,7 +211,8 @@ def _keys() -> tuple[list[ApiKey], int]:
     now = timezone.now()
     recent = Q(requests__created_at__gte=now - timezone.timedelta(days=30))
     retired = Q(name__startswith=actions.PLAYGROUND_PREFIX) & (
-        Q(revoked_at__isnull=False) | Q(expires_at__lte=now))
+        Q(revoked_at__isnull=False) | Q(expires_at__lte=now)
+    )
     keys = ApiKey.objects.exclude(retired).annotate(
         requests_30d=Count("requests", filter=recent),
         tokens_30d=Sum("requests__prompt_tokens", filter=recent, default=0)
@@ -194,11 +235,20 @@ def settings_page(request, site):
     elif request.method != "GET":
         return HttpResponseBadRequest("GET or POST")
     keys, hidden = _keys()
-    return _page(request, site, "settings.html", "Settings", keys=keys,
-                 hidden_playground_keys=hidden, form=form or ApiKeyForm(), created=created,
-                 config=config.effective(), api_base=request.build_absolute_uri("/v1"),
-                 can_add_key=request.user.has_perm("llmservice.add_apikey"),
-                 can_revoke=request.user.has_perm("llmservice.change_apikey"))
+    return _page(
+        request,
+        site,
+        "settings.html",
+        "Settings",
+        keys=keys,
+        hidden_playground_keys=hidden,
+        form=form or ApiKeyForm(),
+        created=created,
+        config=config.effective(),
+        api_base=request.build_absolute_uri("/v1"),
+        can_add_key=request.user.has_perm("llmservice.add_apikey"),
+        can_revoke=request.user.has_perm("llmservice.change_apikey"),
+    )
 
 
 @require_POST

@@ -4,30 +4,41 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('llmservice', '0001_initial'),
+        ("llmservice", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='apikey',
-            name='allowed_models',
-            field=models.JSONField(blank=True, default=list, help_text='Model ids this key may use. Empty: all models.'),
+            model_name="apikey",
+            name="allowed_models",
+            field=models.JSONField(
+                blank=True, default=list, help_text="Model ids this key may use. Empty: all models."
+            ),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='expires_at',
-            field=models.DateTimeField(blank=True, help_text='Empty: never expires.', null=True),
+            model_name="apikey",
+            name="expires_at",
+            field=models.DateTimeField(blank=True, help_text="Empty: never expires.", null=True),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='rpm_limit',
-            field=models.PositiveIntegerField(blank=True, help_text='Empty: unlimited.', null=True, verbose_name='requests per minute'),
+            model_name="apikey",
+            name="rpm_limit",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Empty: unlimited.",
+                null=True,
+                verbose_name="requests per minute",
+            ),
         ),
         migrations.AddField(
-            model_name='apikey',
-            name='tpm_limit',
-            field=models.PositiveIntegerField(blank=True, help_text='Empty: unlimited.', null=True, verbose_name='tokens per minute'),
+            model_name="apikey",
+            name="tpm_limit",
+            field=models.PositiveIntegerField(
+                blank=True,
+                help_text="Empty: unlimited.",
+                null=True,
+                verbose_name="tokens per minute",
+            ),
         ),
     ]

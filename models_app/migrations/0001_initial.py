@@ -5,50 +5,237 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='LLMModel',
+            name="LLMModel",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(help_text='The id clients send as `model`.', max_length=200, unique=True, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$', 'Use letters, digits and . _ : / @ + - (the name clients send as `model`).')])),
-                ('source', models.CharField(choices=[('hf', 'Hugging Face'), ('local', 'Local folder'), ('gguf', 'Imported GGUF')], default='local', max_length=10)),
-                ('source_ref', models.CharField(blank=True, help_text='Hugging Face repo id, or the imported path.', max_length=500)),
-                ('revision', models.CharField(blank=True, max_length=100)),
-                ('path', models.CharField(help_text='Folder on disk that the backend loads.', max_length=1000)),
-                ('format', models.CharField(choices=[('mlx', 'mlx-lm / safetensors'), ('gguf', 'GGUF')], default='mlx', max_length=10)),
-                ('size_bytes', models.BigIntegerField(default=0)),
-                ('backend', models.CharField(choices=[('auto', 'auto'), ('mlx', 'mlx'), ('vllm', 'vllm')], default='auto', max_length=10)),
-                ('status', models.CharField(choices=[('available', 'Available'), ('downloading', 'Downloading'), ('failed', 'Failed'), ('deleting', 'Deleting')], default='available', max_length=12)),
-                ('is_default', models.BooleanField(default=False, verbose_name='default')),
-                ('aliases', models.JSONField(blank=True, default=list, help_text='Other names clients may use.')),
-                ('enabled', models.BooleanField(default=True, help_text='A disabled model answers 404.')),
-                ('context_length', models.PositiveIntegerField(blank=True, help_text="Prompt + max_tokens limit. Empty: the model's own.", null=True, validators=[django.core.validators.MinValueValidator(16)])),
-                ('default_temperature', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(2)])),
-                ('default_top_p', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(1)])),
-                ('default_top_k', models.PositiveIntegerField(blank=True, null=True)),
-                ('default_min_p', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(0), django.core.validators.MaxValueValidator(1)])),
-                ('default_max_tokens', models.PositiveIntegerField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(1)])),
-                ('default_presence_penalty', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(-2), django.core.validators.MaxValueValidator(2)])),
-                ('default_frequency_penalty', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(-2), django.core.validators.MaxValueValidator(2)])),
-                ('default_repetition_penalty', models.FloatField(blank=True, null=True, validators=[django.core.validators.MinValueValidator(0.01), django.core.validators.MaxValueValidator(10)])),
-                ('chat_template', models.TextField(blank=True, help_text="Jinja chat template overriding the tokenizer's. Empty: the tokenizer's.")),
-                ('system_prompt', models.TextField(blank=True, help_text='Put before the conversation as a system message when set.')),
-                ('max_batch_size', models.PositiveIntegerField(blank=True, help_text='Sequences decoded together. Empty: the service default.', null=True, validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(256)])),
-                ('keep_alive_seconds', models.PositiveIntegerField(blank=True, help_text='Unload after this long idle. Empty: stay loaded.', null=True)),
-                ('pinned', models.BooleanField(default=False, help_text='Never unloaded to make room.')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="The id clients send as `model`.",
+                        max_length=200,
+                        unique=True,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+                                "Use letters, digits and . _ : / @ + - (the name clients send as `model`).",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "source",
+                    models.CharField(
+                        choices=[
+                            ("hf", "Hugging Face"),
+                            ("local", "Local folder"),
+                            ("gguf", "Imported GGUF"),
+                        ],
+                        default="local",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "source_ref",
+                    models.CharField(
+                        blank=True,
+                        help_text="Hugging Face repo id, or the imported path.",
+                        max_length=500,
+                    ),
+                ),
+                ("revision", models.CharField(blank=True, max_length=100)),
+                (
+                    "path",
+                    models.CharField(
+                        help_text="Folder on disk that the backend loads.", max_length=1000
+                    ),
+                ),
+                (
+                    "format",
+                    models.CharField(
+                        choices=[("mlx", "mlx-lm / safetensors"), ("gguf", "GGUF")],
+                        default="mlx",
+                        max_length=10,
+                    ),
+                ),
+                ("size_bytes", models.BigIntegerField(default=0)),
+                (
+                    "backend",
+                    models.CharField(
+                        choices=[("auto", "auto"), ("mlx", "mlx"), ("vllm", "vllm")],
+                        default="auto",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("available", "Available"),
+                            ("downloading", "Downloading"),
+                            ("failed", "Failed"),
+                            ("deleting", "Deleting"),
+                        ],
+                        default="available",
+                        max_length=12,
+                    ),
+                ),
+                ("is_default", models.BooleanField(default=False, verbose_name="default")),
+                (
+                    "aliases",
+                    models.JSONField(
+                        blank=True, default=list, help_text="Other names clients may use."
+                    ),
+                ),
+                (
+                    "enabled",
+                    models.BooleanField(default=True, help_text="A disabled model answers 404."),
+                ),
+                (
+                    "context_length",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Prompt + max_tokens limit. Empty: the model's own.",
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(16)],
+                    ),
+                ),
+                (
+                    "default_temperature",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(0),
+                            django.core.validators.MaxValueValidator(2),
+                        ],
+                    ),
+                ),
+                (
+                    "default_top_p",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(0),
+                            django.core.validators.MaxValueValidator(1),
+                        ],
+                    ),
+                ),
+                ("default_top_k", models.PositiveIntegerField(blank=True, null=True)),
+                (
+                    "default_min_p",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(0),
+                            django.core.validators.MaxValueValidator(1),
+                        ],
+                    ),
+                ),
+                (
+                    "default_max_tokens",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        null=True,
+                        validators=[django.core.validators.MinValueValidator(1)],
+                    ),
+                ),
+                (
+                    "default_presence_penalty",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(-2),
+                            django.core.validators.MaxValueValidator(2),
+                        ],
+                    ),
+                ),
+                (
+                    "default_frequency_penalty",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(-2),
+                            django.core.validators.MaxValueValidator(2),
+                        ],
+                    ),
+                ),
+                (
+                    "default_repetition_penalty",
+                    models.FloatField(
+                        blank=True,
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(0.01),
+                            django.core.validators.MaxValueValidator(10),
+                        ],
+                    ),
+                ),
+                (
+                    "chat_template",
+                    models.TextField(
+                        blank=True,
+                        help_text="Jinja chat template overriding the tokenizer's. Empty: the tokenizer's.",
+                    ),
+                ),
+                (
+                    "system_prompt",
+                    models.TextField(
+                        blank=True,
+                        help_text="Put before the conversation as a system message when set.",
+                    ),
+                ),
+                (
+                    "max_batch_size",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Sequences decoded together. Empty: the service default.",
+                        null=True,
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(256),
+                        ],
+                    ),
+                ),
+                (
+                    "keep_alive_seconds",
+                    models.PositiveIntegerField(
+                        blank=True,
+                        help_text="Unload after this long idle. Empty: stay loaded.",
+                        null=True,
+                    ),
+                ),
+                (
+                    "pinned",
+                    models.BooleanField(default=False, help_text="Never unloaded to make room."),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
             options={
-                'verbose_name': 'model',
-                'ordering': ['name'],
-                'constraints': [models.UniqueConstraint(condition=models.Q(('is_default', True)), fields=('is_default',), name='one_default_model')],
+                "verbose_name": "model",
+                "ordering": ["name"],
+                "constraints": [
+                    models.UniqueConstraint(
+                        condition=models.Q(("is_default", True)),
+                        fields=("is_default",),
+                        name="one_default_model",
+                    )
+                ],
             },
         ),
     ]

@@ -6,40 +6,112 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('models_app', '0001_initial'),
+        ("models_app", "0001_initial"),
     ]
 
     operations = [
         migrations.CreateModel(
-            name='Download',
+            name="Download",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('repo_id', models.CharField(help_text='Hugging Face repo, e.g. mlx-community/SmolLM2-135M-Instruct.', max_length=200, verbose_name='repo id')),
-                ('revision', models.CharField(default='main', help_text='Branch, tag or commit.', max_length=100)),
-                ('include', models.JSONField(blank=True, default=list, help_text='Glob patterns of the files to fetch. Empty: config, tokenizer and safetensors files.')),
-                ('name', models.CharField(help_text='The model name to register (what clients send as `model`).', max_length=200, validators=[django.core.validators.RegexValidator('^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$', 'Use letters, digits and . _ : / @ + - (the name clients send as `model`).')])),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('completed', 'Completed'), ('failed', 'Failed'), ('cancelled', 'Cancelled')], db_index=True, default='queued', max_length=10)),
-                ('commit', models.CharField(blank=True, help_text='The commit `revision` resolved to.', max_length=64)),
-                ('bytes_done', models.BigIntegerField(default=0)),
-                ('bytes_total', models.BigIntegerField(default=0)),
-                ('rate', models.FloatField(default=0.0, help_text='Transfer rate, bytes per second.')),
-                ('eta_seconds', models.FloatField(blank=True, null=True, verbose_name='ETA (s)')),
-                ('files_done', models.PositiveIntegerField(default=0)),
-                ('files_total', models.PositiveIntegerField(default=0)),
-                ('error', models.TextField(blank=True)),
-                ('celery_task_id', models.CharField(blank=True, max_length=64)),
-                ('worker', models.CharField(blank=True, help_text='Celery node running it.', max_length=200)),
-                ('cancel_requested', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
-                ('model', models.ForeignKey(blank=True, help_text='The model registered when the download completed.', null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='downloads', to='models_app.llmmodel')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "repo_id",
+                    models.CharField(
+                        help_text="Hugging Face repo, e.g. mlx-community/SmolLM2-135M-Instruct.",
+                        max_length=200,
+                        verbose_name="repo id",
+                    ),
+                ),
+                (
+                    "revision",
+                    models.CharField(
+                        default="main", help_text="Branch, tag or commit.", max_length=100
+                    ),
+                ),
+                (
+                    "include",
+                    models.JSONField(
+                        blank=True,
+                        default=list,
+                        help_text="Glob patterns of the files to fetch. Empty: config, tokenizer and safetensors files.",
+                    ),
+                ),
+                (
+                    "name",
+                    models.CharField(
+                        help_text="The model name to register (what clients send as `model`).",
+                        max_length=200,
+                        validators=[
+                            django.core.validators.RegexValidator(
+                                "^[A-Za-z0-9][A-Za-z0-9._:/@+-]*$",
+                                "Use letters, digits and . _ : / @ + - (the name clients send as `model`).",
+                            )
+                        ],
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("completed", "Completed"),
+                            ("failed", "Failed"),
+                            ("cancelled", "Cancelled"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=10,
+                    ),
+                ),
+                (
+                    "commit",
+                    models.CharField(
+                        blank=True, help_text="The commit `revision` resolved to.", max_length=64
+                    ),
+                ),
+                ("bytes_done", models.BigIntegerField(default=0)),
+                ("bytes_total", models.BigIntegerField(default=0)),
+                (
+                    "rate",
+                    models.FloatField(default=0.0, help_text="Transfer rate, bytes per second."),
+                ),
+                ("eta_seconds", models.FloatField(blank=True, null=True, verbose_name="ETA (s)")),
+                ("files_done", models.PositiveIntegerField(default=0)),
+                ("files_total", models.PositiveIntegerField(default=0)),
+                ("error", models.TextField(blank=True)),
+                ("celery_task_id", models.CharField(blank=True, max_length=64)),
+                (
+                    "worker",
+                    models.CharField(
+                        blank=True, help_text="Celery node running it.", max_length=200
+                    ),
+                ),
+                ("cancel_requested", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
+                (
+                    "model",
+                    models.ForeignKey(
+                        blank=True,
+                        help_text="The model registered when the download completed.",
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="downloads",
+                        to="models_app.llmmodel",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at', '-id'],
+                "ordering": ["-created_at", "-id"],
             },
         ),
     ]

@@ -5,7 +5,9 @@ from analytics.aggregates import prune
 
 
 class Command(BaseCommand):
-    help = "Delete request analytics older than the retention (LLM_SERVICE_ANALYTICS_RETENTION_DAYS)."
+    help = (
+        "Delete request analytics older than the retention (LLM_SERVICE_ANALYTICS_RETENTION_DAYS)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("--days", type=int, default=None)

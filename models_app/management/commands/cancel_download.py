@@ -11,8 +11,11 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("download_id", type=int)
-        parser.add_argument("--no-wait", action="store_true",
-                            help="only ask the worker to stop; do not wait until it has")
+        parser.add_argument(
+            "--no-wait",
+            action="store_true",
+            help="only ask the worker to stop; do not wait until it has",
+        )
 
     def handle(self, *args, download_id, no_wait, **options):
         try:
@@ -29,5 +32,7 @@ class Command(BaseCommand):
         if row.status == Download.Status.CANCELLED:
             self.stdout.write(f"Download {row.pk} cancelled.")
         else:
-            self.stdout.write(f"Download {row.pk}: cancel requested; the worker stops it at its next "
-                              "progress update.")
+            self.stdout.write(
+                f"Download {row.pk}: cancel requested; the worker stops it at its next "
+                "progress update."
+            )

@@ -8,7 +8,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("path")
-        parser.add_argument("--name", help="The id clients send as `model` (default: from the path).")
+        parser.add_argument(
+            "--name", help="The id clients send as `model` (default: from the path)."
+        )
         parser.add_argument("--default", action="store_true", help="Make it the default model.")
 
     def handle(self, *args, path, name, default, **options):

@@ -10,8 +10,15 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         header = ("ID", "NAME", "DEFAULT", "STATUS", "SIZE", "SOURCE", "PATH")
         rows = [
-            (str(m.pk), m.name, "*" if m.is_default else "", m.status, human_bytes(m.size_bytes),
-             f"hf:{m.source_ref}" if m.source == LLMModel.Source.HUGGINGFACE else m.source, m.path)
+            (
+                str(m.pk),
+                m.name,
+                "*" if m.is_default else "",
+                m.status,
+                human_bytes(m.size_bytes),
+                f"hf:{m.source_ref}" if m.source == LLMModel.Source.HUGGINGFACE else m.source,
+                m.path,
+            )
             for m in LLMModel.objects.order_by("name")
         ]
         if not rows:

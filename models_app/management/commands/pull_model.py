@@ -10,42 +10,61 @@ QUEUED_HINT_AFTER = 15.0  # seconds
 
 
 class Command(BaseCommand):
-    help = ("Download a model from the Hugging Face hub into MODELS_DIR and register it. A Celery "
-            "worker does the work (`llm-service serve` runs one); this prints the download id.")
+    help = (
+        "Download a model from the Hugging Face hub into MODELS_DIR and register it. A Celery "
+        "worker does the work (`llm-service serve` runs one); this prints the download id."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("repo_id", help="e.g. mlx-community/SmolLM2-135M-Instruct")
-        parser.add_argument("--revision", default="main", help="branch, tag or commit (default main)")
         parser.add_argument(
-            "--include", nargs="+", action="extend", metavar="PATTERN",
+            "--revision", default="main", help="branch, tag or commit (default main)"
+        )
+        parser.add_argument(
+            "--include",
+            nargs="+",
+            action="extend",
+            metavar="PATTERN",
             help="glob patterns of the files to fetch (default: "
-                 + " ".join(downloads.DEFAULT_INCLUDE) + ")",
+            + " ".join(downloads.DEFAULT_INCLUDE)
+            + ")",
         )
         parser.add_argument("--name", help="the model name to register (default: the repo id)")
-        parser.add_argument("--wait", action="store_true",
-                            help="show progress until the download ends; exit non-zero if it fails")
+        parser.add_argument(
+            "--wait",
+            action="store_true",
+            help="show progress until the download ends; exit non-zero if it fails",
+        )
 
     def handle(self, *args, repo_id, revision, include, name, wait, **options):
         from models_app.tasks import enqueue
 
         try:
             with transaction.atomic():
-                row = downloads.create_download(repo_id, revision=revision, include=include, name=name)
+                row = downloads.create_download(
+                    repo_id, revision=revision, include=include, name=name
+                )
                 enqueue(row)
         except downloads.DownloadError as exc:
             raise CommandError(str(exc)) from exc
         row.refresh_from_db()
         if row.status == Download.Status.FAILED:  # could not even be queued
             raise CommandError(f"download {row.pk} failed: {row.error}")
-        self.stdout.write(f"Download {row.pk} queued: {row.repo_id}@{row.revision} -> model {row.name}")
+        self.stdout.write(
+            f"Download {row.pk} queued: {row.repo_id}@{row.revision} -> model {row.name}"
+        )
         if not wait:
-            self.stdout.write(f"Follow it in the admin; stop it with `manage.py cancel_download {row.pk}`.")
+            self.stdout.write(
+                f"Follow it in the admin; stop it with `manage.py cancel_download {row.pk}`."
+            )
             return
         try:
             self._wait(row)
         except KeyboardInterrupt:
-            self.stdout.write(f"\nStopped waiting; download {row.pk} goes on in the worker "
-                              f"(`manage.py cancel_download {row.pk}` stops it).")
+            self.stdout.write(
+                f"\nStopped waiting; download {row.pk} goes on in the worker "
+                f"(`manage.py cancel_download {row.pk}` stops it)."
+            )
             raise SystemExit(130) from None
 
     def _wait(self, row: Download) -> None:
@@ -66,9 +85,14 @@ class Command(BaseCommand):
                 raise CommandError(f"download {row.pk} failed: {row.error}")
             if row.status == Download.Status.CANCELLED:
                 raise CommandError(f"download {row.pk} was cancelled")
-            if (row.status == Download.Status.QUEUED and not hinted
-                    and time.monotonic() - started > QUEUED_HINT_AFTER):
-                self.stderr.write("Still queued: is a worker running? `llm-service serve` starts one "
-                                  "(or run `celery -A llmservice worker -Q downloads --pool=solo`).")
+            if (
+                row.status == Download.Status.QUEUED
+                and not hinted
+                and time.monotonic() - started > QUEUED_HINT_AFTER
+            ):
+                self.stderr.write(
+                    "Still queued: is a worker running? `llm-service serve` starts one "
+                    "(or run `celery -A llmservice worker -Q downloads --pool=solo`)."
+                )
                 hinted = True
             time.sleep(0.3)
