@@ -14,7 +14,6 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -94,7 +93,6 @@ class Scheduler:
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
         self.tokens_generated = 0
         self.started_at = time.time()
-        self.on_unload: Callable[[str], None] | None = None
         self._pending: dict[asyncio.AbstractEventLoop, list] = {}
 
     # --- API for other threads -----------------------------------------------------------
@@ -354,8 +352,6 @@ class Scheduler:
     def _unload(self, key: tuple) -> None:
         slot = self._slots.pop(key)
         slot.model.close()
-        if self.on_unload:
-            self.on_unload(slot.spec.name)
 
     def _expire_idle(self) -> None:
         now = time.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -16,6 +17,7 @@ from typing import Any
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from inference import protocol
 from inference.backends.base import LoadedModel
@@ -244,24 +246,8 @@ def budget(
 # --- tokens -> text --------------------------------------------------------------------------
 
 
-def _bytes_to_unicode() -> dict[str, int]:
-    # GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
-
-
-BYTE_DECODER = _bytes_to_unicode()
+# GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
+BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenTexts:
@@ -284,14 +270,14 @@ class TokenTexts:
         return raw.decode("utf-8", errors="replace"), list(raw)
 
 
-_token_texts: dict[int, TokenTexts] = {}
+# Per loaded model; an unloaded model's entry goes with it.
+_token_texts: weakref.WeakKeyDictionary[LoadedModel, TokenTexts] = weakref.WeakKeyDictionary()
 
 
 def token_texts(model: LoadedModel) -> TokenTexts:
-    key = id(model.tokenizer)
-    if key not in _token_texts:
-        _token_texts[key] = TokenTexts(model.tokenizer)
-    return _token_texts[key]
+    if model not in _token_texts:
+        _token_texts[model] = TokenTexts(model.tokenizer)
+    return _token_texts[model]
 
 
 class Detokenizer:
@@ -660,13 +646,15 @@ def chat_stream(job: Job) -> StreamingHttpResponse:
 # --- completions -----------------------------------------------------------------------------
 
 
-def completion_logprobs(job: Job, choice: Choice, offset: int = 0) -> dict | None:
+def completion_logprobs(
+    job: Job, entries: list[tuple[int, float, tuple]], offset: int = 0
+) -> dict | None:
     if not job.params.logprobs:
         return None
     texts = token_texts(job.model)
     tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
     position = offset
-    for token, logprob, top in choice.logprobs:
+    for token, logprob, top in entries:
         text, _ = texts.get(token)
         tokens.append(text)
         token_logprobs.append(logprob)
@@ -744,7 +732,7 @@ async def completion_full(job: Job) -> dict:
             {
                 "index": c.index,
                 "text": _echo(job, c) + c.text,
-                "logprobs": completion_logprobs(job, c, len(_echo(job, c))),
+                "logprobs": completion_logprobs(job, c.logprobs, len(_echo(job, c))),
                 "finish_reason": c.finish_reason,
             }
             for c in choices
@@ -765,10 +753,7 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
         logprobs = None
         if job.params.logprobs:
             start = sent.get(choice.index, 0)
-            part = Choice(
-                choice.index, choice.detok, choice.stops, logprobs=choice.logprobs[start:]
-            )
-            logprobs = completion_logprobs(job, part)
+            logprobs = completion_logprobs(job, choice.logprobs[start:])
             sent[choice.index] = len(choice.logprobs)
         body = protocol.text_completion(
             job.id,

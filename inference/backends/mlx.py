@@ -196,7 +196,6 @@ class MLXLoadedModel(LoadedModel):
         self._new_generator()
 
     def close(self) -> None:
-        self.reset()
         self._gen.close()
         del self.model
         mx.clear_cache()
