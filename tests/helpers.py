@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -166,6 +167,23 @@ class Server:
         return httpx.Client(
             base_url=self.url, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60, **kwargs
         )
+
+    @contextlib.contextmanager
+    def chat_stream(self, content: str, max_tokens: int, *, api_key: str = API_KEY, **extra):
+        """A streamed chat over raw HTTP, yielding its SSE events as they arrive; leaving the
+        block closes the connection (a client disconnect)."""
+        body = {
+            "model": "tiny",
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": max_tokens,
+            "stream": True,
+            **extra,
+        }
+        with httpx.Client(
+            base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {api_key}"}
+        ) as http:
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                yield sse_events(response)
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=5).text

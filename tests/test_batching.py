@@ -99,22 +99,7 @@ def test_a_new_request_joins_a_running_batch(server):
 
 def test_a_disconnected_client_frees_its_slot(server):
     base = server.metric("llm_generated_tokens_total")
-    with (
-        server.http() as http,
-        http.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={
-                "model": "tiny",
-                "messages": [{"role": "user", "content": "Go on forever"}],
-                "max_tokens": 1500,
-                "stream": True,
-                "temperature": 0,
-                **NO_EOS,
-            },
-        ) as response,
-    ):
-        events = sse_events(response)
+    with server.chat_stream("Go on forever", 1500, temperature=0, **NO_EOS) as events:
         for _ in range(5):
             next(events)
         assert server.metric("llm_running_sequences") == 1
@@ -155,11 +140,8 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     release = threading.Event()
 
     def hold_stream():
-        with (
-            small_server.http() as http,
-            http.stream("POST", "/v1/chat/completions", json=body) as r,
-        ):
-            events = sse_events(r)  # kept referenced: dropping it would close the stream
+        # `events` stays referenced: dropping the iterator would close the stream.
+        with small_server.chat_stream("Long", 400, **NO_EOS) as events:
             next(events)
             started.set()
             release.wait(30)
@@ -215,21 +197,7 @@ def test_streams_over_raw_http_end_with_done(server):
 
 def test_ttft_is_not_blocked_by_a_slow_reader(server):
     """A client that reads slowly does not hold the batch back for others."""
-    with (
-        server.http() as http,
-        http.stream(
-            "POST",
-            "/v1/chat/completions",
-            json={
-                "model": "tiny",
-                "messages": [{"role": "user", "content": "slow reader"}],
-                "max_tokens": 100,
-                "stream": True,
-                **NO_EOS,
-            },
-        ) as slow,
-    ):
-        events = sse_events(slow)
+    with server.chat_stream("slow reader", 100, **NO_EOS) as events:
         next(events)
         reply = server.openai().chat.completions.create(
             model="tiny",

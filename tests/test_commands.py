@@ -181,8 +181,6 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
 
 
 def test_the_admin_password_can_come_from_the_environment(tmp_path):
-    from llmservice.cli import bootstrap  # noqa: F401 - the command below runs it in a subprocess
-
     result = run(
         [
             sys.executable,

@@ -126,21 +126,8 @@ def stream_in_background(server: Server, stop: threading.Event) -> threading.Thr
     """A long streamed chat that runs until `stop` is set (then the client disconnects)."""
 
     def run() -> None:
-        with (
-            server.http() as http,
-            http.stream(
-                "POST",
-                "/v1/chat/completions",
-                json={
-                    "model": "tiny",
-                    "messages": [{"role": "user", "content": "go"}],
-                    "max_tokens": 1800,
-                    "stream": True,
-                    **NO_EOS,
-                },
-            ) as response,
-        ):
-            for _ in response.iter_lines():
+        with server.chat_stream("go", 1800, **NO_EOS) as events:
+            for _ in events:
                 if stop.is_set():
                     break
 

@@ -180,7 +180,7 @@ def install(tmp_path: Path, fresh_hub: HubServer):
 def redis_url():
     binary = Path("/usr/bin/redis-server")
     if not binary.exists():
-        pytest.skip("redis-server is not installed (CI installs it: apt-get install redis-server)")
+        pytest.fail("redis-server is not installed: `make test` installs it (.ci/sysdeps)")
     port = free_port()
     proc = subprocess.Popen(
         [
