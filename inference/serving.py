@@ -433,7 +433,7 @@ class Job:
 
 def submit(job: Job) -> GenerationGroup:
     if job.stats is not None:
-        job.stats.prompt_tokens = job.prompt_tokens * job.n
+        job.stats.prompt_tokens = job.prompt_tokens  # as usage reports it: once, whatever n is
     try:
         job.group = engine().submit(job.requests())
         return job.group

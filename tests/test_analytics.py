@@ -383,3 +383,17 @@ def test_the_hourly_rollup_matches_the_rows_it_summarises():
     assert incremental["tokens_per_second"] == pytest.approx(60.5)
     # TTFTs 10..1200 ms: the median (600 ms) lies in the (500, 750] bin.
     assert incremental["ttft_p50_ms"] == 750
+
+
+def test_a_request_with_n_choices_is_recorded_as_its_usage_says(observed):
+    reply = observed.openai().chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "n choices"}],
+        n=3,
+        max_tokens=4,
+        extra_body=NO_EOS,
+    )
+    wait_until(lambda: any(r["completion_tokens"] == 12 for r in rows(observed)), timeout=15)
+    row = next(r for r in rows(observed) if r["completion_tokens"] == 12)
+    assert row["prompt_tokens"] == reply.usage.prompt_tokens
+    assert row["completion_tokens"] == reply.usage.completion_tokens == 12
