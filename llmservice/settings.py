@@ -96,7 +96,8 @@ REDIS_URL = env_str("REDIS_URL")
 MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=1)
 # Sequences decoded together per model unless the model's own setting says otherwise.
 MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 16, minimum=1, maximum=1024)
-# Prompts prefilled together in one step; 0 means as many as the batch holds.
+# Prompts of a burst prefilled together, each group answered before the next starts; 0: the backend's
+# default (4 for mlx; the whole batch when mlx-lm's plain BatchGenerator is in use).
 PREFILL_BATCH_SIZE = env_int("PREFILL_BATCH_SIZE", 0, minimum=0, maximum=1024)
 # KV caches of finished sequences kept per model, so prompts sharing a prefix skip its prefill.
 PROMPT_CACHE_ENTRIES = env_int("PROMPT_CACHE_ENTRIES", 16, minimum=0)

@@ -23,6 +23,7 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from inference.backends import mlx_batching, mlx_cpu
 from inference.backends.base import Backend, LoadedModel
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
@@ -30,6 +31,17 @@ log = logging.getLogger(__name__)
 
 # OpenAI's penalties look at the whole text so far; mlx-lm defaults to the last 20 tokens.
 PENALTY_CONTEXT = 1024
+# Prompts prefilled together when a burst arrives: each group's first tokens go out as soon as it is
+# prefilled, so smaller groups answer a burst sooner at a small cost in prefill speed.
+DEFAULT_PREFILL_GROUP = 4
+
+
+def needs_normalized_logprobs(params: SamplingParams) -> bool:
+    """Whether sampling or the response reads log probabilities rather than just raw logits."""
+    if params.logprobs:
+        return True
+    sampled = not (params.temperature == 0 or params.top_k == 1)
+    return sampled and (0 < params.top_p < 1.0 or params.min_p > 0)
 
 
 def make_sampler(params: SamplingParams):
@@ -87,6 +99,7 @@ class MLXLoadedModel(LoadedModel):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model, wrapper = mlx_load(spec.path)
+        mlx_cpu.install(self.model)
         self._wrapper = wrapper
         self.tokenizer = wrapper._tokenizer
         self.eos_token_ids = frozenset(wrapper.eos_token_ids)
@@ -102,16 +115,20 @@ class MLXLoadedModel(LoadedModel):
         self._prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_entries)
         self._new_generator()
 
+    def _prefill_group(self, max_batch: int) -> int:
+        if self.spec.prefill_batch_size:
+            return min(self.spec.prefill_batch_size, max_batch)
+        # mlx-lm's own scheduling returns first tokens only after the whole prefill: one big group.
+        return min(DEFAULT_PREFILL_GROUP if self._eager else max_batch, max_batch)
+
     def _new_generator(self) -> None:
-        self._gen = BatchGenerator(
+        self._eager = mlx_batching.supported()
+        generator = mlx_batching.EagerBatchGenerator if self._eager else BatchGenerator
+        self._gen = generator(
             self.model,
             stop_tokens=[[t] for t in sorted(self.eos_token_ids)],
             completion_batch_size=self._max_batch,
-            # Prefill every waiting prompt together by default: the per-step fixed cost dominates
-            # at these sizes, so one prefill beats several small ones (docs/benchmarks.md).
-            prefill_batch_size=min(
-                self.spec.prefill_batch_size or self._max_batch, self._max_batch
-            ),
+            prefill_batch_size=self._prefill_group(self._max_batch),
             # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
             # per-thread, and the module-level generation stream belongs to the importer.
             stream=mx.default_stream(mx.default_device()),
@@ -120,7 +137,7 @@ class MLXLoadedModel(LoadedModel):
     def set_max_batch_size(self, size: int) -> None:
         self._max_batch = size
         self._gen.completion_batch_size = size
-        self._gen.prefill_batch_size = min(self.spec.prefill_batch_size or size, size)
+        self._gen.prefill_batch_size = self._prefill_group(size)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         if self.spec.prompt_cache_entries <= 0:
@@ -150,6 +167,8 @@ class MLXLoadedModel(LoadedModel):
         self._seq_to_uid[seq_id] = uid
         if params.logprobs:
             self._top_logprobs[uid] = params.top_logprobs
+        if self._eager and needs_normalized_logprobs(params):
+            self._gen.normalized_uids.add(uid)
         return len(prompt) - len(rest)
 
     def remove(self, seq_ids: list[int]) -> None:
@@ -185,6 +204,8 @@ class MLXLoadedModel(LoadedModel):
                 del self._uid_to_seq[r.uid]
                 self._seq_to_uid.pop(seq_id, None)
                 self._top_logprobs.pop(r.uid, None)
+                if self._eager:
+                    self._gen.normalized_uids.discard(r.uid)
         return out
 
     def reset(self) -> None:
