@@ -71,13 +71,22 @@ def reference(tiny_dir, token_lists, max_tokens):
     return answers
 
 
-def test_the_numpy_swiglu_is_installed_on_the_cpu_and_matches_mlx(loaded, tiny_dir):
+def test_the_numpy_parts_are_installed_on_the_cpu_and_match_mlx(loaded, tiny_dir):
     assert isinstance(loaded.model.model.layers[0].mlp, mlx_cpu.NumpySwiGLU)
+    assert isinstance(loaded.model.model.embed_tokens, mlx_cpu.NumpyVocabulary)  # tied embeddings
     plain, _ = mlx_load(str(tiny_dir))
-    tokens = mx.array([prompts(loaded, 3)[2]])
-    ours = loaded.model(tokens, cache=make_prompt_cache(loaded.model))
-    theirs = plain(tokens, cache=make_prompt_cache(plain))
-    assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+    ours_cache, theirs_cache = make_prompt_cache(loaded.model), make_prompt_cache(plain)
+    # Several rows (a prefill, a batch), then one row (a lone decoding sequence: NumPy's products).
+    two_rows = mx.array([p[:8] for p in prompts(loaded, 3)[1:3]])
+    for tokens in (two_rows, mx.array([[17]]), mx.array([[42]])):
+        if tokens.shape[0] == 2:
+            ours = loaded.model(tokens, cache=make_prompt_cache(loaded.model))
+            theirs = plain(tokens, cache=make_prompt_cache(plain))
+        else:
+            ours = loaded.model(tokens, cache=ours_cache)
+            theirs = plain(tokens, cache=theirs_cache)
+        assert ours.shape == theirs.shape
+        assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
 
 
 def test_a_burst_gets_its_first_tokens_group_by_group(loaded):
@@ -132,7 +141,27 @@ def test_a_request_removed_while_its_group_waits_frees_it_and_the_rest_finish(lo
     assert not loaded._gen._prompt_batch.uids and not loaded._gen._generation_batch.uids
 
 
-def test_the_eager_generator_is_in_use_with_this_mlx_lm():
+def test_the_eager_generator_is_in_use_with_this_mlx_lm(loaded):
     # If an mlx-lm upgrade moves the internals it relies on, the backend falls back to mlx-lm's
-    # plain BatchGenerator; this test says so instead of letting the speed-up vanish silently.
+    # plain BatchGenerator (as for architectures split_head does not know); this test says so
+    # instead of letting the speed-up vanish silently.
     assert mlx_batching.supported()
+    assert isinstance(loaded._gen, mlx_batching.EagerBatchGenerator)
+
+
+def test_models_the_eager_generator_cannot_serve_get_mlx_lms_own_with_the_same_answers(
+    loaded, tiny_dir, monkeypatch
+):
+    token_lists = prompts(loaded, 5)
+    params = SamplingParams(max_tokens=10, temperature=0)
+    eager, _ = run(loaded, [(p, params) for p in token_lists])
+    monkeypatch.setattr(mlx_batching, "supports", lambda model: False)
+    plain_model = MLXLoadedModel(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
+    try:
+        assert type(plain_model._gen) is BatchGenerator
+        plain, _ = run(plain_model, [(p, params) for p in token_lists])
+    finally:
+        plain_model.close()
+    assert [[d.token for d in eager[i]] for i in range(5)] == [
+        [d.token for d in plain[i]] for i in range(5)
+    ]

@@ -122,7 +122,7 @@ class MLXLoadedModel(LoadedModel):
         return min(DEFAULT_PREFILL_GROUP if self._eager else max_batch, max_batch)
 
     def _new_generator(self) -> None:
-        self._eager = mlx_batching.supported()
+        self._eager = mlx_batching.supports(self.model)
         generator = mlx_batching.EagerBatchGenerator if self._eager else BatchGenerator
         self._gen = generator(
             self.model,

@@ -16,7 +16,8 @@ stop handling, `insert`/`remove`), and changes when work happens:
 
 Both lean on `BatchGenerator`'s internals (`_unprocessed_sequences`, `_prompt_batch`,
 `_currently_processing`, `GenerationBatch._step`) as of mlx-lm 0.32; `supported()` checks they are
-there, and the backend falls back to the plain `BatchGenerator` when they are not.
+there, and the backend falls back to the plain `BatchGenerator` when they are not, or when the model's
+architecture is not one whose vocabulary projection it knows how to apply alone (`split_head`).
 """
 
 from __future__ import annotations
@@ -64,10 +65,17 @@ def split_head(model):
     return (body, head) if head is not None else None
 
 
+def supports(model) -> bool:
+    """Whether `EagerBatchGenerator` can serve this model with this mlx-lm."""
+    return supported() and split_head(model) is not None
+
+
 class EagerBatchGenerator(BatchGenerator):
     def __init__(self, model, **kwargs) -> None:
         super().__init__(model, **kwargs)
-        self._split = split_head(model)
+        # Prefill projects only the last positions: projecting whole chunks would hold a
+        # chunk x vocabulary array of logits (gigabytes for a 150k vocabulary).
+        self._body, self._head = split_head(model)
         # uids whose rows need normalised log probabilities (logprobs asked, top-p or min-p sampling)
         self.normalized_uids: set[int] = set()
         batch = self._generation_batch
@@ -100,11 +108,7 @@ class EagerBatchGenerator(BatchGenerator):
         entries = self._currently_processing[-n:]
         del self._currently_processing[-n:]
         prompts = [[t for segment in entry[0] for t in segment] for entry in entries]
-        hidden_or_logits = self._prefill(batch, prompts)
-        if self._split is not None:
-            logits = self._split[1](hidden_or_logits)
-        else:
-            logits = hidden_or_logits
+        logits = self._head(self._prefill(batch, prompts))
 
         tokens, logprobs = [], []
         for i in range(n):
@@ -155,7 +159,7 @@ class EagerBatchGenerator(BatchGenerator):
         return responses
 
     def _prefill(self, batch: PromptProcessingBatch, prompts: list[list[int]]) -> mx.array:
-        """Run every prompt token through the model; return each row's last hidden state (or logits)."""
+        """Run every prompt token through the model; return each row's last hidden state."""
         for have, new in zip(batch.tokens, prompts, strict=True):
             have += new
         lengths = [len(p) for p in prompts]
@@ -168,13 +172,12 @@ class EagerBatchGenerator(BatchGenerator):
         else:
             tokens = mx.array(prompts)
 
-        forward = self._split[0] if self._split is not None else self.model
         last = [n - 1 for n in lengths]
         rows: list[mx.array | None] = [None] * len(prompts)
         start = 0
         while start < longest:
             chunk = tokens[:, start : start + self.prefill_step_size]
-            out = forward(chunk, cache=batch.prompt_cache)
+            out = self._body(chunk, cache=batch.prompt_cache)
             end = start + chunk.shape[1]
             here = [i for i, p in enumerate(last) if start <= p < end]
             if here:
