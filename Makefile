@@ -47,6 +47,7 @@ lint: setup
 
 bench: setup
 	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/python bench/serve_bench.py
+	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/python bench/engine_bench.py
 
 clean:
 	rm -rf $(VENV) .cache staticfiles

@@ -74,6 +74,7 @@ def reference(tiny_dir, token_lists, max_tokens):
 def test_the_numpy_parts_are_installed_on_the_cpu_and_match_mlx(loaded, tiny_dir):
     assert isinstance(loaded.model.model.layers[0].mlp, mlx_cpu.NumpySwiGLU)
     assert isinstance(loaded.model.model.embed_tokens, mlx_cpu.NumpyVocabulary)  # tied embeddings
+    assert isinstance(loaded.model.model.layers[0].self_attn.rope, mlx_cpu.TableRoPE)
     plain, _ = mlx_load(str(tiny_dir))
     ours_cache, theirs_cache = make_prompt_cache(loaded.model), make_prompt_cache(plain)
     # Several rows (a prefill, a batch), then one row (a lone decoding sequence: NumPy's products).

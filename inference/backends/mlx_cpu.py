@@ -1,7 +1,7 @@
-"""NumPy for the parts of a decode step that mlx's CPU backend does slowly on x86.
+"""Faster pieces for llama-family models on mlx's CPU backend, where its x86 path is slow.
 
-Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed three such parts; NumPy
-(vectorised `exp`, and its own OpenBLAS build) does them several times faster:
+Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed these parts, which NumPy
+(vectorised `exp`, its own OpenBLAS build) or a table does several times faster:
 - `exp` is scalar in mlx on x86 (about 15 ns per element against NumPy's 0.6 ns), and SwiGLU takes one
   per intermediate activation: 1536 x 30 layers per token, a third of a prefill. `NumpySwiGLU` computes
   `silu(gate) * up` in NumPy on zero-copy views of mlx's buffers (one synchronisation per layer).
@@ -10,6 +10,8 @@ Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed three 
   MLP in NumPy and `NumpyVocabulary` the vocabulary projection (16 ms in mlx, 3 ms in NumPy).
   Several rows stay in mlx: NumPy's OpenBLAS then brings its own pool of threads, which spins against
   mlx's and made a batch-8 step 1.8x slower.
+- RoPE: mlx computes sin and cos for every element of every head; `TableRoPE` reads them from a table
+  made once per model (3-10% of a decode step).
 - `NumpyVocabulary` stores the embedding, or the output projection, once and transposed: mlx's product
   with that layout was 10% faster at 16 rows, and the lookup reads its columns, so memory stays the same.
 Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 1e-4
@@ -76,6 +78,39 @@ class NumpyVocabulary(nn.Module):
         )
 
 
+class TableRoPE(nn.Module):
+    """`nn.RoPE` (the non-traditional layout) with cos/sin read from a table, not computed per element.
+
+    mlx's rope evaluates sin and cos for every element of every head (scalar on x86); the angles only
+    depend on the position and the frequency, so one table per model serves every head and layer.
+    """
+
+    def __init__(self, rope: nn.RoPE, positions: int) -> None:
+        super().__init__()
+        self.rope = rope
+        self.positions = positions
+        freqs = rope.base ** (-np.arange(0, rope.dims, 2, dtype=np.float64) / rope.dims)
+        angles = (np.arange(positions, dtype=np.float64) * rope.scale)[:, None] * freqs[None]
+        self._cos = mx.array(np.cos(angles).astype(np.float32))  # "_": not a parameter
+        self._sin = mx.array(np.sin(angles).astype(np.float32))
+
+    def __call__(self, x: mx.array, offset=0) -> mx.array:
+        length, dims = x.shape[-2], x.shape[-1]
+        if dims != self.rope.dims:
+            return self.rope(x, offset=offset)
+        if isinstance(offset, mx.array):
+            # Per-sequence offsets of a batch cache; left padding makes some negative (masked anyway).
+            at = mx.clip(offset.reshape(-1, 1) + mx.arange(length), 0, self.positions - 1)
+            cos, sin = self._cos[at][:, None], self._sin[at][:, None]  # (B, 1, L, dims/2)
+        elif offset + length <= self.positions:
+            cos, sin = self._cos[offset : offset + length], self._sin[offset : offset + length]
+        else:
+            return self.rope(x, offset=offset)
+        half = dims // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
 class NumpyHead(NumpyVocabulary):
     """An untied output projection."""
 
@@ -103,8 +138,12 @@ def install(model) -> bool:
     """Swap in the NumPy parts where they apply; returns whether it did."""
     if not applies(model):
         return False
+    positions = getattr(model.args, "max_position_embeddings", None)
     for layer in model.model.layers:
         layer.mlp = NumpySwiGLU(layer.mlp)
+        rope = getattr(layer.self_attn, "rope", None)
+        if positions and type(rope) is nn.RoPE and not rope.traditional:
+            layer.self_attn.rope = TableRoPE(rope, positions)
     body = model.model
     if getattr(model.args, "tie_word_embeddings", False):
         if isinstance(body.embed_tokens, nn.Embedding) and "scales" not in body.embed_tokens:
