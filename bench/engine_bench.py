@@ -27,7 +27,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-DOCS = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- engine_bench:start -->", "<!-- engine_bench:end -->"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
@@ -170,18 +169,6 @@ def report(steps: list[dict], bursts: list[dict], model_path: Path) -> str:
     return "\n".join(lines)
 
 
-def write_docs(section: str) -> None:
-    block = f"{START}\n{section}\n{END}"
-    text = DOCS.read_text()
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.write_text(text)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -200,7 +187,9 @@ def main() -> int:
     bursts = [burst(model_path, shipped=False), burst(model_path, shipped=True)]
     section = report(steps, bursts, model_path)
     if not args.no_docs:
-        write_docs(section)
+        from bench.serve_bench import write_docs
+
+        write_docs(section, START, END)
     print("\n" + section)
     return 0
 

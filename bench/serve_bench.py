@@ -929,12 +929,13 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
     return "\n".join(parts)
 
 
-def write_docs(section: str) -> None:
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
+def write_docs(section: str, start: str = MARK_START, end: str = MARK_END) -> None:
+    """Put the section between its markers in docs/benchmarks.md, keeping the rest of the file."""
+    block = f"{start}\n{section}\n{end}"
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
