@@ -44,10 +44,11 @@ def decode_steps(model_path: Path, batches: list[int], context: int = 120) -> li
     from mlx_lm.models.cache import make_prompt_cache
 
     from inference.backends import mlx_cpu
+    from inference.backends.mlx import read_context_length
 
     plain, _ = load(str(model_path))
     ours, _ = load(str(model_path))
-    installed = mlx_cpu.install(ours)
+    installed = mlx_cpu.install(ours, positions=read_context_length(str(model_path)))
 
     def step_ms(model, batch: int) -> float:
         cache = make_prompt_cache(model)
@@ -84,7 +85,7 @@ def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64
     saved = mlx_batching.supports, mlx_cpu.install
     if not shipped:
         mlx_batching.supports = lambda model: False
-        mlx_cpu.install = lambda model: False
+        mlx_cpu.install = lambda model, positions: False
     try:
         loaded = mlx.MLXLoadedModel(
             ModelSpec(name="bench", path=str(model_path), max_batch_size=16)

@@ -226,7 +226,8 @@ def budget(
     param: str,
 ) -> int:
     """max_tokens for this request, or a 400 when prompt + completion exceed the context."""
-    ctx = spec.context_length or model.context_length
+    # A per-model setting lowers the model's own limit; the model cannot go past its own.
+    ctx = min(spec.context_length or model.context_length, model.context_length)
     max_tokens = requested if requested is not None else defaults.max_tokens
     if max_tokens is None:
         max_tokens = ctx - prompt_len

@@ -443,6 +443,7 @@ def make_tiny_model(
     hidden_size: int = 64,
     num_layers: int = 2,
     seed: int = 0,
+    tie_word_embeddings: bool = True,
 ) -> None:
     """Write a tiny random-weight float32 llama using tokenizer_dir's tokenizer (for tests)."""
     from mlx.utils import tree_flatten, tree_unflatten
@@ -463,7 +464,7 @@ def make_tiny_model(
         "vocab_size": vocab,
         "rope_theta": 10000.0,
         "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": tie_word_embeddings,
     }
     has_config = (src / "config.json").exists()
     src_config = json.loads((src / "config.json").read_text()) if has_config else {}

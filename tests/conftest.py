@@ -43,6 +43,17 @@ def tiny2_dir(smollm_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def untied_dir(smollm_dir: Path) -> Path:
+    """The tiny llama with a separate output projection instead of tied embeddings."""
+    from models_app.gguf import make_tiny_model
+
+    return _build_once(
+        CACHE / "tiny-untied",
+        lambda t: make_tiny_model(smollm_dir, t, seed=2, tie_word_embeddings=False),
+    )
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, tiny_dir: Path) -> Server:
     """One daphne server with the tiny model as `tiny` (the default), shared by API tests."""
     srv = Server(tmp_path_factory.mktemp("server"), models=[("tiny", tiny_dir, True)])

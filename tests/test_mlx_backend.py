@@ -1,5 +1,6 @@
-"""The mlx backend on a real (tiny, random-weight) model: eager prefill, decode without the
-vocabulary normalisation, and the NumPy SwiGLU, each checked against mlx-lm's own code paths."""
+"""The mlx backend on real (tiny, random-weight) models: eager prefill, decode without the vocabulary
+normalisation, and the CPU parts (NumPy SwiGLU and products, transposed vocabulary, RoPE table), each
+checked against mlx-lm's own code paths."""
 
 from __future__ import annotations
 
@@ -48,6 +49,10 @@ def run(loaded, requests, remove_after_first_step=()):
     raise AssertionError("generation did not finish")
 
 
+def answer(deltas) -> list[int]:
+    return [d.token for d in deltas if d.token is not None]
+
+
 def reference(tiny_dir, token_lists, max_tokens):
     """mlx-lm's own BatchGenerator, one prompt at a time, with mlx's own SwiGLU."""
     model, wrapper = mlx_load(str(tiny_dir))
@@ -71,23 +76,43 @@ def reference(tiny_dir, token_lists, max_tokens):
     return answers
 
 
-def test_the_numpy_parts_are_installed_on_the_cpu_and_match_mlx(loaded, tiny_dir):
-    assert isinstance(loaded.model.model.layers[0].mlp, mlx_cpu.NumpySwiGLU)
-    assert isinstance(loaded.model.model.embed_tokens, mlx_cpu.NumpyVocabulary)  # tied embeddings
-    assert isinstance(loaded.model.model.layers[0].self_attn.rope, mlx_cpu.TableRoPE)
-    plain, _ = mlx_load(str(tiny_dir))
-    ours_cache, theirs_cache = make_prompt_cache(loaded.model), make_prompt_cache(plain)
-    # Several rows (a prefill, a batch), then one row (a lone decoding sequence: NumPy's products).
-    two_rows = mx.array([p[:8] for p in prompts(loaded, 3)[1:3]])
-    for tokens in (two_rows, mx.array([[17]]), mx.array([[42]])):
-        if tokens.shape[0] == 2:
-            ours = loaded.model(tokens, cache=make_prompt_cache(loaded.model))
-            theirs = plain(tokens, cache=make_prompt_cache(plain))
+@pytest.mark.parametrize(
+    "tied", [True, False], ids=["tied-embeddings", "separate-output-projection"]
+)
+def test_the_cpu_parts_are_installed_and_give_mlx_lms_logits(loaded, tiny_dir, untied_dir, tied):
+    path = tiny_dir if tied else untied_dir
+    ours = loaded if tied else MLXLoadedModel(ModelSpec(name="untied", path=str(path)))
+    model = ours.model
+    try:
+        layers = model.model.layers
+        assert isinstance(layers[0].mlp, mlx_cpu.NumpySwiGLU)
+        assert isinstance(layers[0].self_attn.rope, mlx_cpu.TableRoPE)
+        assert layers[0].self_attn.rope._cos is layers[1].self_attn.rope._cos  # one table per model
+        if tied:
+            assert isinstance(model.model.embed_tokens, mlx_cpu.NumpyVocabulary)
         else:
-            ours = loaded.model(tokens, cache=ours_cache)
-            theirs = plain(tokens, cache=theirs_cache)
-        assert ours.shape == theirs.shape
-        assert mx.allclose(ours, theirs, atol=1e-4, rtol=1e-4).item()
+            assert isinstance(model.lm_head, mlx_cpu.NumpyHead)
+        plain, _ = mlx_load(str(path))
+        ours_cache, theirs_cache = make_prompt_cache(model), make_prompt_cache(plain)
+        two_rows = mx.array([p[:8] for p in prompts(loaded, 3)[1:3]])
+        # Several rows (a prefill, a batch), then one row (a lone decoding sequence: NumPy's products).
+        for tokens in (two_rows, mx.array([[17]]), mx.array([[42]])):
+            if tokens.shape[0] == 2:
+                got = model(tokens, cache=make_prompt_cache(model))
+                want = plain(tokens, cache=make_prompt_cache(plain))
+            else:
+                got = model(tokens, cache=ours_cache)
+                want = plain(tokens, cache=theirs_cache)
+            assert got.shape == want.shape
+            assert mx.allclose(got, want, atol=1e-4, rtol=1e-4).item()
+        # Prompts of different lengths share a left-padded batch cache: per-sequence RoPE offsets.
+        token_lists = prompts(loaded, 3)
+        greedy = SamplingParams(max_tokens=6, temperature=0)
+        out, _ = run(ours, [(p, greedy) for p in token_lists])
+        assert [answer(out[i]) for i in range(3)] == reference(path, token_lists, 6)
+    finally:
+        if not tied:
+            ours.close()
 
 
 def test_a_burst_gets_its_first_tokens_group_by_group(loaded):
@@ -96,19 +121,22 @@ def test_a_burst_gets_its_first_tokens_group_by_group(loaded):
     # The first call prefills one group of four and answers it at once; nothing decodes yet.
     assert sorted(seq for seq, _ in first) == [0, 1, 2, 3]
     assert all(d.token is not None and d.finish_reason is None for _, d in first)
-    assert all(sum(d.token is not None for d in deltas) == 8 for deltas in out.values())
+    assert all(len(answer(deltas)) == 8 for deltas in out.values())
 
 
 def test_greedy_answers_in_a_burst_equal_mlx_lm_generating_each_alone(loaded, tiny_dir):
     token_lists = prompts(loaded, 6)
     out, _ = run(loaded, [(p, SamplingParams(max_tokens=12, temperature=0)) for p in token_lists])
-    ours = [[d.token for d in out[i] if d.token is not None] for i in range(6)]
-    assert ours == reference(tiny_dir, token_lists, 12)
+    assert [answer(out[i]) for i in range(6)] == reference(tiny_dir, token_lists, 12)
 
 
-def test_a_request_for_one_token_ends_at_its_first_token(loaded):
-    out, first = run(loaded, [(prompts(loaded, 1)[0], SamplingParams(max_tokens=1, temperature=0))])
+def test_a_request_for_one_token_ends_at_its_first_token_and_leaves_its_prefix_cached(loaded):
+    prompt = prompts(loaded, 1)[0]
+    out, _ = run(loaded, [(prompt, SamplingParams(max_tokens=1, temperature=0))])
     assert [(d.token is not None, d.finish_reason) for d in out[0]] == [(True, "length")]
+    # The same prompt again is served from the prefix cache, as after any finished request.
+    assert loaded.add(99, GenerationRequest("99", loaded.spec, tuple(prompt), SamplingParams())) > 0
+    loaded.remove([99])
 
 
 def test_an_end_of_sequence_first_token_ends_the_answer_empty(loaded):
@@ -118,11 +146,12 @@ def test_an_end_of_sequence_first_token_ends_the_answer_empty(loaded):
     assert [(d.token, d.finish_reason) for d in out[0]] == [(None, "stop")]
 
 
-def test_log_probabilities_are_normalised_even_beside_rows_that_skip_it(loaded):
+def test_log_probabilities_are_normalised_when_one_row_of_the_batch_asks_for_them(loaded):
     with_logprobs = SamplingParams(max_tokens=6, temperature=0, logprobs=True, top_logprobs=5)
     plain = SamplingParams(max_tokens=6, temperature=0)
+    token_lists = prompts(loaded, 3)
     out, _ = run(
-        loaded, [(p, with_logprobs if i == 0 else plain) for i, p in enumerate(prompts(loaded, 3))]
+        loaded, [(p, with_logprobs if i == 0 else plain) for i, p in enumerate(token_lists)]
     )
     deltas = [d for d in out[0] if d.token is not None]
     assert len(deltas) == 6
@@ -131,15 +160,50 @@ def test_log_probabilities_are_normalised_even_beside_rows_that_skip_it(loaded):
         assert 0.0 < sum(math.exp(lp) for _, lp in d.top_logprobs) <= 1.0 + 1e-4
 
 
-def test_a_request_removed_while_its_group_waits_frees_it_and_the_rest_finish(loaded):
+def test_a_request_removed_while_its_group_waits_frees_it_and_the_rest_finish(loaded, tiny_dir):
     greedy = SamplingParams(max_tokens=4, temperature=0)
-    out, first = run(
-        loaded, [(p, greedy) for p in prompts(loaded, 8)], remove_after_first_step=(1, 2)
-    )
+    token_lists = prompts(loaded, 8)
+    out, first = run(loaded, [(p, greedy) for p in token_lists], remove_after_first_step=(1, 2))
     assert {seq for seq, _ in first} == {0, 1, 2, 3}
     assert [len(out[s]) for s in (1, 2)] == [1, 1]  # their first token, then nothing
-    assert all(sum(d.token is not None for d in out[s]) == 4 for s in (0, 3, 4, 5, 6, 7))
+    kept = (0, 3, 4, 5, 6, 7)
+    want = reference(tiny_dir, [token_lists[s] for s in kept], 4)
+    assert [answer(out[s]) for s in kept] == want
     assert not loaded._gen._prompt_batch.uids and not loaded._gen._generation_batch.uids
+
+
+def test_a_prompt_longer_than_a_prefill_chunk_lets_running_streams_decode_between_chunks(
+    loaded, tiny_dir
+):
+    short, long = prompts(loaded, 1)[0], prompts(loaded, 12)[11]
+    loaded._gen.prefill_step_size = 16
+    try:
+        assert len(short) <= 16 < 3 * 16 < len(long)
+        tokens: dict[int, list] = {0: [], 1: []}
+
+        def step():
+            out = loaded.step()
+            for seq, d in out:
+                if d.token is not None:
+                    tokens[seq].append(d.token)
+            return out
+
+        greedy = SamplingParams(max_tokens=24, temperature=0)
+        loaded.add(0, GenerationRequest("0", loaded.spec, tuple(short), greedy))
+        step(), step()
+        loaded.add(1, GenerationRequest("1", loaded.spec, tuple(long), greedy))
+        calls = 0
+        while not tokens[1]:
+            before = len(tokens[0])
+            step()
+            calls += 1
+            assert len(tokens[0]) == before + 1  # the running stream never waits a whole call
+        assert calls >= 3  # the long prompt took several chunks
+        while len(tokens[0]) < 24 or len(tokens[1]) < 24:
+            step()
+        assert [tokens[0], tokens[1]] == reference(tiny_dir, [short, long], 24)
+    finally:
+        loaded._gen.prefill_step_size = 2048
 
 
 def test_the_eager_generator_is_in_use_with_this_mlx_lm(loaded):
@@ -153,16 +217,22 @@ def test_the_eager_generator_is_in_use_with_this_mlx_lm(loaded):
 def test_models_the_eager_generator_cannot_serve_get_mlx_lms_own_with_the_same_answers(
     loaded, tiny_dir, monkeypatch
 ):
-    token_lists = prompts(loaded, 5)
-    params = SamplingParams(max_tokens=10, temperature=0)
-    eager, _ = run(loaded, [(p, params) for p in token_lists])
+    kinds = [
+        SamplingParams(max_tokens=10, temperature=0),
+        SamplingParams(max_tokens=10, temperature=0.9, top_k=40, seed=7),
+        SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=3),
+        SamplingParams(max_tokens=10, temperature=0, repetition_penalty=1.5),
+        SamplingParams(
+            max_tokens=10, temperature=0, frequency_penalty=1.0, logit_bias=((28, 5.0),)
+        ),
+    ]
+    requests = list(zip(prompts(loaded, 5), kinds, strict=True))
+    eager, _ = run(loaded, requests)
     monkeypatch.setattr(mlx_batching, "supports", lambda model: False)
     plain_model = MLXLoadedModel(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
     try:
         assert type(plain_model._gen) is BatchGenerator
-        plain, _ = run(plain_model, [(p, params) for p in token_lists])
+        plain, _ = run(plain_model, requests)
     finally:
         plain_model.close()
-    assert [[d.token for d in eager[i]] for i in range(5)] == [
-        [d.token for d in plain[i]] for i in range(5)
-    ]
+    assert [answer(eager[i]) for i in range(5)] == [answer(plain[i]) for i in range(5)]

@@ -110,6 +110,18 @@ def test_a_context_length_setting_takes_effect_on_the_next_request(multi):
         multi.set_model("a", context_length=None)
 
 
+def test_a_context_length_setting_cannot_raise_the_models_own_limit(multi):
+    client = multi.openai()
+    multi.set_model("a", context_length=100_000)  # the tiny model knows 2048 positions
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            chat(client, "a", max_tokens=4000)
+        assert info.value.body["code"] == "context_length_exceeded"
+        assert "2048 tokens" in info.value.body["message"]
+    finally:
+        multi.set_model("a", context_length=None)
+
+
 def test_default_sampling_settings_fill_what_the_request_leaves_out(multi):
     client = multi.openai()
     multi.set_model("a", default_max_tokens=3, default_temperature=0.0)

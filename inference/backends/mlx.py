@@ -99,12 +99,12 @@ class MLXLoadedModel(LoadedModel):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model, wrapper = mlx_load(spec.path)
-        mlx_cpu.install(self.model)
         self._wrapper = wrapper
         self.tokenizer = wrapper._tokenizer
         self.eos_token_ids = frozenset(wrapper.eos_token_ids)
         # The model's own limit; a per-model setting may lower it per request (see serving).
         self.context_length = read_context_length(spec.path)
+        mlx_cpu.install(self.model, positions=self.context_length)
         self.memory_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
         self._max_batch = spec.max_batch_size
         self._uid_to_seq: dict[int, int] = {}

@@ -8,7 +8,8 @@ stop handling, `insert`/`remove`), and changes when work happens:
   prefill. Here a call with waiting prompts prefills one group (`prefill_batch_size` prompts) in a
   single pass over every prompt token, samples the first tokens from that pass's last positions and
   returns them at once. Groups wait, prefilled, until no prompt is waiting, then join the running
-  batch together. A burst of 16 requests gets its first tokens group by group instead of all after
+  batch together. A prompt longer than `prefill_step_size` (2048) takes mlx-lm's own path, which
+  decodes the running batch between chunks. A burst of 16 requests gets its first tokens group by group instead of all after
   the whole burst's prefill (docs/benchmarks.md).
 - Decode skips normalising logits over the vocabulary when no sequence in the batch needs log
   probabilities: greedy, temperature and top-k sampling pick the same token from raw logits. That
@@ -26,8 +27,10 @@ import logging
 import time
 import types
 from collections import deque
+from itertools import islice
 
 import mlx.core as mx
+import mlx_lm
 from mlx_lm.generate import (
     BatchGenerator,
     GenerationBatch,
@@ -40,9 +43,13 @@ log = logging.getLogger(__name__)
 # Architectures whose `Model.__call__` is `head(self.model(inputs, cache))`: for them a prefill runs the
 # vocabulary projection on each prompt's last position only, not on every prompt token.
 PLAIN_HEAD_MODULES = frozenset({"llama", "qwen2", "qwen3"})
+TESTED_MLX_LM = "0.32."
 
 
 def supported() -> bool:
+    """mlx-lm's batch internals as this module knows them (0.32.x; pyproject pins it)."""
+    if not mlx_lm.__version__.startswith(TESTED_MLX_LM):
+        return False
     needed = (
         (BatchGenerator, ("_next", "_make_batch", "insert", "remove")),
         (PromptProcessingBatch, ("extend", "split", "generate", "filter")),
@@ -72,6 +79,10 @@ def supports(model) -> bool:
 
 class EagerBatchGenerator(BatchGenerator):
     def __init__(self, model, **kwargs) -> None:
+        # The first token is checked against the stop sequences on its own; the decode batch then
+        # starts fresh matchers, so a stop sequence must be one token (the backend's EOS ids).
+        if any(len(s) != 1 for s in kwargs.get("stop_tokens") or ()):
+            raise ValueError("EagerBatchGenerator supports single-token stop sequences only")
         super().__init__(model, **kwargs)
         # Prefill projects only the last positions: projecting whole chunks would hold a
         # chunk x vocabulary array of logits (gigabytes for a 150k vocabulary).
@@ -93,7 +104,12 @@ class EagerBatchGenerator(BatchGenerator):
             )
             if room > 0:
                 n = min(self.prefill_batch_size, room, len(self._unprocessed_sequences))
-                return [], self._prefill_group(n)
+                group = list(islice(self._unprocessed_sequences, n))
+                if all(sum(map(len, seq[1])) <= self.prefill_step_size for seq in group):
+                    return [], self._prefill_group(n)
+                # A long prompt: mlx-lm's own prefill, one chunk per call with a decode step between
+                # chunks, so running streams do not freeze for the whole prompt.
+                return super()._next()
         # Decode, and let the prefilled groups join. mlx-lm's own prefill finds nothing to do:
         # prompts still waiting (batch full) stay hidden until there is room for them.
         waiting, self._unprocessed_sequences = self._unprocessed_sequences, deque()
@@ -140,8 +156,9 @@ class EagerBatchGenerator(BatchGenerator):
                     token=token,
                     logprobs=logprobs[i],
                     finish_reason=finish,
-                    prompt_cache=None,
-                    all_tokens=None,
+                    # As mlx-lm does, a finished sequence hands back its cache for prefix reuse.
+                    prompt_cache=batch.extract_cache(i) if finish else None,
+                    all_tokens=list(batch.tokens[i]) if finish else None,
                 )
             )
             if finish is None:
@@ -159,7 +176,10 @@ class EagerBatchGenerator(BatchGenerator):
         return responses
 
     def _prefill(self, batch: PromptProcessingBatch, prompts: list[list[int]]) -> mx.array:
-        """Run every prompt token through the model; return each row's last hidden state."""
+        """Run every prompt token through the model in one pass; return each row's last hidden state.
+
+        `PromptProcessingBatch.prompt` with the whole prompt, and the last positions kept.
+        """
         for have, new in zip(batch.tokens, prompts, strict=True):
             have += new
         lengths = [len(p) for p in prompts]
@@ -171,28 +191,15 @@ class EagerBatchGenerator(BatchGenerator):
                 c.prepare(lengths=lengths, right_padding=padding)
         else:
             tokens = mx.array(prompts)
-
-        last = [n - 1 for n in lengths]
-        rows: list[mx.array | None] = [None] * len(prompts)
-        start = 0
-        while start < longest:
-            chunk = tokens[:, start : start + self.prefill_step_size]
-            out = self._body(chunk, cache=batch.prompt_cache)
-            end = start + chunk.shape[1]
-            here = [i for i, p in enumerate(last) if start <= p < end]
-            if here:
-                picked = out[mx.array(here), mx.array([last[i] - start for i in here])]
-                for j, i in enumerate(here):
-                    rows[i] = picked[j]
-            mx.eval([c.state for c in batch.prompt_cache], [rows[i] for i in here])
-            mx.clear_cache()
-            start = end
+        hidden = self._body(tokens, cache=batch.prompt_cache)
+        last = hidden[mx.arange(len(prompts)), mx.array(lengths) - 1]
+        mx.eval([c.state for c in batch.prompt_cache], last)
         if max(padding) > 0:
             for c in batch.prompt_cache:
                 c.finalize()
             mx.eval([c.state for c in batch.prompt_cache])
-            mx.clear_cache()
-        return mx.stack(rows)
+        mx.clear_cache()
+        return last
 
 
 def _decode_step(self):

@@ -82,17 +82,16 @@ class TableRoPE(nn.Module):
     """`nn.RoPE` (the non-traditional layout) with cos/sin read from a table, not computed per element.
 
     mlx's rope evaluates sin and cos for every element of every head (scalar on x86); the angles only
-    depend on the position and the frequency, so one table per model serves every head and layer.
+    depend on the position and the frequency, so one table (`rope_table`) serves every head and layer.
+    Positions must stay below the table's length: the backend sizes it to the model's context, which
+    also bounds every request (inference/serving.py).
     """
 
-    def __init__(self, rope: nn.RoPE, positions: int) -> None:
+    def __init__(self, rope: nn.RoPE, table: tuple[mx.array, mx.array]) -> None:
         super().__init__()
         self.rope = rope
-        self.positions = positions
-        freqs = rope.base ** (-np.arange(0, rope.dims, 2, dtype=np.float64) / rope.dims)
-        angles = (np.arange(positions, dtype=np.float64) * rope.scale)[:, None] * freqs[None]
-        self._cos = mx.array(np.cos(angles).astype(np.float32))  # "_": not a parameter
-        self._sin = mx.array(np.sin(angles).astype(np.float32))
+        self._cos, self._sin = table  # "_": shared, and not parameters
+        self.positions = table[0].shape[0]
 
     def __call__(self, x: mx.array, offset=0) -> mx.array:
         length, dims = x.shape[-2], x.shape[-1]
@@ -109,6 +108,12 @@ class TableRoPE(nn.Module):
         half = dims // 2
         x1, x2 = x[..., :half], x[..., half:]
         return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def rope_table(rope: nn.RoPE, positions: int) -> tuple[mx.array, mx.array]:
+    freqs = rope.base ** (-np.arange(0, rope.dims, 2, dtype=np.float64) / rope.dims)
+    angles = (np.arange(positions, dtype=np.float64) * rope.scale)[:, None] * freqs[None]
+    return mx.array(np.cos(angles).astype(np.float32)), mx.array(np.sin(angles).astype(np.float32))
 
 
 class NumpyHead(NumpyVocabulary):
@@ -129,21 +134,31 @@ def applies(model) -> bool:
     mlp = getattr(layers[0], "mlp", None)
     if not all(hasattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")):
         return False
-    weight = getattr(mlp.gate_proj, "weight", None)
-    # Quantized layers have no float32 weight; float16/bfloat16 have no NumPy twin worth using.
-    return weight is not None and weight.dtype == mx.float32 and "scales" not in mlp.gate_proj
+    projections = (mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+    # Plain float32 weights only: quantized layers have scales, float16/bfloat16 no NumPy twin worth
+    # using, and the one-row NumPy path has no bias term.
+    return all(
+        isinstance(p, nn.Linear) and p.weight.dtype == mx.float32 and "bias" not in p
+        for p in projections
+    )
 
 
-def install(model) -> bool:
-    """Swap in the NumPy parts where they apply; returns whether it did."""
+def install(model, positions: int) -> bool:
+    """Swap in the faster parts where they apply; returns whether it did.
+
+    `positions`: the longest sequence the model will see (its context length), for the RoPE table.
+    """
     if not applies(model):
         return False
-    positions = getattr(model.args, "max_position_embeddings", None)
+    tables: dict[tuple, tuple[mx.array, mx.array]] = {}
     for layer in model.model.layers:
         layer.mlp = NumpySwiGLU(layer.mlp)
         rope = getattr(layer.self_attn, "rope", None)
-        if positions and type(rope) is nn.RoPE and not rope.traditional:
-            layer.self_attn.rope = TableRoPE(rope, positions)
+        if type(rope) is nn.RoPE and not rope.traditional:
+            key = (rope.dims, rope.base, rope.scale)
+            if key not in tables:
+                tables[key] = rope_table(rope, positions)
+            layer.self_attn.rope = TableRoPE(rope, tables[key])
     body = model.model
     if getattr(model.args, "tie_word_embeddings", False):
         if isinstance(body.embed_tokens, nn.Embedding) and "scales" not in body.embed_tokens:
