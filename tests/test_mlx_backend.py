@@ -236,3 +236,22 @@ def test_models_the_eager_generator_cannot_serve_get_mlx_lms_own_with_the_same_a
     finally:
         plain_model.close()
     assert [answer(eager[i]) for i in range(5)] == [answer(plain[i]) for i in range(5)]
+
+
+def test_a_request_for_log_probabilities_joining_a_batch_that_skips_them_gets_all_of_them(loaded):
+    token_lists = prompts(loaded, 3)
+    plain = SamplingParams(max_tokens=20, temperature=0)
+    for seq in (0, 1):
+        loaded.add(seq, GenerationRequest(str(seq), loaded.spec, tuple(token_lists[seq]), plain))
+    for _ in range(4):
+        loaded.step()
+    asks = SamplingParams(max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    loaded.add(2, GenerationRequest("2", loaded.spec, tuple(token_lists[2]), asks))
+    got = []
+    while not got or got[-1].finish_reason is None:
+        got += [d for seq, d in loaded.step() if seq == 2]
+    assert len(got) == 6
+    for d in got:
+        assert d.logprob <= 0
+        assert 0.0 < sum(math.exp(lp) for _, lp in d.top_logprobs) <= 1.0 + 1e-4
+    loaded.remove([0, 1])

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # vocabulary projection on each prompt's last position only, not on every prompt token.
 PLAIN_HEAD_MODULES = frozenset({"llama", "qwen2", "qwen3"})
 TESTED_MLX_LM = "0.32."
+# What a decode step hands back as a row's log probabilities when no row of the batch needs them.
+NO_LOGPROBS = mx.zeros((0,))
 
 
 def supported() -> bool:
@@ -227,8 +229,10 @@ def _decode_step(self):
 
     if any(uid in self.normalized_uids for uid in self.uids):
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        next_logprobs = list(logprobs)
     else:
         logprobs = logits  # only sampled from: the sampled token is the same
+        next_logprobs = [NO_LOGPROBS] * len(self.uids)  # nobody reads them: no per-row copies
 
     samplers = [
         self.fallback_sampler if s is None else s
@@ -240,7 +244,7 @@ def _decode_step(self):
         sampled = mx.concatenate([s(logprobs[e : e + 1]) for e, s in enumerate(samplers)], axis=0)
 
     self._next_tokens = sampled
-    self._next_logprobs = list(logprobs)
+    self._next_logprobs = next_logprobs
     mx.async_eval(self._next_tokens, self._next_logprobs, token_context)
 
     mx.eval(inputs, self._current_logprobs)
