@@ -44,8 +44,6 @@ log = logging.getLogger(__name__)
 # vocabulary projection on each prompt's last position only, not on every prompt token.
 PLAIN_HEAD_MODULES = frozenset({"llama", "qwen2", "qwen3"})
 TESTED_MLX_LM = "0.32."
-# What a decode step hands back as a row's log probabilities when no row of the batch needs them.
-NO_LOGPROBS = mx.zeros((0,))
 
 
 def supported() -> bool:
@@ -94,6 +92,11 @@ class EagerBatchGenerator(BatchGenerator):
         batch = self._generation_batch
         batch._step = types.MethodType(_decode_step, batch)
         batch.normalized_uids = self.normalized_uids
+        # What a decode step hands back as a row's log probabilities when no row needs them. Made
+        # and evaluated here: mlx streams belong to threads, and an unevaluated array made at import
+        # (another thread) could not be evaluated by the thread that drives this generator.
+        batch.no_logprobs = mx.zeros((0,))
+        mx.eval(batch.no_logprobs)
 
     def remove(self, uids, return_prompt_caches=False):
         self.normalized_uids.difference_update(uids)
@@ -232,7 +235,7 @@ def _decode_step(self):
         next_logprobs = list(logprobs)
     else:
         logprobs = logits  # only sampled from: the sampled token is the same
-        next_logprobs = [NO_LOGPROBS] * len(self.uids)  # nobody reads them: no per-row copies
+        next_logprobs = [self.no_logprobs] * len(self.uids)  # nobody reads them: no row copies
 
     samplers = [
         self.fallback_sampler if s is None else s
