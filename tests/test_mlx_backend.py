@@ -158,6 +158,7 @@ def test_log_probabilities_are_normalised_when_one_row_of_the_batch_asks_for_the
     for d in deltas:
         assert d.logprob <= 0
         assert 0.0 < sum(math.exp(lp) for _, lp in d.top_logprobs) <= 1.0 + 1e-4
+    assert not loaded._gen.normalized_uids  # finished rows no longer force normalisation
 
 
 def test_a_request_removed_while_its_group_waits_frees_it_and_the_rest_finish(loaded, tiny_dir):
@@ -210,7 +211,7 @@ def test_the_eager_generator_is_in_use_with_this_mlx_lm(loaded):
     # If an mlx-lm upgrade moves the internals it relies on, the backend falls back to mlx-lm's
     # plain BatchGenerator (as for architectures split_head does not know); this test says so
     # instead of letting the speed-up vanish silently.
-    assert mlx_batching.supported()
+    assert mlx_batching.supports(loaded.model)
     assert isinstance(loaded._gen, mlx_batching.EagerBatchGenerator)
 
 

@@ -36,23 +36,30 @@ PENALTY_CONTEXT = 1024
 DEFAULT_PREFILL_GROUP = 4
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature == 0 or params.top_k == 1
+
+
+def uses_top_p(params: SamplingParams) -> bool:
+    return 0 < params.top_p < 1.0
+
+
 def needs_normalized_logprobs(params: SamplingParams) -> bool:
     """Whether sampling or the response reads log probabilities rather than just raw logits."""
     if params.logprobs:
         return True
-    sampled = not (params.temperature == 0 or params.top_k == 1)
-    return sampled and (0 < params.top_p < 1.0 or params.min_p > 0)
+    return not is_greedy(params) and (uses_top_p(params) or params.min_p > 0)
 
 
 def make_sampler(params: SamplingParams):
     """A sampler with its own PRNG stream, so `seed` reproduces whatever else is in the batch."""
-    if params.temperature == 0 or params.top_k == 1:
+    if is_greedy(params):
         # One shared object: the batch samples every greedy row in one call.
         return greedy_sampler
     seed = params.seed if params.seed is not None else random.getrandbits(62)
     temp = params.temperature
     methods = []
-    if 0 < params.top_p < 1.0:
+    if uses_top_p(params):
         methods.append(lambda x: apply_top_p(x, params.top_p))
     if params.min_p > 0:
         methods.append(lambda x: apply_min_p(x, params.min_p))
@@ -115,7 +122,7 @@ class MLXLoadedModel(LoadedModel):
         self._prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_entries)
         self._new_generator()
 
-    def _prefill_group(self, max_batch: int) -> int:
+    def _prefill_group_size(self, max_batch: int) -> int:
         if self.spec.prefill_batch_size:
             return min(self.spec.prefill_batch_size, max_batch)
         # mlx-lm's own scheduling returns first tokens only after the whole prefill: one big group.
@@ -128,7 +135,7 @@ class MLXLoadedModel(LoadedModel):
             self.model,
             stop_tokens=[[t] for t in sorted(self.eos_token_ids)],
             completion_batch_size=self._max_batch,
-            prefill_batch_size=self._prefill_group(self._max_batch),
+            prefill_batch_size=self._prefill_group_size(self._max_batch),
             # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
             # per-thread, and the module-level generation stream belongs to the importer.
             stream=mx.default_stream(mx.default_device()),
@@ -137,7 +144,7 @@ class MLXLoadedModel(LoadedModel):
     def set_max_batch_size(self, size: int) -> None:
         self._max_batch = size
         self._gen.completion_batch_size = size
-        self._gen.prefill_batch_size = self._prefill_group(size)
+        self._gen.prefill_batch_size = self._prefill_group_size(size)
 
     def _cached_prefix(self, prompt: list[int]) -> tuple[list | None, list[int]]:
         if self.spec.prompt_cache_entries <= 0:
@@ -204,8 +211,6 @@ class MLXLoadedModel(LoadedModel):
                 del self._uid_to_seq[r.uid]
                 self._seq_to_uid.pop(seq_id, None)
                 self._top_logprobs.pop(r.uid, None)
-                if self._eager:
-                    self._gen.normalized_uids.discard(r.uid)
         return out
 
     def reset(self) -> None:

@@ -16,7 +16,7 @@ stop handling, `insert`/`remove`), and changes when work happens:
   log-sum-exp over 49k entries per row was about a tenth of a decode step on the CPU.
 
 Both lean on `BatchGenerator`'s internals (`_unprocessed_sequences`, `_prompt_batch`,
-`_currently_processing`, `GenerationBatch._step`) as of mlx-lm 0.32; `supported()` checks they are
+`_currently_processing`, `GenerationBatch._step`) as of mlx-lm 0.32; `supports()` checks they are
 there, and the backend falls back to the plain `BatchGenerator` when they are not, or when the model's
 architecture is not one whose vocabulary projection it knows how to apply alone (`split_head`).
 """
@@ -46,7 +46,7 @@ PLAIN_HEAD_MODULES = frozenset({"llama", "qwen2", "qwen3"})
 TESTED_MLX_LM = "0.32."
 
 
-def supported() -> bool:
+def _internals_known() -> bool:
     """mlx-lm's batch internals as this module knows them (0.32.x; pyproject pins it)."""
     if not mlx_lm.__version__.startswith(TESTED_MLX_LM):
         return False
@@ -74,7 +74,7 @@ def split_head(model):
 
 def supports(model) -> bool:
     """Whether `EagerBatchGenerator` can serve this model with this mlx-lm."""
-    return supported() and split_head(model) is not None
+    return _internals_known() and split_head(model) is not None
 
 
 class EagerBatchGenerator(BatchGenerator):
@@ -103,6 +103,11 @@ class EagerBatchGenerator(BatchGenerator):
         return super().remove(uids, return_prompt_caches)
 
     def _next(self):
+        prompt_responses, responses = self._schedule()
+        self.normalized_uids.difference_update(r.uid for r in responses if r.finish_reason)
+        return prompt_responses, responses
+
+    def _schedule(self):
         if self._unprocessed_sequences:
             room = (
                 self.completion_batch_size - len(self._generation_batch) - len(self._prompt_batch)
@@ -171,8 +176,6 @@ class EagerBatchGenerator(BatchGenerator):
                 # The first token is the next input; one of the request's tokens is spent.
                 entries[i][0] = [[token]]
                 batch.max_tokens[i] -= 1
-            else:
-                self.normalized_uids.discard(batch.uids[i])
         if len(keep) < n:
             batch.filter(keep)
         if keep:
