@@ -21,7 +21,6 @@ class RequestLogAdmin(admin.ModelAdmin):
     list_filter = ["outcome", "endpoint", "model", "stream"]
     search_fields = ["model", "key_name"]
     date_hierarchy = "created_at"
-    list_select_related = ["api_key"]
 
     def has_add_permission(self, request):
         return False

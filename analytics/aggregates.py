@@ -35,7 +35,7 @@ WINDOWS = {
     "week": Window("week", timedelta(days=7), "hour", 60),
 }
 
-ERRORS = Q(outcome__in=[RequestLog.Outcome.CLIENT_ERROR, RequestLog.Outcome.SERVER_ERROR])
+ERRORS = Q(outcome__in=RequestLog.ERROR_OUTCOMES)
 
 
 def _measures() -> dict:
@@ -182,7 +182,7 @@ def _combine(parts: list[RequestHour]) -> dict:
 
 
 def recent(limit: int = 50) -> list[RequestLog]:
-    return list(RequestLog.objects.select_related("api_key")[:limit])
+    return list(RequestLog.objects.all()[:limit])
 
 
 def prune(days: int, *, now: datetime | None = None) -> int:

@@ -13,6 +13,8 @@ class RequestLog(models.Model):
         SERVER_ERROR = "server_error", "Server error"
         CANCELLED = "cancelled", "Cancelled"
 
+    ERROR_OUTCOMES = (Outcome.CLIENT_ERROR, Outcome.SERVER_ERROR)
+
     created_at = models.DateTimeField(default=timezone.now)
     api_key = models.ForeignKey(
         "llmservice.ApiKey",

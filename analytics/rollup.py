@@ -13,7 +13,6 @@ from analytics.models import RequestHour, RequestLog
 # TTFT histogram edges in milliseconds; bin i counts TTFTs in (edge[i-1], edge[i]], the last bin
 # everything above the last edge.
 TTFT_EDGES = (25, 50, 100, 200, 300, 500, 750, 1000, 1500, 2000, 3000, 5000, 10000, 20000, 60000)
-ERROR_OUTCOMES = {RequestLog.Outcome.CLIENT_ERROR, RequestLog.Outcome.SERVER_ERROR}
 
 
 def _get(row, name):
@@ -48,7 +47,7 @@ def _partials(rows: Iterable) -> dict[tuple, dict]:
         a["prompt_tokens"] += _get(row, "prompt_tokens")
         a["completion_tokens"] += _get(row, "completion_tokens")
         outcome = _get(row, "outcome")
-        a["errors"] += outcome in ERROR_OUTCOMES
+        a["errors"] += outcome in RequestLog.ERROR_OUTCOMES
         a["cancelled"] += outcome == RequestLog.Outcome.CANCELLED
         tps = _get(row, "tokens_per_second")
         if tps is not None:

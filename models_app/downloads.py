@@ -38,7 +38,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx2
-from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -55,6 +54,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects, validate_repo_id
 
+from models_app.importing import folder_size, model_dir
 from models_app.models import Download, LLMModel, model_name_validator
 
 logger = logging.getLogger(__name__)
@@ -92,10 +92,6 @@ class Superseded(Exception):
 
 
 # --- creating, cancelling, retrying (called by commands and the admin) ---------------------------
-
-
-def target_dir(name: str) -> Path:
-    return Path(settings.MODELS_DIR) / name.replace("/", "--")
 
 
 def hub_endpoint() -> str:
@@ -204,7 +200,7 @@ def interrupted_downloads(worker: str | None) -> list[Download]:
 def remove_partial_files(row: Download) -> None:
     """Delete the target folder of this unfinished download (never one it did not make, one a
     newer download of the same name is using, or a registered model's)."""
-    target = target_dir(row.name)
+    target = model_dir(row.name)
     try:
         state = json.loads((target / WORK_DIR / STATE_FILE).read_text())
     except (OSError, ValueError):
@@ -468,7 +464,7 @@ def run_download(download_id: int, *, task_id: str | None = None, worker: str = 
 
 def _remove_if_empty(row: Download) -> None:
     """After a failure keep partial files (a retry resumes them), but not a folder with nothing."""
-    target = target_dir(row.name)
+    target = model_dir(row.name)
     work = target / WORK_DIR
     if not (work / STATE_FILE).is_file():
         return
@@ -507,9 +503,9 @@ def _download_and_register(row: Download, task_id: str | None) -> None:
     files.sort(key=lambda s: (_file_size(s) or 0, s.rfilename))  # small files first
     total = sum(_file_size(f) or 0 for f in files)
 
-    target = target_dir(row.name)
+    target = model_dir(row.name)
     state = _prepare_target(target, row, commit)
-    on_disk = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    on_disk = folder_size(target)
     free = shutil.disk_usage(target).free
     if free < total - on_disk:
         raise DownloadError(
@@ -562,11 +558,8 @@ def _write_state(target: Path, state: dict) -> None:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fetch_file(

@@ -16,6 +16,11 @@ class ImportError_(ValueError):
     """A user-facing reason an import cannot happen."""
 
 
+def model_dir(name: str) -> Path:
+    """Where an imported or downloaded model's files go: MODELS_DIR/<name with / as -->."""
+    return Path(settings.MODELS_DIR) / name.replace("/", "--")
+
+
 def folder_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
@@ -49,7 +54,7 @@ def import_model(
     elif source.suffix.lower() == ".gguf":
         from models_app.gguf import GGUFError, convert_gguf
 
-        target = Path(settings.MODELS_DIR) / name.replace("/", "--")
+        target = model_dir(name)
         if target.exists():
             raise ImportError_(f"{target} already exists; remove it or pick another --name")
         target.parent.mkdir(parents=True, exist_ok=True)

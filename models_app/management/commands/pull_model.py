@@ -78,7 +78,7 @@ class Command(BaseCommand):
                 self.stdout.flush()
                 last_line = line
             if row.status == Download.Status.COMPLETED:
-                path = row.model.path if row.model else downloads.target_dir(row.name)
+                path = row.model.path if row.model else downloads.model_dir(row.name)
                 self.stdout.write(f"Registered model {row.name} -> {path}")
                 return
             if row.status == Download.Status.FAILED:
