@@ -1,6 +1,4 @@
 from django.contrib import admin
-from django.db.models import Count, Q, Sum
-from django.utils import timezone
 
 from llmservice.models import ApiKey
 
@@ -34,25 +32,15 @@ class ApiKeyAdmin(admin.ModelAdmin):
     search_fields = ["name", "prefix"]
 
     def get_queryset(self, request):
-        since = timezone.now() - timezone.timedelta(days=30)
-        recent = Q(requests__created_at__gte=since)
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                _requests=Count("requests", filter=recent),
-                _tokens=Sum("requests__prompt_tokens", filter=recent, default=0)
-                + Sum("requests__completion_tokens", filter=recent, default=0),
-            )
-        )
+        return super().get_queryset(request).with_usage()
 
-    @admin.display(description="requests (30 d)", ordering="_requests")
+    @admin.display(description="requests (30 d)", ordering="requests_30d")
     def requests_30d(self, obj):
-        return obj._requests
+        return obj.requests_30d
 
-    @admin.display(description="tokens (30 d)", ordering="_tokens")
+    @admin.display(description="tokens (30 d)", ordering="tokens_30d")
     def tokens_30d(self, obj):
-        return obj._tokens
+        return obj.tokens_30d
 
     def has_add_permission(self, request):
         # Keys are created where the secret can be shown once: the dashboard or create_api_key.

@@ -7,6 +7,8 @@ the admin modules (django.setup) and must not import the inference engine.
 
 from __future__ import annotations
 
+import functools
+
 from django.contrib import admin
 from django.urls import path
 
@@ -42,11 +44,10 @@ class LLMServiceAdminSite(admin.AdminSite):
 
         def page(view):
             # Each page view gets the site, for `each_context` (nav, sidebar, user tools).
+            @functools.wraps(view)
             def bound(request, *args, **kwargs):
                 return view(request, self, *args, **kwargs)
 
-            bound.__name__ = view.__name__
-            bound.__doc__ = view.__doc__
             return self.admin_view(bound)
 
         urls = [

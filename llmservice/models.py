@@ -20,10 +20,14 @@ class ApiKeyQuerySet(models.QuerySet):
     def active(self) -> ApiKeyQuerySet:
         return self.filter(revoked_at__isnull=True)
 
-    def usable(self) -> ApiKeyQuerySet:
-        from django.db.models import Q
-
-        return self.active().filter(Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+    def with_usage(self, days: int = 30) -> ApiKeyQuerySet:
+        """Annotated with `requests_30d` and `tokens_30d`: the key's requests in the last `days`."""
+        recent = models.Q(requests__created_at__gte=timezone.now() - timezone.timedelta(days=days))
+        return self.annotate(
+            requests_30d=models.Count("requests", filter=recent),
+            tokens_30d=models.Sum("requests__prompt_tokens", filter=recent, default=0)
+            + models.Sum("requests__completion_tokens", filter=recent, default=0),
+        )
 
 
 class ApiKey(models.Model):

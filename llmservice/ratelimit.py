@@ -42,10 +42,5 @@ class Limiter:
         with self._lock:
             self._tokens[key_id].append((time.monotonic(), count))
 
-    def reset(self) -> None:
-        with self._lock:
-            self._requests.clear()
-            self._tokens.clear()
-
 
 limiter = Limiter()

@@ -397,3 +397,45 @@ def test_a_request_with_n_choices_is_recorded_as_its_usage_says(observed):
     row = next(r for r in rows(observed) if r["completion_tokens"] == 12)
     assert row["prompt_tokens"] == reply.usage.prompt_tokens
     assert row["completion_tokens"] == reply.usage.completion_tokens == 12
+
+
+@pytest.mark.django_db
+def test_the_key_admin_lists_each_keys_last_30_days_of_requests_and_tokens(admin_client):
+    from django.utils import timezone
+
+    from analytics.models import RequestLog
+    from llmservice.models import ApiKey
+
+    busy, _ = ApiKey.generate("busy")
+    idle, _ = ApiKey.generate("idle")
+    now = timezone.now()
+
+    def row(at, prompt, completion):
+        return RequestLog(
+            created_at=at,
+            api_key=busy,
+            key_name="busy",
+            endpoint="chat.completions",
+            status_code=200,
+            outcome="ok",
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            latency_ms=100.0,
+        )
+
+    RequestLog.objects.bulk_create(
+        [row(now, 10, 5), row(now - timedelta(days=2), 3, 2), row(now - timedelta(days=40), 99, 99)]
+    )
+    keys = {k.name: k for k in ApiKey.objects.with_usage()}
+    assert (keys["busy"].requests_30d, keys["busy"].tokens_30d) == (2, 20)
+    assert (keys["idle"].requests_30d, keys["idle"].tokens_30d) == (0, 0)
+    page = admin_client.get(
+        "/admin/llmservice/apikey/?o=-9"
+    )  # by requests (30 d), most first (0 is the checkbox)
+    assert page.status_code == 200
+    text = page.content.decode()
+    assert '<td class="field-requests_30d">2</td>' in text
+    assert '<td class="field-tokens_30d">20</td>' in text
+    assert text.index(">busy<") < text.index(">idle<")
+    ascending = admin_client.get("/admin/llmservice/apikey/?o=9").content.decode()
+    assert ascending.index(">idle<") < ascending.index(">busy<")

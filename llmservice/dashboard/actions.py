@@ -88,13 +88,6 @@ def unload_model(name: str) -> bool:
         raise ActionError(f"Model {name} did not unload within {UNLOAD_WAIT:.0f} s") from exc
 
 
-def loaded_names() -> set[str]:
-    from inference.engine import current_engine
-
-    engine = current_engine()
-    return {m["name"] for m in engine.scheduler.loaded()} if engine else set()
-
-
 # --- API keys -------------------------------------------------------------------------------------
 
 

@@ -33,17 +33,12 @@ class StatusConsumer(AsyncJsonWebsocketConsumer):
         if task is not None:
             task.cancel()
 
-    async def receive_json(self, content, **kwargs):
-        pass  # nothing to receive: the push is one way
-
     async def _push(self):
         rate = TokenRate()
         try:
             while True:
                 await self.send_json(rate.update(await _snapshot()))
                 await asyncio.sleep(PUSH_INTERVAL)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
+        except Exception:  # not CancelledError (a BaseException): disconnect still stops the loop
             log.exception("status push failed")
             await self.close()

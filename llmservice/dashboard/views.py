@@ -9,7 +9,7 @@ from __future__ import annotations
 from django.contrib import messages
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
-from django.db.models import Count, Q, Sum
+from django.db.models import Q
 from django.http import Http404, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -208,16 +208,10 @@ def analytics_json(request, site):
 
 def _keys() -> tuple[list[ApiKey], int]:
     """Keys with their 30-day usage; playground keys once replaced or expired are only counted."""
-    now = timezone.now()
-    recent = Q(requests__created_at__gte=now - timezone.timedelta(days=30))
     retired = Q(name__startswith=actions.PLAYGROUND_PREFIX) & (
-        Q(revoked_at__isnull=False) | Q(expires_at__lte=now)
+        Q(revoked_at__isnull=False) | Q(expires_at__lte=timezone.now())
     )
-    keys = ApiKey.objects.exclude(retired).annotate(
-        requests_30d=Count("requests", filter=recent),
-        tokens_30d=Sum("requests__prompt_tokens", filter=recent, default=0)
-        + Sum("requests__completion_tokens", filter=recent, default=0),
-    )
+    keys = ApiKey.objects.exclude(retired).with_usage()
     return list(keys), ApiKey.objects.filter(retired).count()
 
 
