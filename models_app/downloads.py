@@ -137,6 +137,14 @@ def create_download(
     return Download.objects.create(repo_id=repo_id, revision=revision, include=patterns, name=name)
 
 
+def _ended(status: str, now=None, **extra) -> dict:
+    """The fields of a row that has stopped: its status, when, and no transfer rate or ETA left."""
+    now = now or timezone.now()
+    fields = dict(status=status, finished_at=now, updated_at=now, rate=0.0, eta_seconds=None)
+    fields.update(extra)
+    return fields
+
+
 def request_cancel(download_id: int) -> Download:
     """Ask a download to stop. A queued one (or one whose worker died) is cancelled right here."""
     row = Download.objects.filter(pk=download_id).first()
@@ -145,14 +153,7 @@ def request_cancel(download_id: int) -> Download:
     if row.status in Download.FINISHED:
         return row
     now = timezone.now()
-    finished = dict(
-        status=Download.Status.CANCELLED,
-        cancel_requested=True,
-        finished_at=now,
-        rate=0.0,
-        eta_seconds=None,
-        updated_at=now,
-    )
+    finished = _ended(Download.Status.CANCELLED, now, cancel_requested=True)
     orphaned = Q(status=Download.Status.QUEUED) | Q(
         status=Download.Status.RUNNING, updated_at__lt=now - STALE_AFTER
     )
@@ -414,14 +415,7 @@ def run_download(download_id: int, *, task_id: str | None = None, worker: str = 
         _download_and_register(row, task_id)
     except DownloadCancelled:
         remove_partial_files(row)
-        now = timezone.now()
-        _ours(row, task_id).update(
-            status=Download.Status.CANCELLED,
-            finished_at=now,
-            updated_at=now,
-            rate=0.0,
-            eta_seconds=None,
-        )
+        _ours(row, task_id).update(**_ended(Download.Status.CANCELLED))
         logger.info("download %s: cancelled, files removed", row.pk)
         return Download.Status.CANCELLED
     except Superseded as exc:
@@ -433,30 +427,16 @@ def run_download(download_id: int, *, task_id: str | None = None, worker: str = 
             logger.warning("download %s failed: %s", row.pk, message)
         else:
             logger.exception("download %s failed: %s", row.pk, message)
-        now = timezone.now()
         if (
             _ours(row, task_id)
             .filter(cancel_requested=False)
-            .update(
-                status=Download.Status.FAILED,
-                error=message,
-                finished_at=now,
-                updated_at=now,
-                rate=0.0,
-                eta_seconds=None,
-            )
+            .update(**_ended(Download.Status.FAILED, error=message))
         ):
             _remove_if_empty(row)
         else:  # cancelled meanwhile (or re-queued): a cancel's cleanup still applies
             if Download.objects.filter(pk=row.pk, cancel_requested=True).exists():
                 remove_partial_files(row)
-            _ours(row, task_id).update(
-                status=Download.Status.CANCELLED,
-                finished_at=now,
-                updated_at=now,
-                rate=0.0,
-                eta_seconds=None,
-            )
+            _ours(row, task_id).update(**_ended(Download.Status.CANCELLED))
         return Download.Status.FAILED
     logger.info("download %s: completed and registered as %s", row.pk, row.name)
     return Download.Status.COMPLETED
@@ -677,18 +657,18 @@ def _register(
             _ours(row, task_id)
             .filter(cancel_requested=False)
             .update(
-                status=Download.Status.COMPLETED,
-                model=model,
-                commit=commit,
-                bytes_done=total,
-                bytes_total=total,
-                files_done=files_total,
-                files_total=files_total,
-                rate=0.0,
-                eta_seconds=0.0,
-                error="",
-                finished_at=now,
-                updated_at=now,
+                **_ended(
+                    Download.Status.COMPLETED,
+                    now,
+                    model=model,
+                    commit=commit,
+                    bytes_done=total,
+                    bytes_total=total,
+                    files_done=files_total,
+                    files_total=files_total,
+                    eta_seconds=0.0,
+                    error="",
+                )
             )
         )
         if not completed:  # cancelled or taken over at the last moment: roll the model back
