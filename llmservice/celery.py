@@ -71,8 +71,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 def start_worker_subprocess(**kwargs) -> subprocess.Popen:
     """Start a download worker as a child process; its output goes to ours."""
     env = dict(os.environ)
-    # The worker never runs mlx: no reason to preload OpenBLAS into it.
-    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "openblas" not in p]
+    # The worker never runs mlx: no reason to preload OpenBLAS or our matrix product into it.
+    preload = [
+        p
+        for p in env.get("LD_PRELOAD", "").split(":")
+        if p and "openblas" not in p and "libllm_sgemm" not in p
+    ]
     if preload:
         env["LD_PRELOAD"] = ":".join(preload)
     else:

@@ -25,22 +25,45 @@ def find_openblas() -> str | None:
     return next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
 
 
-def maybe_reexec_with_openblas() -> None:
-    """mlx[cpu] links a reference BLAS; preloading OpenBLAS makes generation 2-5x faster.
+def _off(name: str) -> bool:
+    return os.environ.get(name, "1").lower() in {"0", "false", "no", "off"}
 
-    LD_PRELOAD only works from process start, so re-exec ourselves once with it set.
+
+def blas_preloads() -> list[str]:
+    """Libraries the server should run with: our decode sgemm (x86-64), in front of OpenBLAS.
+
+    mlx[cpu] links a reference BLAS; OpenBLAS makes generation 2-5x faster, and our own sgemm
+    (inference/backends/cpu_blas.py) takes decoding's few-row products from it. The sgemm needs
+    OpenBLAS behind it for every other product, so it comes only with it.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    if os.environ.get("LLM_SERVICE_OPENBLAS", "1").lower() in {"0", "false", "no", "off"}:
-        return
+    if not sys.platform.startswith("linux") or _off("LLM_SERVICE_OPENBLAS"):
+        return []
+    openblas = find_openblas()
+    if openblas is None:
+        return []
+    if _off("LLM_SERVICE_SGEMM"):
+        return [openblas]
+    from inference.backends import cpu_blas
+
+    data_dir = Path(os.environ.get("LLM_SERVICE_DATA_DIR") or "~/.llm-service").expanduser()
+    sgemm = cpu_blas.build(data_dir)
+    return [openblas] if sgemm is None else [str(sgemm), openblas]
+
+
+def maybe_reexec_with_openblas() -> None:
+    """Preload the BLAS libraries (see blas_preloads), re-executing ourselves once to do it.
+
+    LD_PRELOAD only works from process start. A preload already set (by a benchmark, say) is kept,
+    with ours put in front of it.
+    """
     if os.environ.get("_LLM_SERVICE_REEXEC"):
         return
-    lib = find_openblas()
-    if lib is None or lib in os.environ.get("LD_PRELOAD", ""):
+    current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
+    wanted = blas_preloads()
+    if all(lib in current for lib in wanted):
         return
     env = dict(os.environ, _LLM_SERVICE_REEXEC="1")
-    env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD", "")) if p)
+    env["LD_PRELOAD"] = ":".join([*wanted, *(p for p in current if p not in wanted)])
     os.execve(sys.executable, [sys.executable, "-m", "llmservice.cli", *sys.argv[1:]], env)
 
 
@@ -141,7 +164,10 @@ def serve(args: argparse.Namespace) -> None:
             )
         else:
             print(f"Dashboard: http://{shown}:{port}/admin")
-        blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
+        preloaded = os.environ.get("LD_PRELOAD", "")
+        blas = "openblas" if "openblas" in preloaded else "bundled"
+        if "libllm_sgemm" in preloaded:
+            blas += " + llm-service sgemm for decoding"
         print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
         if not args.no_worker:
             from llmservice.celery import start_worker_subprocess

@@ -14,6 +14,9 @@ Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed these 
   made once per model (3-10% of a decode step).
 - `NumpyVocabulary` stores the embedding, or the output projection, once and transposed: mlx's product
   with that layout was 10% faster at 16 rows, and the lookup reads its columns, so memory stays the same.
+With our own sgemm preloaded (`cpu_blas`, x86-64), mlx's products of a few rows run at memory
+speed, one row included, and without a synchronisation: then the one-row NumPy paths and the
+transposed vocabulary are not used, and only the SwiGLU's `exp` (several rows) and RoPE remain here.
 Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 1e-4
 (tests/test_mlx_backend.py).
 """
@@ -25,6 +28,9 @@ import logging
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx_lm.models.activations import swiglu
+
+from inference.backends import cpu_blas
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +46,18 @@ def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
 
 
 class NumpySwiGLU(nn.Module):
-    def __init__(self, mlp: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, one_row_numpy: bool = True) -> None:
         super().__init__()
         self.gate_proj = mlp.gate_proj
         self.up_proj = mlp.up_proj
         self.down_proj = mlp.down_proj
+        self._one_row_numpy = one_row_numpy
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.size == x.shape[-1]:  # one row: matrix-vector products, all in NumPy
+        if x.size == x.shape[-1]:
+            if not self._one_row_numpy:  # our sgemm: mlx without a synchronisation is faster
+                return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+            # one row: matrix-vector products, all in NumPy
             mx.eval(x)
             row = np.asarray(x).reshape(1, -1)
             gate = row @ np.asarray(self.gate_proj.weight).T
@@ -143,16 +153,19 @@ def applies(model) -> bool:
     )
 
 
-def install(model, positions: int) -> bool:
+def install(model, positions: int, *, sgemm: bool | None = None) -> bool:
     """Swap in the faster parts where they apply; returns whether it did.
 
     `positions`: the longest sequence the model will see (its context length), for the RoPE table.
+    `sgemm`: whether our sgemm serves mlx's products (default: whether it is preloaded).
     """
     if not applies(model):
         return False
+    if sgemm is None:
+        sgemm = cpu_blas.active()
     tables: dict[tuple, tuple[mx.array, mx.array]] = {}
     for layer in model.model.layers:
-        layer.mlp = NumpySwiGLU(layer.mlp)
+        layer.mlp = NumpySwiGLU(layer.mlp, one_row_numpy=not sgemm)
         rope = getattr(layer.self_attn, "rope", None)
         if type(rope) is nn.RoPE and not rope.traditional:
             key = (rope.dims, rope.base, rope.scale)
@@ -160,11 +173,19 @@ def install(model, positions: int) -> bool:
                 tables[key] = rope_table(rope, positions)
             layer.self_attn.rope = TableRoPE(rope, tables[key])
     body = model.model
-    if getattr(model.args, "tie_word_embeddings", False):
+    if sgemm:
+        pass  # mlx's own layout: x @ W.T is the product our sgemm reads straight from memory
+    elif getattr(model.args, "tie_word_embeddings", False):
         if isinstance(body.embed_tokens, nn.Embedding) and "scales" not in body.embed_tokens:
             body.embed_tokens = NumpyVocabulary(body.embed_tokens.weight)
     elif isinstance(getattr(model, "lm_head", None), nn.Linear) and "bias" not in model.lm_head:
         model.lm_head = NumpyHead(model.lm_head.weight)
     mx.eval(model.parameters())
-    log.info("CPU: MLP and vocabulary projection through NumPy (%d layers)", len(body.layers))
+    log.info(
+        "CPU: %s, RoPE from a table (%d layers)",
+        "products through our sgemm, SwiGLU in NumPy"
+        if sgemm
+        else "MLP and vocabulary projection through NumPy",
+        len(body.layers),
+    )
     return True

@@ -23,6 +23,7 @@ def effective() -> list[tuple[str, str, str]]:
     """(environment variable, meaning, effective value) rows."""
     s = settings
     preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
+    sgemm = "libllm_sgemm" in os.environ.get("LD_PRELOAD", "")
     budget = f"{s.MEMORY_BUDGET_GB:g} GB" if s.MEMORY_BUDGET_GB else "0 (no budget)"
     return [
         ("LLM_SERVICE_HOST", "bind address", s.HOST),
@@ -48,6 +49,11 @@ def effective() -> list[tuple[str, str, str]]:
             "LLM_SERVICE_OPENBLAS",
             "preload OpenBLAS on Linux",
             f"{str(s.OPENBLAS).lower()} (this process: {'OpenBLAS' if preloaded else 'bundled BLAS'})",
+        ),
+        (
+            "LLM_SERVICE_SGEMM",
+            "preload llm-service's sgemm for decoding (x86-64, with OpenBLAS)",
+            f"{str(s.SGEMM).lower()} (this process: {'yes' if sgemm else 'no'})",
         ),
         (
             "LLM_SERVICE_METRICS_TOKEN",

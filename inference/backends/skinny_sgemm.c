@@ -1,0 +1,339 @@
+/* cblas_sgemm for the skinny products of LLM decoding on x86-64 CPUs (AVX2 + FMA).
+ *
+ * Preloaded ahead of OpenBLAS into the server (llmservice/cli.py builds and preloads it; see
+ * inference/backends/cpu_blas.py), it takes over the matrix products mlx's CPU backend asks for
+ * while decoding and hands every other call to the next cblas_sgemm in the process (OpenBLAS):
+ *
+ * - A few rows times a weight matrix (`x @ W.T`: row-major, A not transposed, B transposed, up to
+ *   MAX_ROWS rows). OpenBLAS packs the whole weight matrix into its panel layout on every call,
+ *   which for 1-16 rows costs more than the product: a SmolLM2-135M decode step at batch 8 spent
+ *   64 ms in the layers' products, against 24 ms at the memory bandwidth this code reaches.
+ * - Attention's per-head products at decode (`q @ k.T`, `p @ v`: one row against the cache),
+ *   thousands per step, where OpenBLAS's per-call overhead dominates.
+ *
+ * The weight matrix is read once, straight from memory, in blocks of 4 rows that stay in L1 while
+ * every row of A goes over them; large products are split by columns across a small pool of
+ * threads (the caller plus LLM_SERVICE_SGEMM_THREADS - 1 helpers, default: online CPUs, at most 8).
+ * Helpers spin briefly after a product, since the next one usually follows within microseconds,
+ * then sleep on a futex, so they never compete with mlx's own work for long.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <immintrin.h>
+#include <limits.h>
+#include <linux/futex.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <x86intrin.h>
+
+enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
+enum { MAX_ROWS = 16, MAX_THREADS = 8 };
+/* Products reading fewer weights than this stay on the calling thread (waking helpers costs more). */
+static const size_t PARALLEL_MIN = (size_t)1 << 17;
+/* Helpers spin this many TSC cycles (about 50-100 us) for the next product before sleeping. */
+static const uint64_t SPIN_CYCLES = (uint64_t)1 << 18;
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
+                         int, float, float *, int);
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+static inline void put(float *c, float v, float alpha, float beta) {
+    *c = beta == 0.0f ? alpha * v : alpha * v + beta * *c;
+}
+
+static inline void put8(float *c, __m256 v, float alpha, float beta) {
+    v = _mm256_mul_ps(v, _mm256_set1_ps(alpha));
+    if (beta != 0.0f) v = _mm256_fmadd_ps(_mm256_loadu_ps(c), _mm256_set1_ps(beta), v);
+    _mm256_storeu_ps(c, v);
+}
+
+static inline float dot_tail(const float *a, const float *b, int k, int K) {
+    float s = 0.0f;
+    for (; k < K; k++) s += a[k] * b[k];
+    return s;
+}
+
+/* One register tile of the NT product: rows m..m+RM-1 of A against rows n..n+RN-1 of B (RN <= 3),
+ * RM x RN accumulators of 8 lanes along k, so each loaded vector of A or B feeds several FMAs. */
+static inline __attribute__((always_inline)) void nt_tile(int PREFETCH, int RM, int RN, int K, float alpha,
+                                                          const float *A, int lda, const float *B,
+                                                          int ldb, float beta, float *C, int ldc) {
+    const int K8 = K & ~7;
+    __m256 acc[4][3];
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int k = 0; k < K8; k += 8) {
+        __m256 w[3];
+        for (int j = 0; j < RN; j++) w[j] = _mm256_loadu_ps(B + (size_t)j * ldb + k);
+        if (PREFETCH && (k & 15) == 0) /* the next block's rows, while this one computes */
+            for (int j = 0; j < 3; j++)
+                _mm_prefetch((const char *)(B + (size_t)(3 + j) * ldb + k), _MM_HINT_T0);
+        for (int i = 0; i < RM; i++) {
+            const __m256 x = _mm256_loadu_ps(A + (size_t)i * lda + k);
+            for (int j = 0; j < RN; j++) acc[i][j] = _mm256_fmadd_ps(x, w[j], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < RN; j++)
+            put(C + (size_t)i * ldc + j,
+                hsum(acc[i][j]) + dot_tail(A + (size_t)i * lda, B + (size_t)j * ldb, K8, K), alpha,
+                beta);
+}
+
+#define NT_TILE(RM, RN)                                                                           \
+    static void nt_tile_##RM##_##RN(int K, float alpha, const float *A, int lda, const float *B,   \
+                                    int ldb, float beta, float *C, int ldc) {                     \
+        nt_tile(0, RM, RN, K, alpha, A, lda, B, ldb, beta, C, ldc);                               \
+    }                                                                                             \
+    static void nt_tile_p_##RM##_##RN(int K, float alpha, const float *A, int lda,                \
+                                      const float *B, int ldb, float beta, float *C, int ldc) {   \
+        nt_tile(1, RM, RN, K, alpha, A, lda, B, ldb, beta, C, ldc);                               \
+    }
+NT_TILE(1, 1) NT_TILE(1, 2) NT_TILE(1, 3) NT_TILE(2, 1) NT_TILE(2, 2) NT_TILE(2, 3)
+NT_TILE(3, 1) NT_TILE(3, 2) NT_TILE(3, 3) NT_TILE(4, 1) NT_TILE(4, 2) NT_TILE(4, 3)
+
+typedef void (*tile_fn)(int, float, const float *, int, const float *, int, float, float *, int);
+static const tile_fn nt_tiles[4][3] = {
+    {nt_tile_1_1, nt_tile_1_2, nt_tile_1_3},
+    {nt_tile_2_1, nt_tile_2_2, nt_tile_2_3},
+    {nt_tile_3_1, nt_tile_3_2, nt_tile_3_3},
+    {nt_tile_4_1, nt_tile_4_2, nt_tile_4_3},
+};
+static const tile_fn nt_tiles_prefetch[4][3] = {
+    {nt_tile_p_1_1, nt_tile_p_1_2, nt_tile_p_1_3},
+    {nt_tile_p_2_1, nt_tile_p_2_2, nt_tile_p_2_3},
+    {nt_tile_p_3_1, nt_tile_p_3_2, nt_tile_p_3_3},
+    {nt_tile_p_4_1, nt_tile_p_4_2, nt_tile_p_4_3},
+};
+
+/* C[m][n] = alpha * sum_k A[m][k] * B[n][k] + beta * C[m][n], for columns n in [n0, n1): each block
+ * of 3 rows of B comes from memory once and serves every row of A from L1. */
+static void nt_cols(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    for (int n = n0; n < n1; n += 3) {
+        const int rn = n1 - n < 3 ? n1 - n : 3;
+        for (int m = 0; m < M; m += 4) {
+            const int rm = M - m < 4 ? M - m : 4;
+            const int last = n + 3 >= n1;
+            (m == 0 && !last ? nt_tiles_prefetch : nt_tiles)[rm - 1][rn - 1](K, alpha, A + (size_t)m * lda, lda, B + (size_t)n * ldb, ldb,
+                                     beta, C + (size_t)m * ldc + n, ldc);
+        }
+    }
+}
+
+/* C[m][n] = alpha * sum_k A[m][k] * B[k][n] + beta * C[m][n], for columns n in [n0, n1). */
+static void nn_cols(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    int n = n0;
+    for (; n + 32 <= n1; n += 32) {
+        int m = 0;
+        for (; m + 2 <= M; m += 2) {
+            const float *a0 = A + (size_t)m * lda, *a1 = a0 + lda;
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+            __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
+            for (int k = 0; k < K; k++) {
+                const float *b = B + (size_t)k * ldb + n;
+                const __m256 x0 = _mm256_broadcast_ss(a0 + k), x1 = _mm256_broadcast_ss(a1 + k);
+                __m256 w = _mm256_loadu_ps(b);
+                c00 = _mm256_fmadd_ps(x0, w, c00);
+                c10 = _mm256_fmadd_ps(x1, w, c10);
+                w = _mm256_loadu_ps(b + 8);
+                c01 = _mm256_fmadd_ps(x0, w, c01);
+                c11 = _mm256_fmadd_ps(x1, w, c11);
+                w = _mm256_loadu_ps(b + 16);
+                c02 = _mm256_fmadd_ps(x0, w, c02);
+                c12 = _mm256_fmadd_ps(x1, w, c12);
+                w = _mm256_loadu_ps(b + 24);
+                c03 = _mm256_fmadd_ps(x0, w, c03);
+                c13 = _mm256_fmadd_ps(x1, w, c13);
+            }
+            float *r0 = C + (size_t)m * ldc + n, *r1 = r0 + ldc;
+            put8(r0, c00, alpha, beta);
+            put8(r0 + 8, c01, alpha, beta);
+            put8(r0 + 16, c02, alpha, beta);
+            put8(r0 + 24, c03, alpha, beta);
+            put8(r1, c10, alpha, beta);
+            put8(r1 + 8, c11, alpha, beta);
+            put8(r1 + 16, c12, alpha, beta);
+            put8(r1 + 24, c13, alpha, beta);
+        }
+        if (m < M) {
+            const float *a0 = A + (size_t)m * lda;
+            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
+            for (int k = 0; k < K; k++) {
+                const float *b = B + (size_t)k * ldb + n;
+                const __m256 x0 = _mm256_broadcast_ss(a0 + k);
+                c00 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b), c00);
+                c01 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 8), c01);
+                c02 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 16), c02);
+                c03 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 24), c03);
+            }
+            float *r0 = C + (size_t)m * ldc + n;
+            put8(r0, c00, alpha, beta);
+            put8(r0 + 8, c01, alpha, beta);
+            put8(r0 + 16, c02, alpha, beta);
+            put8(r0 + 24, c03, alpha, beta);
+        }
+    }
+    for (; n + 8 <= n1; n += 8) {
+        for (int m = 0; m < M; m++) {
+            const float *a0 = A + (size_t)m * lda;
+            __m256 c = _mm256_setzero_ps();
+            for (int k = 0; k < K; k++)
+                c = _mm256_fmadd_ps(_mm256_broadcast_ss(a0 + k),
+                                    _mm256_loadu_ps(B + (size_t)k * ldb + n), c);
+            put8(C + (size_t)m * ldc + n, c, alpha, beta);
+        }
+    }
+    for (; n < n1; n++) {
+        for (int m = 0; m < M; m++) {
+            const float *a0 = A + (size_t)m * lda;
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s += a0[k] * B[(size_t)k * ldb + n];
+            put(C + (size_t)m * ldc + n, s, alpha, beta);
+        }
+    }
+}
+
+/* --- the thread pool: the caller takes part 0, helper i part i ------------------------------- */
+
+struct job {
+    int nn, M, N, K, lda, ldb, ldc, parts;
+    float alpha, beta;
+    const float *A, *B;
+    float *C;
+};
+
+static struct job job;
+static int nthreads = 1;
+static _Atomic unsigned generation;
+static _Atomic int pending, sleepers;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static sgemm_fn next_sgemm;
+
+static void run_part(const struct job *j, int part) {
+    /* Column ranges aligned to 32 so that every part but the last runs full vector blocks. */
+    const int blocks = (j->N + 31) / 32;
+    const int n0 = (int)((long)blocks * part / j->parts) * 32;
+    int n1 = (int)((long)blocks * (part + 1) / j->parts) * 32;
+    if (n1 > j->N) n1 = j->N;
+    if (n0 >= n1) return;
+    (j->nn ? nn_cols : nt_cols)(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta,
+                                j->C, j->ldc);
+}
+
+static long futex(_Atomic unsigned *addr, int op, unsigned val) {
+    return syscall(SYS_futex, (unsigned *)addr, op, val, NULL, NULL, 0);
+}
+
+static void *helper(void *arg) {
+    const int part = (int)(intptr_t)arg;
+    unsigned seen = 0;
+    for (;;) {
+        unsigned now;
+        const uint64_t until = __rdtsc() + SPIN_CYCLES;
+        while ((now = atomic_load(&generation)) == seen) {
+            if (__rdtsc() < until) {
+                _mm_pause();
+                continue;
+            }
+            atomic_fetch_add(&sleepers, 1);
+            futex(&generation, FUTEX_WAIT_PRIVATE, seen);
+            atomic_fetch_sub(&sleepers, 1);
+        }
+        seen = now;
+        if (part < job.parts) run_part(&job, part);
+        atomic_fetch_sub(&pending, 1);
+    }
+    return NULL;
+}
+
+static void init(void) {
+    next_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    const char *env = getenv("LLM_SERVICE_SGEMM_THREADS");
+    if (env && *env) n = strtol(env, NULL, 10);
+    if (n < 1) n = 1;
+    if (n > MAX_THREADS) n = MAX_THREADS;
+    for (long i = 1; i < n; i++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, helper, (void *)(intptr_t)i) != 0) break;
+        pthread_attr_destroy(&attr);
+        nthreads = (int)i + 1;
+    }
+}
+
+/* Which cblas_sgemm calls this file computes itself (the rest go to the next BLAS in the process). */
+int llm_sgemm_handles(int order, int transA, int transB, int M) {
+    return order == RowMajor && transA == NoTrans && (transB == Trans || transB == NoTrans) &&
+           M <= MAX_ROWS;
+}
+
+int llm_sgemm_threads(void) {
+    pthread_once(&once, init);
+    return nthreads;
+}
+
+/* Only when no other cblas_sgemm is loaded behind this one (the server always preloads OpenBLAS
+ * after it): correct and slow, for whatever shape. */
+static void reference_sgemm(int order, int transA, int transB, int M, int N, int K, float alpha,
+                            const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                            int ldc) {
+    if (order != RowMajor) { /* column-major C is row-major C^T = op(B)^T op(A)^T */
+        reference_sgemm(RowMajor, transB, transA, N, M, K, alpha, B, ldb, A, lda, beta, C, ldc);
+        return;
+    }
+    for (int m = 0; m < M; m++)
+        for (int n = 0; n < N; n++) {
+            double s = 0.0;
+            for (int k = 0; k < K; k++)
+                s += (double)(transA == NoTrans ? A[(size_t)m * lda + k] : A[(size_t)k * lda + m]) *
+                     (transB == NoTrans ? B[(size_t)k * ldb + n] : B[(size_t)n * ldb + k]);
+            put(C + (size_t)m * ldc + n, (float)s, alpha, beta);
+        }
+}
+
+void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float alpha,
+                 const float *A, int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    pthread_once(&once, init);
+    if (M <= 0 || N <= 0) return;
+    if (!llm_sgemm_handles(order, transA, transB, M)) {
+        if (next_sgemm)
+            next_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        else
+            reference_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    struct job j = {transB == NoTrans, M, N, K, lda, ldb, ldc, 1, alpha, beta, A, B, C};
+    const int blocks = (N + 31) / 32;
+    const int parts = nthreads < blocks ? nthreads : blocks;
+    /* One caller at a time uses the pool; another thread (a second mlx stream) computes alone. */
+    if (parts > 1 && (size_t)N * (size_t)K >= PARALLEL_MIN &&
+        pthread_mutex_trylock(&pool_lock) == 0) {
+        j.parts = parts;
+        job = j;
+        atomic_store(&pending, nthreads - 1);
+        atomic_fetch_add(&generation, 1);
+        if (atomic_load(&sleepers) > 0) futex(&generation, FUTEX_WAKE_PRIVATE, INT_MAX);
+        run_part(&j, 0);
+        while (atomic_load(&pending) > 0) _mm_pause();
+        pthread_mutex_unlock(&pool_lock);
+        return;
+    }
+    (j.nn ? nn_cols : nt_cols)(M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
