@@ -1,25 +1,29 @@
-"""The mlx backend without HTTP: what the CPU parts and the eager prefill buy, each against mlx-lm's own.
+"""The mlx backend without HTTP: what our sgemm, the CPU parts and the eager prefill buy.
 
-Run it from the repository root (it re-executes itself once with OpenBLAS preloaded, as the server does):
+Run it from the repository root:
 
     .venv/bin/python bench/engine_bench.py [--model-path DIR] [--no-docs]
 
-1. Decode step: one forward pass of B sequences (B = 1, 4, 8, 16) over a 120-token context, with
-   mlx-lm's model as loaded and with `inference.backends.mlx_cpu.install` applied to a second copy.
-   Runs alternate between the two, three rounds; the table shows the median.
-2. Burst: 16 chat prompts (the serving benchmark's) arrive at once, max_tokens 64, greedy, driven
-   through `MLXLoadedModel.step()` as the scheduler does, twice in a row (the second burst finds the
-   system prompt in the prefix cache, as in steady serving): with mlx-lm's plain `BatchGenerator` and
-   mlx's SwiGLU, then as shipped. Prints TTFT p50/max and tok/s of the second burst.
+Three configurations, each in its own process (LD_PRELOAD is per process): mlx-lm's model on
+OpenBLAS (what mlx_lm.server runs), ours (`inference.backends.mlx_cpu.install`) on OpenBLAS only, and
+ours as `llm-service serve` runs it (our sgemm preloaded ahead of OpenBLAS).
+1. Decode step: one forward pass of B sequences (B = 1, 4, 8, 16) over a 120-token context; median
+   of three runs of 15 steps.
+2. Burst (first and last configuration): 16 chat prompts (the serving benchmark's) arrive at once,
+   max_tokens 64, greedy, driven through `MLXLoadedModel.step()` as the scheduler does, twice in a row
+   (the second burst finds the system prompt in the prefix cache, as in steady serving): mlx-lm's
+   plain `BatchGenerator` and model, then as shipped. TTFT p50/max and tok/s of the second burst.
 Results go to stdout and to docs/benchmarks.md between the engine_bench markers.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -31,14 +35,25 @@ START, END = "<!-- engine_bench:start -->", "<!-- engine_bench:end -->"
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
-def reexec_with_openblas() -> None:
-    if sys.platform.startswith("linux") and os.path.exists(OPENBLAS):
-        if OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
-            env = dict(os.environ, LD_PRELOAD=f"{OPENBLAS}:{os.environ.get('LD_PRELOAD', '')}")
-            os.execve(sys.executable, [sys.executable, *sys.argv], env)
+# (label, preload our sgemm, model variant, burst engine) -- each measured in its own process, since
+# LD_PRELOAD is per process: the anchor's configuration, ours before our sgemm, ours as shipped.
+CONFIGS = [
+    ("mlx-lm, OpenBLAS", False, "plain", "mlx-lm"),
+    ("ours, OpenBLAS only", False, "ours", None),
+    ("ours as shipped (our sgemm + OpenBLAS)", True, "ours", "shipped"),
+]
 
 
-def decode_steps(model_path: Path, batches: list[int], context: int = 120) -> list[dict]:
+def preloads(sgemm: bool) -> list[str]:
+    from llmservice.cli import blas_preloads
+
+    libs = blas_preloads() if sgemm else []
+    if sgemm and len(libs) < 2:
+        raise SystemExit("engine_bench: our sgemm could not be built here (see cpu_blas.py)")
+    return libs if sgemm else [OPENBLAS] if os.path.exists(OPENBLAS) else []
+
+
+def decode_steps(model_path: Path, variant: str, batches: list[int], context: int = 120) -> list:
     import mlx.core as mx
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
@@ -46,11 +61,11 @@ def decode_steps(model_path: Path, batches: list[int], context: int = 120) -> li
     from inference.backends import mlx_cpu
     from inference.backends.mlx import read_context_length
 
-    plain, _ = load(str(model_path))
-    ours, _ = load(str(model_path))
-    installed = mlx_cpu.install(ours, positions=read_context_length(str(model_path)))
+    model, _ = load(str(model_path))
+    if variant == "ours":
+        mlx_cpu.install(model, positions=read_context_length(str(model_path)))
 
-    def step_ms(model, batch: int) -> float:
+    def step_ms(batch: int) -> float:
         cache = make_prompt_cache(model)
         mx.eval(model(mx.random.randint(0, 1000, (batch, context)), cache=cache))
         token = mx.random.randint(0, 1000, (batch, 1))
@@ -61,21 +76,11 @@ def decode_steps(model_path: Path, batches: list[int], context: int = 120) -> li
             mx.eval(model(token, cache=cache))
         return (time.perf_counter() - start) / 15 * 1000
 
-    rows = []
-    for batch in batches:
-        times: dict[str, list[float]] = {"plain": [], "ours": []}
-        for _ in range(3):
-            times["plain"].append(step_ms(plain, batch))
-            times["ours"].append(step_ms(ours, batch))
-        p, o = statistics.median(times["plain"]), statistics.median(times["ours"])
-        rows.append({"batch": batch, "plain": p, "ours": o, "installed": installed})
-        print(
-            f"decode B={batch:2d}: mlx-lm {p:6.1f} ms  ours {o:6.1f} ms  ({p / o:.2f}x)", flush=True
-        )
-    return rows
+    return [statistics.median(step_ms(batch) for _ in range(3)) for batch in batches]
 
 
 def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64) -> dict:
+    """16 prompts at once through `MLXLoadedModel.step()`: TTFT p50/max and tok/s."""
     from transformers import AutoTokenizer
 
     from bench.serve_bench import make_prompts
@@ -85,7 +90,7 @@ def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64
     saved = mlx_batching.supports, mlx_cpu.install
     if not shipped:
         mlx_batching.supports = lambda model: False
-        mlx_cpu.install = lambda model, positions: False
+        mlx_cpu.install = lambda model, positions, **kwargs: False
     try:
         loaded = mlx.MLXLoadedModel(
             ModelSpec(name="bench", path=str(model_path), max_batch_size=16)
@@ -121,39 +126,52 @@ def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64
     one(1)  # fills the prefix cache, as a running server's is
     result = one(2)
     loaded.close()
-    label = "as shipped" if shipped else "mlx-lm BatchGenerator, mlx SwiGLU"
-    print(
-        f"burst of {count} ({label}): TTFT p50 {result['ttft_p50']:.2f} s, "
-        f"max {result['ttft_max']:.2f} s, {result['tok_s']:.1f} tok/s",
-        flush=True,
-    )
-    return {"label": label, **result}
+    return result
 
 
-def report(steps: list[dict], bursts: list[dict], model_path: Path) -> str:
+def worker(args) -> int:
+    """One configuration, in this process (preloaded by main): its numbers as JSON on stdout."""
+    label, _, variant, engine = CONFIGS[args.worker]
+    model_path = Path(args.model_path)
+    batches = [int(b) for b in args.batches.split(",")]
+    steps = decode_steps(model_path, variant, batches)
+    print(f"{label}: " + ", ".join(f"B={b} {ms:.1f} ms" for b, ms in zip(batches, steps, strict=True)),
+          file=sys.stderr, flush=True)  # fmt: skip
+    result = {"steps": steps, "burst": None}
+    if engine:
+        result["burst"] = burst(model_path, shipped=engine == "shipped")
+        b = result["burst"]
+        print(f"{label}, burst: TTFT p50 {b['ttft_p50']:.2f} s, {b['tok_s']:.1f} tok/s",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps(result))
+    return 0
+
+
+def report(results: list[dict], batches: list[int], model_path: Path) -> str:
     from importlib import metadata
 
     import mlx.core as mx
 
+    labels = [c[0] for c in CONFIGS]
     lines = [
         "## The mlx backend without HTTP: decode step and burst",
         "",
         f"- Date: {datetime.now(UTC).isoformat(timespec='seconds')}",
         f"- Machine: nproc {os.cpu_count()}, {platform.platform()}, Python {platform.python_version()}, "
         f"mlx {metadata.version('mlx')}, mlx-lm {metadata.version('mlx-lm')}, device {mx.default_device()}",
-        f"- Model: {model_path} (SmolLM2-135M-Instruct, float32); BLAS: "
-        + ("OpenBLAS (LD_PRELOAD)" if OPENBLAS in os.environ.get("LD_PRELOAD", "") else "bundled"),
+        f"- Model: {model_path} (SmolLM2-135M-Instruct, float32); each configuration in its own "
+        "process (LD_PRELOAD is per process)",
         "- Rerun: `.venv/bin/python bench/engine_bench.py`",
         "",
-        "Decode step, one forward pass over a 120-token context (median of 3 alternating rounds):",
+        "Decode step, one forward pass over a 120-token context (median of 3 runs of 15 steps):",
         "",
-        "| batch | mlx-lm model | with `mlx_cpu.install` | speed-up |",
-        "|---|---|---|---|",
+        "| batch | " + " | ".join(labels) + " | shipped vs mlx-lm |",
+        "|---|" + "---|" * (len(labels) + 1),
     ]
-    for row in steps:
+    for i, batch in enumerate(batches):
+        ms = [r["steps"][i] for r in results]
         lines.append(
-            f"| {row['batch']} | {row['plain']:.1f} ms | {row['ours']:.1f} ms | "
-            f"{row['plain'] / row['ours']:.2f}x |"
+            f"| {batch} | " + " | ".join(f"{m:.1f} ms" for m in ms) + f" | {ms[0] / ms[-1]:.2f}x |"
         )
     lines += [
         "",
@@ -163,10 +181,13 @@ def report(steps: list[dict], bursts: list[dict], model_path: Path) -> str:
         "| engine | TTFT p50 | TTFT max | tok/s |",
         "|---|---|---|---|",
     ]
-    for b in bursts:
-        lines.append(
-            f"| {b['label']} | {b['ttft_p50']:.2f} s | {b['ttft_max']:.2f} s | {b['tok_s']:.1f} |"
-        )
+    for (label, _, _, engine), r in zip(CONFIGS, results, strict=True):
+        if engine:
+            b = r["burst"]
+            name = "mlx-lm BatchGenerator, mlx-lm model, OpenBLAS" if engine == "mlx-lm" else label
+            lines.append(
+                f"| {name} | {b['ttft_p50']:.2f} s | {b['ttft_max']:.2f} s | {b['tok_s']:.1f} |"
+            )
     return "\n".join(lines)
 
 
@@ -177,16 +198,26 @@ def main() -> int:
     )
     parser.add_argument("--batches", default="1,4,8,16")
     parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    reexec_with_openblas()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.worker is not None:
+        return worker(args)
 
     from bench.serve_bench import ensure_model
 
     model_path = ensure_model(args.model_path)
-    steps = decode_steps(model_path, [int(b) for b in args.batches.split(",")])
-    bursts = [burst(model_path, shipped=False), burst(model_path, shipped=True)]
-    section = report(steps, bursts, model_path)
+    results = []
+    for i, (_, sgemm, _, _) in enumerate(CONFIGS):
+        env = dict(os.environ, LD_PRELOAD=":".join(preloads(sgemm)))
+        done = subprocess.run(
+            [sys.executable, __file__, "--worker", str(i), "--model-path", str(model_path),
+             "--batches", args.batches],
+            env=env, stdout=subprocess.PIPE, text=True, check=True,
+        )  # fmt: skip
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    batches = [int(b) for b in args.batches.split(",")]
+    section = report(results, batches, model_path)
     if not args.no_docs:
         from bench.serve_bench import write_docs
 

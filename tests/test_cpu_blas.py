@@ -92,6 +92,27 @@ def test_alpha_beta_and_row_strides_are_honoured(lib):
     assert close(got, c - x @ w.T)
 
 
+def test_products_from_two_threads_at_once_and_in_quick_succession_stay_exact(lib):
+    # The pool serves one caller at a time (the other computes alone), and helpers that wake late
+    # for a product already finished must not touch the next one.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(2)
+    cases = []
+    for i in range(40):
+        rows, n = 1 + i % 16, (576, 1536, 192, 49152 // 8)[i % 4]
+        x = rng.standard_normal((rows, 576), dtype=np.float32)
+        w = rng.standard_normal((n, 576), dtype=np.float32)
+        cases.append((x, w, x @ w.T))
+
+    def run_all(order):
+        return all(close(sgemm(lib, x, w, trans_b=True), want) for x, w, want in order)
+
+    with ThreadPoolExecutor(2) as pool:  # ctypes releases the GIL: the calls really overlap
+        results = list(pool.map(run_all, [cases * 5, cases[::-1] * 5]))
+    assert results == [True, True]
+
+
 def test_calls_it_does_not_handle_are_still_computed_correctly(lib):
     # Many rows, a transposed A, column-major: handed to the BLAS behind it, or (loaded alone, as
     # here) to its reference loop.

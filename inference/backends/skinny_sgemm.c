@@ -13,9 +13,10 @@
  *
  * The weight matrix is read once, straight from memory, in blocks of 4 rows that stay in L1 while
  * every row of A goes over them; large products are split by columns across a small pool of
- * threads (the caller plus LLM_SERVICE_SGEMM_THREADS - 1 helpers, default: online CPUs, at most 8).
- * Helpers spin briefly after a product, since the next one usually follows within microseconds,
- * then sleep on a futex, so they never compete with mlx's own work for long.
+ * threads (the caller plus LLM_SERVICE_SGEMM_THREADS - 1 helpers, default: online CPUs, at most 8),
+ * in chunks claimed one at a time, so a helper that is not running never holds the caller up.
+ * Helpers spin briefly after a product, since the next one often follows within microseconds,
+ * then sleep on a futex, so they do not take a core from mlx's own work or Python for long.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -35,7 +36,9 @@ enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
 enum { MAX_ROWS = 16, MAX_THREADS = 8 };
 /* Products reading fewer weights than this stay on the calling thread (waking helpers costs more). */
 static const size_t PARALLEL_MIN = (size_t)1 << 17;
-/* Helpers spin this many TSC cycles (about 50-100 us) for the next product before sleeping. */
+/* Helpers spin this many TSC cycles (about 100 us) for the next product before sleeping: a decode
+ * step's products follow each other within that, so the helper rarely pays a futex wake-up; between
+ * steps it sleeps. (2^15 cycles measured slower at 4-16 streams, docs/benchmarks.md.) */
 static const uint64_t SPIN_CYCLES = (uint64_t)1 << 18;
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
@@ -206,32 +209,48 @@ static void nn_cols(int M, int n0, int n1, int K, float alpha, const float *A, i
     }
 }
 
-/* --- the thread pool: the caller takes part 0, helper i part i ------------------------------- */
+/* --- the thread pool ----------------------------------------------------------------------- */
+/* A product is cut into chunks of columns that the caller and the helpers claim one at a time, so a
+ * helper that is asleep or preempted (two cores shared with mlx's own thread, Python and the HTTP
+ * loop) never holds the caller up: the caller takes whatever is left and only waits for chunks a
+ * helper has already started. */
 
 struct job {
-    int nn, M, N, K, lda, ldb, ldc, parts;
+    int nn, M, N, K, lda, ldb, ldc, chunks;
     float alpha, beta;
     const float *A, *B;
     float *C;
 };
 
+enum { CLOSED = INT_MAX / 2 };
 static struct job job;
 static int nthreads = 1;
-static _Atomic unsigned generation;
-static _Atomic int pending, sleepers;
+static _Atomic unsigned generation; /* bumped per product: what sleeping helpers wait on */
+static _Atomic int next_chunk = CLOSED, finished_chunks, sleepers;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static sgemm_fn next_sgemm;
 
-static void run_part(const struct job *j, int part) {
-    /* Column ranges aligned to 32 so that every part but the last runs full vector blocks. */
+static void run_chunk(const struct job *j, int chunk) {
+    /* Column ranges aligned to 32 so that every chunk but the last runs full vector blocks. */
     const int blocks = (j->N + 31) / 32;
-    const int n0 = (int)((long)blocks * part / j->parts) * 32;
-    int n1 = (int)((long)blocks * (part + 1) / j->parts) * 32;
+    const int n0 = (int)((long)blocks * chunk / j->chunks) * 32;
+    int n1 = (int)((long)blocks * (chunk + 1) / j->chunks) * 32;
     if (n1 > j->N) n1 = j->N;
     if (n0 >= n1) return;
     (j->nn ? nn_cols : nt_cols)(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta,
                                 j->C, j->ldc);
+}
+
+/* Claim and run chunks until none is left. The job's fields are read only after a claim succeeds:
+ * the caller publishes them before opening the counter, and waits for every claimed chunk. */
+static void take_chunks(void) {
+    for (;;) {
+        const int chunk = atomic_fetch_add(&next_chunk, 1);
+        if (chunk >= CLOSED || chunk >= job.chunks) return;
+        run_chunk(&job, chunk);
+        atomic_fetch_add(&finished_chunks, 1);
+    }
 }
 
 static long futex(_Atomic unsigned *addr, int op, unsigned val) {
@@ -239,7 +258,7 @@ static long futex(_Atomic unsigned *addr, int op, unsigned val) {
 }
 
 static void *helper(void *arg) {
-    const int part = (int)(intptr_t)arg;
+    (void)arg;
     unsigned seen = 0;
     for (;;) {
         unsigned now;
@@ -254,8 +273,7 @@ static void *helper(void *arg) {
             atomic_fetch_sub(&sleepers, 1);
         }
         seen = now;
-        if (part < job.parts) run_part(&job, part);
-        atomic_fetch_sub(&pending, 1);
+        take_chunks();
     }
     return NULL;
 }
@@ -272,8 +290,9 @@ static void init(void) {
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&t, &attr, helper, (void *)(intptr_t)i) != 0) break;
+        const int failed = pthread_create(&t, &attr, helper, NULL);
         pthread_attr_destroy(&attr);
+        if (failed) break;
         nthreads = (int)i + 1;
     }
 }
@@ -321,17 +340,19 @@ void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float a
     }
     struct job j = {transB == NoTrans, M, N, K, lda, ldb, ldc, 1, alpha, beta, A, B, C};
     const int blocks = (N + 31) / 32;
-    const int parts = nthreads < blocks ? nthreads : blocks;
+    const int chunks = 4 * nthreads < blocks ? 4 * nthreads : blocks;
     /* One caller at a time uses the pool; another thread (a second mlx stream) computes alone. */
-    if (parts > 1 && (size_t)N * (size_t)K >= PARALLEL_MIN &&
+    if (nthreads > 1 && chunks > 1 && (size_t)N * (size_t)K >= PARALLEL_MIN &&
         pthread_mutex_trylock(&pool_lock) == 0) {
-        j.parts = parts;
+        j.chunks = chunks;
         job = j;
-        atomic_store(&pending, nthreads - 1);
+        atomic_store(&finished_chunks, 0);
+        atomic_store(&next_chunk, 0); /* opens the job: claims from here on see its fields */
         atomic_fetch_add(&generation, 1);
         if (atomic_load(&sleepers) > 0) futex(&generation, FUTEX_WAKE_PRIVATE, INT_MAX);
-        run_part(&j, 0);
-        while (atomic_load(&pending) > 0) _mm_pause();
+        take_chunks();
+        while (atomic_load(&finished_chunks) < chunks) _mm_pause();
+        atomic_store(&next_chunk, CLOSED);
         pthread_mutex_unlock(&pool_lock);
         return;
     }
