@@ -256,3 +256,12 @@ def test_a_request_for_log_probabilities_joining_a_batch_that_skips_them_gets_al
         assert d.logprob <= 0
         assert 0.0 < sum(math.exp(lp) for _, lp in d.top_logprobs) <= 1.0 + 1e-4
     loaded.remove([0, 1])
+
+
+def test_without_our_sgemm_numpys_blas_runs_one_thread_beside_mlxs(loaded):
+    # This test process has no sgemm preloaded, so NumPy serves one-row products: two pools of BLAS
+    # threads on the same cores made those steps several times slower.
+    from threadpoolctl import threadpool_info
+
+    numpy_blas = [i for i in threadpool_info() if "numpy.libs" in (i.get("filepath") or "")]
+    assert numpy_blas and all(i["num_threads"] == 1 for i in numpy_blas)

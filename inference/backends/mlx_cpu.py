@@ -17,6 +17,8 @@ Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed these 
 With our own sgemm preloaded (`cpu_blas`, x86-64), mlx's products of a few rows run at memory
 speed, one row included, and without a synchronisation: then the one-row NumPy paths and the
 transposed vocabulary are not used, and only the SwiGLU's `exp` (several rows) and RoPE remain here.
+Without it, NumPy's own OpenBLAS is held to one thread: its pool of two, beside the OpenBLAS mlx runs
+on, made a lone sequence's step take 170-290 ms instead of about 65 (docs/benchmarks.md).
 Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 1e-4
 (tests/test_mlx_backend.py).
 """
@@ -24,11 +26,13 @@ Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
+from threadpoolctl import ThreadpoolController
 
 from inference.backends import cpu_blas
 
@@ -163,6 +167,10 @@ def install(model, positions: int, *, sgemm: bool | None = None) -> bool:
         return False
     if sgemm is None:
         sgemm = cpu_blas.active()
+    if not sgemm:  # NumPy's matrix-vector products serve one row: one pool of BLAS threads, not two
+        for blas in ThreadpoolController().select(user_api="blas").lib_controllers:
+            if blas.filepath and Path(blas.filepath).parent.name == "numpy.libs":
+                blas.set_num_threads(1)
     tables: dict[tuple, tuple[mx.array, mx.array]] = {}
     for layer in model.model.layers:
         layer.mlp = NumpySwiGLU(layer.mlp, one_row_numpy=not sgemm)
