@@ -47,7 +47,9 @@ def blas_preloads() -> list[str]:
 
     data_dir = Path(os.environ.get("LLM_SERVICE_DATA_DIR") or "~/.llm-service").expanduser()
     sgemm = cpu_blas.build(data_dir)
-    return [openblas] if sgemm is None else [str(sgemm), openblas]
+    if sgemm is None or " " in str(sgemm):  # ld.so splits LD_PRELOAD at spaces too
+        return [openblas]
+    return [str(sgemm), openblas]
 
 
 def maybe_reexec_with_openblas() -> None:
@@ -56,15 +58,21 @@ def maybe_reexec_with_openblas() -> None:
     LD_PRELOAD only works from process start. A preload already set (by a benchmark, say) is kept,
     with ours put in front of it.
     """
-    if os.environ.get("_LLM_SERVICE_REEXEC"):
+    if os.environ.pop("_LLM_SERVICE_REEXEC", None):  # popped: a child's own `serve` may preload
         return
-    current = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if p]
-    wanted = blas_preloads()
-    if all(lib in current for lib in wanted):
+    preload = new_preload(os.environ.get("LD_PRELOAD", ""), blas_preloads())
+    if preload is None:
         return
-    env = dict(os.environ, _LLM_SERVICE_REEXEC="1")
-    env["LD_PRELOAD"] = ":".join([*wanted, *(p for p in current if p not in wanted)])
+    env = dict(os.environ, _LLM_SERVICE_REEXEC="1", LD_PRELOAD=preload)
     os.execve(sys.executable, [sys.executable, "-m", "llmservice.cli", *sys.argv[1:]], env)
+
+
+def new_preload(current: str, wanted: list[str]) -> str | None:
+    """LD_PRELOAD with `wanted` first, in order (ours before OpenBLAS), or None if it already is."""
+    libs = [p for p in current.split(":") if p]
+    if libs[: len(wanted)] == wanted:
+        return None
+    return ":".join([*wanted, *(p for p in libs if p not in wanted)])
 
 
 def demo_gguf(data_dir: Path, configured: str) -> Path:

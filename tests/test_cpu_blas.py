@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from inference.backends import cpu_blas
-from llmservice.cli import blas_preloads, find_openblas
+from llmservice.cli import blas_preloads, find_openblas, new_preload
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.skipif(
@@ -186,6 +186,31 @@ def test_the_server_runs_with_it_ahead_of_openblas(server):
     maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
     assert "libllm_sgemm" in maps and "openblas" in maps
     assert "openblas + llm-service sgemm for decoding" in server.log()
+
+
+def test_serve_puts_it_ahead_of_openblas_whatever_the_preload_it_finds():
+    ours, openblas = "/v/libllm_sgemm-1.so", "/usr/lib/libopenblas.so.0"
+    wanted = [ours, openblas]
+    assert new_preload("", wanted) == f"{ours}:{openblas}"
+    assert new_preload(openblas, wanted) == f"{ours}:{openblas}"  # a benchmark's OpenBLAS
+    assert new_preload(f"{openblas}:{ours}", wanted) == f"{ours}:{openblas}"  # wrong order
+    assert new_preload(f"/x.so:{ours}:{openblas}", wanted) == f"{ours}:{openblas}:/x.so"
+    assert new_preload(f"{ours}:{openblas}", wanted) is None  # already right: no re-exec
+
+
+def test_behind_openblas_it_is_not_reported_active(tiny_dir):
+    preloads = blas_preloads()
+    env = dict(os.environ, LD_PRELOAD=":".join(reversed(preloads)))  # OpenBLAS's sgemm wins
+    code = "from inference.backends import cpu_blas; print(cpu_blas.active())"
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "False", done.stderr
+    env["LD_PRELOAD"] = ":".join(preloads)
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == "True", done.stderr
 
 
 def test_it_can_be_turned_off(monkeypatch):

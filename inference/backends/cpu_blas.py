@@ -94,10 +94,15 @@ def build(data_dir: Path | None = None) -> Path | None:
 
 
 def active() -> bool:
-    """Whether this process runs with the library preloaded (its symbols are global then)."""
+    """Whether mlx's `cblas_sgemm` is ours: preloaded, and ahead of any other BLAS."""
+    ours = [p for p in os.environ.get("LD_PRELOAD", "").split(":") if "libllm_sgemm" in p]
     try:
-        return hasattr(ctypes.CDLL(None), "llm_sgemm_threads")
-    except OSError:
+        process = ctypes.CDLL(None)
+        if not ours or not hasattr(process, "llm_sgemm_threads"):
+            return False
+        resolved = ctypes.cast(process.cblas_sgemm, ctypes.c_void_p).value
+        return resolved == ctypes.cast(ctypes.CDLL(ours[0]).cblas_sgemm, ctypes.c_void_p).value
+    except (OSError, AttributeError):
         return False
 
 

@@ -222,11 +222,13 @@ struct job {
     float *C;
 };
 
-enum { CLOSED = INT_MAX / 2 };
 static struct job job;
 static int nthreads = 1;
 static _Atomic unsigned generation; /* bumped per product: what sleeping helpers wait on */
-static _Atomic int next_chunk = CLOSED, finished_chunks, sleepers;
+/* (chunk count << 32) | next chunk to claim; the count is 0 while no product is open. A claim is
+ * judged from the value it took alone, never from `job`, which may already be the next product's. */
+static _Atomic uint64_t ticket;
+static _Atomic int finished_chunks, sleepers;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static sgemm_fn next_sgemm;
@@ -243,12 +245,12 @@ static void run_chunk(const struct job *j, int chunk) {
 }
 
 /* Claim and run chunks until none is left. The job's fields are read only after a claim succeeds:
- * the caller publishes them before opening the counter, and waits for every claimed chunk. */
+ * the caller publishes them before opening the ticket, and waits for every claimed chunk. */
 static void take_chunks(void) {
     for (;;) {
-        const int chunk = atomic_fetch_add(&next_chunk, 1);
-        if (chunk >= CLOSED || chunk >= job.chunks) return;
-        run_chunk(&job, chunk);
+        const uint64_t t = atomic_fetch_add(&ticket, 1);
+        if ((uint32_t)t >= (uint32_t)(t >> 32)) return; /* none left, or no product open */
+        run_chunk(&job, (int)(uint32_t)t);
         atomic_fetch_add(&finished_chunks, 1);
     }
 }
@@ -347,12 +349,12 @@ void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float a
         j.chunks = chunks;
         job = j;
         atomic_store(&finished_chunks, 0);
-        atomic_store(&next_chunk, 0); /* opens the job: claims from here on see its fields */
+        atomic_store(&ticket, (uint64_t)chunks << 32); /* opens it: claims from here see `job` */
         atomic_fetch_add(&generation, 1);
         if (atomic_load(&sleepers) > 0) futex(&generation, FUTEX_WAKE_PRIVATE, INT_MAX);
         take_chunks();
         while (atomic_load(&finished_chunks) < chunks) _mm_pause();
-        atomic_store(&next_chunk, CLOSED);
+        atomic_store(&ticket, 0);
         pthread_mutex_unlock(&pool_lock);
         return;
     }
