@@ -7,11 +7,11 @@
  * - A few rows times a weight matrix (`x @ W.T`: row-major, A not transposed, B transposed, up to
  *   MAX_ROWS rows). OpenBLAS packs the whole weight matrix into its panel layout on every call,
  *   which for 1-16 rows costs more than the product: a SmolLM2-135M decode step at batch 8 spent
- *   64 ms in the layers' products, against 24 ms at the memory bandwidth this code reaches.
+ *   64 ms in the layers' products, against 31.5 ms here (docs/benchmarks.md).
  * - Attention's per-head products at decode (`q @ k.T`, `p @ v`: one row against the cache),
  *   thousands per step, where OpenBLAS's per-call overhead dominates.
  *
- * The weight matrix is read once, straight from memory, in blocks of 4 rows that stay in L1 while
+ * The weight matrix is read once, straight from memory, in blocks of 3 rows that stay in L1 while
  * every row of A goes over them; large products are split by columns across a small pool of
  * threads (the caller plus LLM_SERVICE_SGEMM_THREADS - 1 helpers, default: online CPUs, at most 8),
  * in chunks claimed one at a time, so a helper that is not running never holds the caller up.
@@ -126,13 +126,35 @@ static void nt_cols(int M, int n0, int n1, int K, float alpha, const float *A, i
                     const float *B, int ldb, float beta, float *C, int ldc) {
     for (int n = n0; n < n1; n += 3) {
         const int rn = n1 - n < 3 ? n1 - n : 3;
+        const int last = n + 3 >= n1; /* no next block to prefetch */
         for (int m = 0; m < M; m += 4) {
             const int rm = M - m < 4 ? M - m : 4;
-            const int last = n + 3 >= n1;
-            (m == 0 && !last ? nt_tiles_prefetch : nt_tiles)[rm - 1][rn - 1](K, alpha, A + (size_t)m * lda, lda, B + (size_t)n * ldb, ldb,
-                                     beta, C + (size_t)m * ldc + n, ldc);
+            (m == 0 && !last ? nt_tiles_prefetch : nt_tiles)[rm - 1][rn - 1](
+                K, alpha, A + (size_t)m * lda, lda, B + (size_t)n * ldb, ldb, beta,
+                C + (size_t)m * ldc + n, ldc);
         }
     }
+}
+
+/* Rows m..m+RM-1 (RM <= 2) of the NN product for 32 columns from n: RM x 4 accumulators of 8 lanes
+ * along n, A's entries broadcast. */
+static inline __attribute__((always_inline)) void nn_block(int RM, int K, float alpha,
+                                                           const float *A, int lda, const float *B,
+                                                           int ldb, float beta, float *C, int ldc) {
+    __m256 acc[2][4];
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int k = 0; k < K; k++) {
+        const float *b = B + (size_t)k * ldb;
+        __m256 x[2];
+        for (int i = 0; i < RM; i++) x[i] = _mm256_broadcast_ss(A + (size_t)i * lda + k);
+        for (int j = 0; j < 4; j++) {
+            const __m256 w = _mm256_loadu_ps(b + 8 * j);
+            for (int i = 0; i < RM; i++) acc[i][j] = _mm256_fmadd_ps(x[i], w, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < RM; i++)
+        for (int j = 0; j < 4; j++) put8(C + (size_t)i * ldc + 8 * j, acc[i][j], alpha, beta);
 }
 
 /* C[m][n] = alpha * sum_k A[m][k] * B[k][n] + beta * C[m][n], for columns n in [n0, n1). */
@@ -141,53 +163,12 @@ static void nn_cols(int M, int n0, int n1, int K, float alpha, const float *A, i
     int n = n0;
     for (; n + 32 <= n1; n += 32) {
         int m = 0;
-        for (; m + 2 <= M; m += 2) {
-            const float *a0 = A + (size_t)m * lda, *a1 = a0 + lda;
-            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-            __m256 c10 = c00, c11 = c00, c12 = c00, c13 = c00;
-            for (int k = 0; k < K; k++) {
-                const float *b = B + (size_t)k * ldb + n;
-                const __m256 x0 = _mm256_broadcast_ss(a0 + k), x1 = _mm256_broadcast_ss(a1 + k);
-                __m256 w = _mm256_loadu_ps(b);
-                c00 = _mm256_fmadd_ps(x0, w, c00);
-                c10 = _mm256_fmadd_ps(x1, w, c10);
-                w = _mm256_loadu_ps(b + 8);
-                c01 = _mm256_fmadd_ps(x0, w, c01);
-                c11 = _mm256_fmadd_ps(x1, w, c11);
-                w = _mm256_loadu_ps(b + 16);
-                c02 = _mm256_fmadd_ps(x0, w, c02);
-                c12 = _mm256_fmadd_ps(x1, w, c12);
-                w = _mm256_loadu_ps(b + 24);
-                c03 = _mm256_fmadd_ps(x0, w, c03);
-                c13 = _mm256_fmadd_ps(x1, w, c13);
-            }
-            float *r0 = C + (size_t)m * ldc + n, *r1 = r0 + ldc;
-            put8(r0, c00, alpha, beta);
-            put8(r0 + 8, c01, alpha, beta);
-            put8(r0 + 16, c02, alpha, beta);
-            put8(r0 + 24, c03, alpha, beta);
-            put8(r1, c10, alpha, beta);
-            put8(r1 + 8, c11, alpha, beta);
-            put8(r1 + 16, c12, alpha, beta);
-            put8(r1 + 24, c13, alpha, beta);
-        }
-        if (m < M) {
-            const float *a0 = A + (size_t)m * lda;
-            __m256 c00 = _mm256_setzero_ps(), c01 = c00, c02 = c00, c03 = c00;
-            for (int k = 0; k < K; k++) {
-                const float *b = B + (size_t)k * ldb + n;
-                const __m256 x0 = _mm256_broadcast_ss(a0 + k);
-                c00 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b), c00);
-                c01 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 8), c01);
-                c02 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 16), c02);
-                c03 = _mm256_fmadd_ps(x0, _mm256_loadu_ps(b + 24), c03);
-            }
-            float *r0 = C + (size_t)m * ldc + n;
-            put8(r0, c00, alpha, beta);
-            put8(r0 + 8, c01, alpha, beta);
-            put8(r0 + 16, c02, alpha, beta);
-            put8(r0 + 24, c03, alpha, beta);
-        }
+        for (; m + 2 <= M; m += 2)
+            nn_block(2, K, alpha, A + (size_t)m * lda, lda, B + n, ldb, beta,
+                     C + (size_t)m * ldc + n, ldc);
+        if (m < M)
+            nn_block(1, K, alpha, A + (size_t)m * lda, lda, B + n, ldb, beta,
+                     C + (size_t)m * ldc + n, ldc);
     }
     for (; n + 8 <= n1; n += 8) {
         for (int m = 0; m < M; m++) {
