@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 START, END = "<!-- engine_bench:start -->", "<!-- engine_bench:end -->"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"
 
 
 # (label, preload our sgemm, model variant, burst engine) -- each measured in its own process, since
@@ -45,12 +44,14 @@ CONFIGS = [
 
 
 def preloads(sgemm: bool) -> list[str]:
-    from llmservice.cli import blas_preloads
+    from llmservice.cli import blas_preloads, find_openblas
 
-    libs = blas_preloads() if sgemm else []
-    if sgemm and len(libs) < 2:
+    if not sgemm:
+        return [lib] if (lib := find_openblas()) else []
+    libs = blas_preloads()
+    if len(libs) < 2:
         raise SystemExit("engine_bench: our sgemm could not be built here (see cpu_blas.py)")
-    return libs if sgemm else [OPENBLAS] if os.path.exists(OPENBLAS) else []
+    return libs
 
 
 def decode_steps(model_path: Path, variant: str, batches: list[int], context: int = 120) -> list:

@@ -172,9 +172,10 @@ def serve(args: argparse.Namespace) -> None:
             )
         else:
             print(f"Dashboard: http://{shown}:{port}/admin")
-        preloaded = os.environ.get("LD_PRELOAD", "")
-        blas = "openblas" if "openblas" in preloaded else "bundled"
-        if "libllm_sgemm" in preloaded:
+        from inference.backends import cpu_blas
+
+        blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
+        if cpu_blas.active():
             blas += " + llm-service sgemm for decoding"
         print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
         if not args.no_worker:

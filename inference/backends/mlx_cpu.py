@@ -181,13 +181,13 @@ def install(model, positions: int, *, sgemm: bool | None = None) -> bool:
                 tables[key] = rope_table(rope, positions)
             layer.self_attn.rope = TableRoPE(rope, tables[key])
     body = model.model
-    if sgemm:
-        pass  # mlx's own layout: x @ W.T is the product our sgemm reads straight from memory
-    elif getattr(model.args, "tie_word_embeddings", False):
+    # With our sgemm, mlx's own layout stays: x @ W.T is the product it reads straight from memory.
+    if not sgemm and getattr(model.args, "tie_word_embeddings", False):
         if isinstance(body.embed_tokens, nn.Embedding) and "scales" not in body.embed_tokens:
             body.embed_tokens = NumpyVocabulary(body.embed_tokens.weight)
-    elif isinstance(getattr(model, "lm_head", None), nn.Linear) and "bias" not in model.lm_head:
-        model.lm_head = NumpyHead(model.lm_head.weight)
+    elif not sgemm and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        if "bias" not in model.lm_head:
+            model.lm_head = NumpyHead(model.lm_head.weight)
     mx.eval(model.parameters())
     log.info(
         "CPU: %s, RoPE from a table (%d layers)",

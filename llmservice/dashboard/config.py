@@ -6,6 +6,8 @@ import os
 
 from django.conf import settings
 
+from inference.backends import cpu_blas
+
 
 def _set(value: str, unset: str = "not set") -> str:
     return "set" if value else unset
@@ -23,7 +25,7 @@ def effective() -> list[tuple[str, str, str]]:
     """(environment variable, meaning, effective value) rows."""
     s = settings
     preloaded = "openblas" in os.environ.get("LD_PRELOAD", "")
-    sgemm = "libllm_sgemm" in os.environ.get("LD_PRELOAD", "")
+    sgemm = cpu_blas.active()
     budget = f"{s.MEMORY_BUDGET_GB:g} GB" if s.MEMORY_BUDGET_GB else "0 (no budget)"
     return [
         ("LLM_SERVICE_HOST", "bind address", s.HOST),
