@@ -1,15 +1,18 @@
 """The mlx backend on real (tiny, random-weight) models: eager prefill, decode without the vocabulary
-normalisation, and the CPU parts (NumPy SwiGLU and products, transposed vocabulary, RoPE table), each
-checked against mlx-lm's own code paths."""
+normalisation, and the CPU parts (NumPy SwiGLU, products and prefill attention, transposed vocabulary,
+RoPE table), each checked against mlx-lm's own code paths."""
 
 from __future__ import annotations
 
 import math
 
 import mlx.core as mx
+import numpy as np
 import pytest
 from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
+from mlx_lm.models import llama
+from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import make_prompt_cache
 
 from inference.backends import mlx_batching, mlx_cpu
@@ -113,6 +116,56 @@ def test_the_cpu_parts_are_installed_and_give_mlx_lms_logits(loaded, tiny_dir, u
     finally:
         if not tied:
             ours.close()
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, queries, keys", [(9, 3, 7, 12), (4, 4, 5, 5)], ids=["grouped", "plain"]
+)
+def test_prefill_attention_in_numpy_gives_mlxs_for_every_kind_of_mask(
+    heads, kv_heads, queries, keys
+):
+    mx.random.seed(3)
+    q = mx.random.normal((3, heads, queries, 16))
+    k, v = mx.random.normal((3, kv_heads, keys, 16)), mx.random.normal((3, kv_heads, keys, 16))
+    offset = keys - queries
+    padding = mx.array([0, 2, 1])
+    masks = {
+        "none": None,
+        "causal": "causal",
+        "causal array": create_causal_mask(queries, offset),
+        "left padding": create_causal_mask(queries, offset, left_padding=padding),
+        "right padding": create_causal_mask(queries, offset, right_padding=padding),
+        "additive": mx.where(create_causal_mask(queries, offset), 0.0, -1e9),
+    }
+    for name, mask in masks.items():
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask=mask)
+        got = mlx_cpu.numpy_attention(q, k, v, 0.25, mask)
+        # A row with every key masked (left padding) stays finite, as mlx's does.
+        assert mx.all(mx.isfinite(got)).item(), name
+        assert mx.allclose(got, want, atol=1e-5).item(), name
+
+
+def test_the_model_module_attends_through_numpy_for_a_prefill_only(loaded):
+    assert llama.scaled_dot_product_attention is mlx_cpu.cpu_attention
+    one_query = mx.random.normal((2, 4, 1, 16))
+    keys = mx.random.normal((2, 4, 6, 16))
+    # A decode step (one query position) stays in mlx: the same array mlx-lm's function returns.
+    got = mlx_cpu.cpu_attention(one_query, keys, keys, None, scale=0.25, mask=None)
+    want = mx.fast.scaled_dot_product_attention(one_query, keys, keys, scale=0.25, mask=None)
+    assert mx.array_equal(got, want).item()
+
+
+def test_swiglu_in_a_reused_buffer_equals_the_formula():
+    gate = mx.random.normal((3, 5, 64)) * 40  # also far into exp's overflow
+    up = mx.random.normal((3, 5, 64))
+    buffer = mlx_cpu._scratch.take(gate.shape)
+    got = mlx_cpu._silu_mul(np.asarray(gate), np.asarray(up), buffer)
+    assert got is buffer
+    want = np.asarray(gate * mx.sigmoid(gate) * up)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # A smaller shape reuses the same memory; a larger one grows it.
+    assert np.shares_memory(mlx_cpu._scratch.take((2, 64)), buffer)
+    assert mlx_cpu._scratch.take((40, 64)).size == 40 * 64
 
 
 def test_a_burst_gets_its_first_tokens_group_by_group(loaded):

@@ -12,12 +12,15 @@ Profiling SmolLM2-135M decode steps (`perf`, docs/architecture.md) showed these 
   mlx's and made a batch-8 step 1.8x slower.
 - RoPE: mlx computes sin and cos for every element of every head; `TableRoPE` reads them from a table
   made once per model (3-10% of a decode step).
+- Attention over several query positions (a prefill): mlx's softmax pays the scalar `exp` for every
+  score. `cpu_attention` computes it in NumPy (a group of 4 prompts: 66 ms -> 27 ms of about 380);
+  a decode step's attention stays in mlx, where the synchronisation would cost more than it saves.
 - `NumpyVocabulary` stores the embedding, or the output projection, once and transposed: mlx's product
   with that layout was 10% faster at 16 rows, and the lookup reads its columns, so memory stays the same.
 With our own sgemm preloaded (`cpu_blas`, x86-64), mlx's products of a few rows run at memory
 speed, one row included, and without a synchronisation: then the one-row NumPy paths and the
-transposed vocabulary are not used, and only the SwiGLU's `exp` (several rows) and RoPE remain here.
-Without it, NumPy's own OpenBLAS is held to one thread: its pool of two, beside the OpenBLAS mlx runs
+transposed vocabulary are not used, and the SwiGLU's `exp` (several rows), RoPE and prefill attention
+remain here. NumPy's own OpenBLAS is held to one thread: its pool of two, beside the OpenBLAS mlx runs
 on, made a lone sequence's step take 170-290 ms instead of about 65 (docs/benchmarks.md).
 Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 1e-4
 (tests/test_mlx_backend.py).
@@ -26,12 +29,16 @@ Float32 llama/qwen models on the CPU only; logits agree with mlx's own to about 
 from __future__ import annotations
 
 import logging
+import math
+import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import scaled_dot_product_attention as _mlx_attention
 from threadpoolctl import ThreadpoolController
 
 from inference.backends import cpu_blas
@@ -42,9 +49,36 @@ log = logging.getLogger(__name__)
 SWIGLU_MODULES = frozenset({"llama", "qwen2", "qwen3"})
 
 
-def _silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+class _Scratch(threading.local):
+    """A reused float32 buffer per thread: a fresh 0.7 MB temporary per layer cost more in page
+    faults than the arithmetic (a prefill group's SwiGLU took 1.25 ms a layer in fresh arrays, 0.36 ms
+    in this one). `mx.array` copies out of it, so the next layer may overwrite it."""
+
+    LIMIT = 1 << 22  # elements kept between calls (16 MB); bigger ones are allocated each time
+
+    def __init__(self) -> None:
+        self.buffer = np.empty(0, np.float32)
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        size = math.prod(shape)
+        if size > self.LIMIT:
+            return np.empty(shape, np.float32)
+        if size > self.buffer.size:
+            self.buffer = np.empty(size, np.float32)
+        return self.buffer[:size].reshape(shape)
+
+
+_scratch = _Scratch()
+
+
+def _silu_mul(g: np.ndarray, u: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """silu(g) * u, in place in `out` (a new array when None)."""
+    out = np.empty_like(g) if out is None else out
+    np.negative(g, out=out)
     with np.errstate(over="ignore"):  # exp(-g) overflows to inf for g < -88: silu is then -0.0
-        out = g / (1.0 + np.exp(-g))
+        np.exp(out, out=out)
+    out += 1.0
+    np.divide(g, out, out=out)
     out *= u
     return out
 
@@ -70,7 +104,66 @@ class NumpySwiGLU(nn.Module):
             return mx.array(out).reshape(x.shape)
         gate, up = self.gate_proj(x), self.up_proj(x)
         mx.eval(gate, up)
-        return self.down_proj(mx.array(_silu_mul(np.asarray(gate), np.asarray(up))))
+        out = _silu_mul(np.asarray(gate), np.asarray(up), _scratch.take(gate.shape))
+        return self.down_proj(mx.array(out))
+
+
+_MASKED = np.float32(np.finfo(np.float32).min)  # finite: a row with every key masked stays finite
+
+
+def numpy_attention(queries, keys, values, scale: float, mask) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention` for float32 on the CPU, in NumPy.
+
+    A prefill group of 4 prompts spent 66 ms of 384 in mlx's attention, most of it in its scalar `exp`
+    (about 15 ns per score); this took 20 ms. Grouped-query heads share their key/value head's
+    product. `mask`: None, "causal" (aligned to the last keys, as mlx's), or a boolean or additive
+    array broadcastable to (batch, heads, queries, keys).
+    """
+    B, H, L, D = queries.shape
+    KVH, S = keys.shape[1], keys.shape[2]
+    rep = H // KVH
+    mx.eval(queries, keys, values)
+    q = np.asarray(queries).reshape(B, KVH, rep * L, D)
+    scores = np.matmul(q, np.asarray(keys).swapaxes(-1, -2))  # (B, KVH, rep * L, S)
+    scores *= scale
+    grouped = scores.reshape(B, KVH, rep, L, S)  # a view
+    if isinstance(mask, str):
+        if mask != "causal":
+            raise ValueError(f"unknown attention mask {mask!r}")
+        keep = np.arange(S)[None, :] <= np.arange(S - L, S)[:, None]
+        np.copyto(grouped, _MASKED, where=~keep)
+    elif mask is not None:
+        m = np.asarray(mask)
+        if m.ndim > 2:
+            m = np.broadcast_to(m, (B, H, L, S)).reshape(B, KVH, rep, L, S)
+        if m.dtype == np.bool_:
+            np.copyto(grouped, _MASKED, where=~m)
+        else:
+            grouped += m
+    scores -= scores.max(axis=-1, keepdims=True)
+    np.exp(scores, out=scores)
+    scores /= scores.sum(axis=-1, keepdims=True)
+    out = np.matmul(scores, np.asarray(values))  # (B, KVH, rep * L, D)
+    return mx.array(out.reshape(B, H, L, D))
+
+
+def cpu_attention(queries, keys, values, cache, scale: float, mask, sinks=None) -> mx.array:
+    """mlx-lm's `scaled_dot_product_attention`, with several query positions (a prefill) in NumPy.
+
+    One query position (a decode step) stays in mlx: NumPy would need a synchronisation per layer,
+    which costs a decode step more than the faster `exp` saves.
+    """
+    if (
+        queries.shape[2] == 1
+        or sinks is not None
+        or hasattr(cache, "bits")
+        or queries.dtype != mx.float32
+        or keys.dtype != mx.float32
+    ):
+        return _mlx_attention(
+            queries, keys, values, cache=cache, scale=scale, mask=mask, sinks=sinks
+        )
+    return numpy_attention(queries, keys, values, scale, mask)
 
 
 class NumpyVocabulary(nn.Module):
@@ -167,10 +260,16 @@ def install(model, positions: int, *, sgemm: bool | None = None) -> bool:
         return False
     if sgemm is None:
         sgemm = cpu_blas.active()
-    if not sgemm:  # NumPy's matrix-vector products serve one row: one pool of BLAS threads, not two
-        for blas in ThreadpoolController().select(user_api="blas").lib_controllers:
-            if blas.filepath and Path(blas.filepath).parent.name == "numpy.libs":
-                blas.set_num_threads(1)
+    # NumPy's products (attention's, and one row's without our sgemm) run on one thread: its own pool
+    # of OpenBLAS threads beside the one mlx uses made a lone sequence's step 3-4x slower.
+    for blas in ThreadpoolController().select(user_api="blas").lib_controllers:
+        if blas.filepath and Path(blas.filepath).parent.name == "numpy.libs":
+            blas.set_num_threads(1)
+    # The attention function is a global of the model's module (mlx_lm.models.llama, ...): every
+    # model of this architecture in the process gets it, which is what we want on the CPU.
+    module = sys.modules[type(model).__module__]
+    if getattr(module, "scaled_dot_product_attention", None) is _mlx_attention:
+        module.scaled_dot_product_attention = cpu_attention
     tables: dict[tuple, tuple[mx.array, mx.array]] = {}
     for layer in model.model.layers:
         layer.mlp = NumpySwiGLU(layer.mlp, one_row_numpy=not sgemm)
