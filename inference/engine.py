@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
+import contextvars
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from inference.backends import create_backend
@@ -113,7 +116,11 @@ class Engine:
 
     def submit(self, requests: list[GenerationRequest]) -> GenerationGroup:
         """Queue sequences together; raises QueueFull (submitting none) when the queue is full."""
-        return GenerationGroup(self, requests)
+        group = GenerationGroup(self, requests)
+        announcement = _announcement.get()
+        if announcement is not None:  # the request is in the queue now: no longer on its way
+            announcement.end()
+        return group
 
     def stats(self) -> dict:
         s = self.scheduler
@@ -152,3 +159,36 @@ def get_engine(config: EngineConfig | None = None) -> Engine:
 def current_engine() -> Engine | None:
     """The engine if one was started, without starting it."""
     return _engine
+
+
+class _Announcement:
+    def __init__(self, engine: Engine) -> None:
+        self._scheduler: Scheduler | None = engine.scheduler
+        self._scheduler.announce(1)
+
+    def end(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.announce(-1)
+            self._scheduler = None
+
+
+_announcement: contextvars.ContextVar[_Announcement | None] = contextvars.ContextVar(
+    "llm_service_announcement", default=None
+)
+
+
+@contextlib.contextmanager
+def announced() -> Iterator[None]:
+    """Around the whole handling of one generation request, from its arrival: tells the scheduler
+    it is coming until `Engine.submit` queues it (or it fails), so a burst prefills together."""
+    engine = current_engine()
+    if engine is None:  # the first request starts the engine: nothing to wait for yet
+        yield
+        return
+    announcement = _Announcement(engine)
+    token = _announcement.set(announcement)
+    try:
+        yield
+    finally:
+        announcement.end()
+        _announcement.reset(token)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between keep-alive checks
 COALESCE_WINDOW = 0.015  # an idle model waits this long for more of a burst before prefilling,
-COALESCE_MAX = 0.15  # and at most this long in all
+COALESCE_MAX = 0.15  # and at most this long in all (also for announced requests, see announce)
 
 
 class QueueFull(Exception):
@@ -88,6 +88,7 @@ class Scheduler:
         self._sinks: dict[int, Sink] = {}
         self._seq_ids = itertools.count(1)
         self._queued = 0
+        self._announced = 0
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="llm-scheduler", daemon=True)
@@ -149,6 +150,13 @@ class Scheduler:
     def cancel(self, seq_id: int) -> None:
         self._commands.put(("cancel", seq_id))
 
+    def announce(self, count: int) -> None:
+        """`count` requests are on their way (+1 on arrival, -1 once submitted or failed): the HTTP
+        layer parses and authenticates a burst one request at a time, and an idle model waits for
+        the announced ones (up to COALESCE_MAX) so they prefill together."""
+        with self._lock:
+            self._announced = max(0, self._announced + count)
+
     @property
     def queued(self) -> int:
         return self._queued
@@ -201,13 +209,14 @@ class Scheduler:
 
     def _gather_burst(self) -> None:
         """A burst of requests arrives a few ms apart (each is parsed and authenticated in turn):
-        gather it so the prompts prefill together, instead of each waiting out a step."""
+        gather it so the prompts prefill together, instead of each waiting out a step. The burst
+        is over when a whole window brings nothing new and no announced request is still coming."""
         deadline = time.monotonic() + COALESCE_MAX
         while time.monotonic() < deadline:
             waiting = self._queued
             time.sleep(COALESCE_WINDOW)
             self._drain_commands(block=False)
-            if self._queued == waiting:  # nothing new for a whole window: the burst is over
+            if self._queued == waiting and not self._announced:
                 return
 
     def _starting_fresh(self) -> bool:

@@ -12,11 +12,25 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from inference.engine import announced  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
+
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+async def http_app(scope, receive, send):
+    """Django, with generation requests announced to the engine the moment they arrive: parsing
+    and authenticating a burst takes a few ms per request, and the batch should not start
+    without the rest of it (inference/scheduler.py, _gather_burst)."""
+    if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
+        with announced():
+            return await django_asgi_app(scope, receive, send)
+    return await django_asgi_app(scope, receive, send)
+
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        "http": http_app,
         # The dashboard's live status: staff sessions only (the consumer checks the user).
         "websocket": AllowedHostsOriginValidator(
             AuthMiddlewareStack(URLRouter(websocket_urlpatterns))

@@ -12,9 +12,10 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
+from inference import engine as engine_module
 from inference import serving
 from inference.backends.base import Backend, LoadedModel
-from inference.engine import GenerationGroup
+from inference.engine import Engine, GenerationGroup, announced
 from inference.scheduler import QueueFull, Scheduler
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
@@ -136,6 +137,59 @@ def test_the_admission_queue_is_bounded_and_submits_nothing_when_full(tokenizer)
         return scheduler.queued
 
     assert asyncio.run(main()) == 2
+
+
+@pytest.mark.parametrize("announced_first", [True, False], ids=["announced", "unannounced"])
+def test_an_idle_model_waits_for_announced_requests_so_a_burst_prefills_together(
+    tokenizer, announced_first
+):
+    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1))
+    scheduler.start()
+    try:
+        model = scheduler.load(ModelSpec(name="m", path="/nowhere")).result(5)
+        batch_sizes = []
+        step = model.step
+        model.step = lambda: (batch_sizes.append(len(model.running)), step())[1]
+        request = GenerationRequest("r", model.spec, (1, 2), SamplingParams(max_tokens=2))
+
+        async def main():
+            engine = FakeEngine(scheduler)
+            if announced_first:
+                scheduler.announce(1)  # the second request is still being parsed
+            first = GenerationGroup(engine, [request])
+            await asyncio.sleep(0.08)  # longer than a coalescing window, within its maximum
+            second = GenerationGroup(engine, [request])
+            if announced_first:
+                scheduler.announce(-1)
+            for group in (first, second):
+                async for _ in group:
+                    pass
+
+        asyncio.run(main())
+        assert batch_sizes[0] == (2 if announced_first else 1)
+    finally:
+        scheduler.stop()
+
+
+def test_an_announcement_lasts_until_the_request_is_submitted_or_fails(tokenizer, monkeypatch):
+    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), max_queue=1)
+    engine = Engine.__new__(Engine)  # no backend, no thread: only the bookkeeping is under test
+    engine.scheduler = scheduler
+    monkeypatch.setattr(engine_module, "_engine", engine)
+    request = GenerationRequest("r", ModelSpec(name="m", path="/nowhere"), (1,), SamplingParams())
+
+    async def main():
+        with announced():
+            assert scheduler._announced == 1
+            engine.submit([request])
+            assert scheduler._announced == 0
+        with pytest.raises(QueueFull), announced():  # the queue (1) is full: nothing submitted
+            engine.submit([request])
+        with pytest.raises(ValueError), announced():
+            raise ValueError("bad request")
+
+    asyncio.run(main())
+    assert scheduler._announced == 0
 
 
 def test_least_recently_used_idle_models_are_unloaded_at_the_limit(tokenizer):
