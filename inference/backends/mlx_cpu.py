@@ -115,7 +115,7 @@ def numpy_attention(queries, keys, values, scale: float, mask) -> mx.array:
     """`mx.fast.scaled_dot_product_attention` for float32 on the CPU, in NumPy.
 
     A prefill group of 4 prompts spent 66 ms of 384 in mlx's attention, most of it in its scalar `exp`
-    (about 15 ns per score); this took 20 ms. Grouped-query heads share their key/value head's
+    (about 15 ns per score), and 27 ms here. Grouped-query heads share their key/value head's
     product. `mask`: None, "causal" (aligned to the last keys, as mlx's), or a boolean or additive
     array broadcastable to (batch, heads, queries, keys).
     """
