@@ -1,7 +1,7 @@
-"""Our sgemm for decoding (inference/backends/skinny_sgemm.c): built, exact, preloaded by the server.
+"""Our sgemm (inference/backends/skinny_sgemm.c): built, exact, preloaded by the server.
 
-The kernel is checked against NumPy through ctypes for the shapes decoding produces (and their odd
-sizes); then in a process started the way `serve` starts (preloaded ahead of OpenBLAS) through mlx
+The kernels are checked against NumPy through ctypes for the shapes decoding and prefill produce (and
+their odd sizes); then in a process started the way `serve` starts (preloaded ahead of OpenBLAS) through mlx
 itself, products and whole-model logits; then in the running server.
 """
 
@@ -80,6 +80,23 @@ def test_a_few_rows_times_a_weight_matrix_equal_numpys_product(lib, rows):
         assert close(sgemm(lib, x, w_t, trans_b=False), x @ w.T), (rows, n, k)
 
 
+@pytest.mark.parametrize("rows", [17, 23, 64, 121, 256])
+def test_a_prefills_rows_times_a_weight_matrix_equal_numpys_product(lib, rows):
+    # Prefill's products (packed panels of 16 columns, 6-row tiles): SmolLM2's shapes, and sizes that
+    # leave partial panels, partial tiles and a k tail.
+    rng = np.random.default_rng(rows)
+    for n, k in [(576, 576), (192, 576), (1536, 576), (576, 1536), (7, 13), (100, 9), (33, 40)]:
+        x = rng.standard_normal((rows, k), dtype=np.float32)
+        w = rng.standard_normal((n, k), dtype=np.float32)
+        assert close(sgemm(lib, x, w, trans_b=True), x @ w.T), (rows, n, k)
+    wide = rng.standard_normal((rows, 600), dtype=np.float32)
+    x, w = wide[:, :576], rng.standard_normal((200, 576), dtype=np.float32)
+    c = rng.standard_normal((rows, 200), dtype=np.float32)
+    assert close(
+        sgemm(lib, x, w, trans_b=True, alpha=0.5, beta=2.0, c=c), 0.5 * (x @ w.T) + 2.0 * c
+    )
+
+
 def test_alpha_beta_and_row_strides_are_honoured(lib):
     rng = np.random.default_rng(0)
     wide = rng.standard_normal((8, 600), dtype=np.float32)
@@ -100,7 +117,8 @@ def test_products_from_two_threads_at_once_and_in_quick_succession_stay_exact(li
     rng = np.random.default_rng(2)
     cases = []
     for i in range(40):
-        rows, n = 1 + i % 16, (576, 1536, 192, 49152 // 8)[i % 4]
+        rows = 1 + i % 16 if i % 5 else 20 + 5 * i  # every fifth: a prefill's packed panels
+        n = (576, 1536, 192, 49152 // 8)[i % 4]
         x = rng.standard_normal((rows, 576), dtype=np.float32)
         w = rng.standard_normal((n, 576), dtype=np.float32)
         cases.append((x, w, x @ w.T))
@@ -114,16 +132,19 @@ def test_products_from_two_threads_at_once_and_in_quick_succession_stay_exact(li
 
 
 def test_calls_it_does_not_handle_are_still_computed_correctly(lib):
-    # Many rows, a transposed A, column-major: handed to the BLAS behind it, or (loaded alone, as
-    # here) to its reference loop.
+    # More rows than a prefill group, a transposed A, many rows of the (k, n) layout, column-major:
+    # handed to the BLAS behind it, or (loaded alone, as here) to its reference loop.
     rng = np.random.default_rng(1)
-    a = rng.standard_normal((40, 33), dtype=np.float32)
+    a = rng.standard_normal((300, 33), dtype=np.float32)
     b = rng.standard_normal((21, 33), dtype=np.float32)
     assert close(sgemm(lib, a, b, trans_b=True), a @ b.T)
+    assert close(sgemm(lib, a, np.ascontiguousarray(b.T), trans_b=False), a @ b.T)
     a_t = np.ascontiguousarray(a.T)
     assert close(sgemm(lib, a_t, b, trans_b=True, trans_a=True), a @ b.T)
-    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, TRANS, 16) == 1
-    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, TRANS, 17) == 0
+    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, TRANS, 256) == 1
+    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, TRANS, 257) == 0
+    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, NO_TRANS, 16) == 1
+    assert lib.llm_sgemm_handles(ROW_MAJOR, NO_TRANS, NO_TRANS, 17) == 0
     assert lib.llm_sgemm_handles(COL_MAJOR, NO_TRANS, TRANS, 1) == 0
 
 
@@ -138,9 +159,10 @@ PRELOADED_CHECK = textwrap.dedent(
 
     assert cpu_blas.active()
     rng = np.random.default_rng(0)
-    # Products mlx asks for: decoding's few rows, attention's one-row products, prefill's many rows
-    # (OpenBLAS's), a batched product.
-    for m, n, k in [(1, 576, 576), (8, 1536, 576), (16, 49152, 576), (300, 576, 576), (3, 5, 7)]:
+    # Products mlx asks for: decoding's few rows, attention's one-row products, a prefill group's
+    # rows (packed panels), more rows (OpenBLAS's), a batched product.
+    for m, n, k in [(1, 576, 576), (8, 1536, 576), (16, 49152, 576), (120, 1536, 576),
+                    (300, 576, 576), (3, 5, 7)]:
         a = rng.standard_normal((m, k), dtype=np.float32)
         w = rng.standard_normal((n, k), dtype=np.float32)
         got = np.array(mx.array(a) @ mx.array(w).T)

@@ -10,13 +10,16 @@
  *   64 ms in the layers' products, against 31.5 ms here (docs/benchmarks.md).
  * - Attention's per-head products at decode (`q @ k.T`, `p @ v`: one row against the cache),
  *   thousands per step, where OpenBLAS's per-call overhead dominates.
+ * - A prefill's `x @ W.T` with up to PANEL_MAX_ROWS rows, through 6x16 register tiles over packed
+ *   panels of W (below).
  *
  * The weight matrix is read once, straight from memory, in blocks of 3 rows that stay in L1 while
  * every row of A goes over them; large products are split by columns across a small pool of
  * threads (the caller plus LLM_SERVICE_SGEMM_THREADS - 1 helpers, default: online CPUs, at most 8),
  * in chunks claimed one at a time, so a helper that is not running never holds the caller up.
  * Helpers spin briefly after a product, since the next one often follows within microseconds,
- * then sleep on a futex, so they do not take a core from mlx's own work or Python for long.
+ * then poll with sched_yield (giving the core to any thread that wants it) for about 1.6 ms, then
+ * sleep on a futex.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -24,6 +27,7 @@
 #include <limits.h>
 #include <linux/futex.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -33,13 +37,22 @@
 #include <x86intrin.h>
 
 enum { RowMajor = 101, NoTrans = 111, Trans = 112 };
-enum { MAX_ROWS = 16, MAX_THREADS = 8 };
+enum { MAX_ROWS = 16, PANEL_MAX_ROWS = 256, MAX_THREADS = 8 };
+enum { NT_SKINNY, NN_SKINNY, NT_PANELS }; /* how a product is computed (struct job's kind) */
 /* Products reading fewer weights than this stay on the calling thread (waking helpers costs more). */
 static const size_t PARALLEL_MIN = (size_t)1 << 17;
+/* Panel products (prefill) with fewer multiply-adds than this stay on the calling thread. */
+static const size_t PANEL_PARALLEL_MIN = (size_t)1 << 21;
 /* Helpers spin this many TSC cycles (about 100 us) for the next product before sleeping: a decode
  * step's products follow each other within that, so the helper rarely pays a futex wake-up; between
  * steps it sleeps. (2^15 cycles measured slower at 4-16 streams, docs/benchmarks.md.) */
 static const uint64_t SPIN_CYCLES = (uint64_t)1 << 18;
+/* Then they poll with sched_yield up to this many cycles (about 1.6 ms), as OpenBLAS's threads do: a
+ * prefill's products are a millisecond or two apart (NumPy's attention and SwiGLU between them), and a
+ * helper asleep on the futex joined each one late. Measured on a whole prefill of 4 prompts, panels
+ * and this: 326 ms against OpenBLAS's 373; panels with the futex after 2^18 cycles: no faster than
+ * OpenBLAS (docs/benchmarks.md). A batch-16 decode step: 107-116 ms against 124-129. */
+static const uint64_t YIELD_CYCLES = (uint64_t)1 << 22;
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *,
                          int, float, float *, int);
@@ -190,6 +203,118 @@ static void nn_cols(int M, int n0, int n1, int K, float alpha, const float *A, i
     }
 }
 
+
+/* --- prefill-sized products: packed panels ------------------------------------------------------
+ * `x @ W.T` with 17 to PANEL_MAX_ROWS rows (a prefill group) is compute-bound. OpenBLAS gets about
+ * 110-125 GFLOP/s out of this machine's two cores there; the classic 6x16 register tile (12
+ * accumulators, B's panel of 16 columns packed once per call and kept in L1/L2, A's entries
+ * broadcast) gets about 78 per core. */
+
+/* P[k * 16 + c] = W[c][k] for the `cols` (<= 16) rows of W at `W`; missing columns are zero. */
+static void pack16(int cols, int K, const float *W, int ldb, float *P) {
+    int k = 0;
+    if (cols == 16)
+        for (; k + 8 <= K; k += 8)
+            for (int h = 0; h < 2; h++) { /* an 8x8 transpose of rows 8h..8h+7, columns k..k+7 */
+                const float *w = W + (size_t)(8 * h) * ldb + k;
+                const __m256 r0 = _mm256_loadu_ps(w), r1 = _mm256_loadu_ps(w + ldb),
+                             r2 = _mm256_loadu_ps(w + 2 * (size_t)ldb),
+                             r3 = _mm256_loadu_ps(w + 3 * (size_t)ldb),
+                             r4 = _mm256_loadu_ps(w + 4 * (size_t)ldb),
+                             r5 = _mm256_loadu_ps(w + 5 * (size_t)ldb),
+                             r6 = _mm256_loadu_ps(w + 6 * (size_t)ldb),
+                             r7 = _mm256_loadu_ps(w + 7 * (size_t)ldb);
+                const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1),
+                             t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3),
+                             t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                             t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+                const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                             s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                             s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                             s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+                float *p = P + (size_t)k * 16 + 8 * h;
+                _mm256_store_ps(p, _mm256_permute2f128_ps(s0, s4, 0x20));
+                _mm256_store_ps(p + 16, _mm256_permute2f128_ps(s1, s5, 0x20));
+                _mm256_store_ps(p + 32, _mm256_permute2f128_ps(s2, s6, 0x20));
+                _mm256_store_ps(p + 48, _mm256_permute2f128_ps(s3, s7, 0x20));
+                _mm256_store_ps(p + 64, _mm256_permute2f128_ps(s0, s4, 0x31));
+                _mm256_store_ps(p + 80, _mm256_permute2f128_ps(s1, s5, 0x31));
+                _mm256_store_ps(p + 96, _mm256_permute2f128_ps(s2, s6, 0x31));
+                _mm256_store_ps(p + 112, _mm256_permute2f128_ps(s3, s7, 0x31));
+            }
+    for (; k < K; k++)
+        for (int c = 0; c < 16; c++) P[(size_t)k * 16 + c] = c < cols ? W[(size_t)c * ldb + k] : 0.0f;
+}
+
+/* Rows m..m+rm-1 (rm <= 6) of A against one packed panel, into `cols` (<= 16) columns of C. Rows
+ * past rm repeat the last one: computed, never stored. Named accumulators, not an array: gcc keeps
+ * an array of them in memory. */
+static void panel_tile(int rm, int cols, int K, float alpha, const float *A, int lda,
+                       const float *P, float beta, float *C, int ldc) {
+    const float *a0 = A, *a1 = A + (size_t)(rm > 1 ? 1 : rm - 1) * lda,
+                *a2 = A + (size_t)(rm > 2 ? 2 : rm - 1) * lda,
+                *a3 = A + (size_t)(rm > 3 ? 3 : rm - 1) * lda,
+                *a4 = A + (size_t)(rm > 4 ? 4 : rm - 1) * lda,
+                *a5 = A + (size_t)(rm > 5 ? 5 : rm - 1) * lda;
+    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+           c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+    for (int k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_load_ps(P + (size_t)k * 16);
+        const __m256 b1 = _mm256_load_ps(P + (size_t)k * 16 + 8);
+        __m256 x = _mm256_broadcast_ss(a0 + k);
+        c00 = _mm256_fmadd_ps(x, b0, c00), c01 = _mm256_fmadd_ps(x, b1, c01);
+        x = _mm256_broadcast_ss(a1 + k);
+        c10 = _mm256_fmadd_ps(x, b0, c10), c11 = _mm256_fmadd_ps(x, b1, c11);
+        x = _mm256_broadcast_ss(a2 + k);
+        c20 = _mm256_fmadd_ps(x, b0, c20), c21 = _mm256_fmadd_ps(x, b1, c21);
+        x = _mm256_broadcast_ss(a3 + k);
+        c30 = _mm256_fmadd_ps(x, b0, c30), c31 = _mm256_fmadd_ps(x, b1, c31);
+        x = _mm256_broadcast_ss(a4 + k);
+        c40 = _mm256_fmadd_ps(x, b0, c40), c41 = _mm256_fmadd_ps(x, b1, c41);
+        x = _mm256_broadcast_ss(a5 + k);
+        c50 = _mm256_fmadd_ps(x, b0, c50), c51 = _mm256_fmadd_ps(x, b1, c51);
+    }
+    float t[6][16];
+    _mm256_storeu_ps(t[0], c00), _mm256_storeu_ps(t[0] + 8, c01);
+    _mm256_storeu_ps(t[1], c10), _mm256_storeu_ps(t[1] + 8, c11);
+    _mm256_storeu_ps(t[2], c20), _mm256_storeu_ps(t[2] + 8, c21);
+    _mm256_storeu_ps(t[3], c30), _mm256_storeu_ps(t[3] + 8, c31);
+    _mm256_storeu_ps(t[4], c40), _mm256_storeu_ps(t[4] + 8, c41);
+    _mm256_storeu_ps(t[5], c50), _mm256_storeu_ps(t[5] + 8, c51);
+    for (int r = 0; r < rm; r++)
+        for (int j = 0; j < cols; j++) put(C + (size_t)r * ldc + j, t[r][j], alpha, beta);
+}
+
+/* Each thread's packed panel (K x 16 floats, 32-byte aligned), grown as needed, kept. */
+static __thread float *panel_buffer;
+static __thread size_t panel_capacity;
+
+static float *panel_space(int K) {
+    const size_t need = (size_t)K * 16;
+    if (need > panel_capacity) {
+        free(panel_buffer);
+        panel_buffer = aligned_alloc(64, (need * sizeof(float) + 63) & ~(size_t)63);
+        panel_capacity = panel_buffer ? need : 0;
+    }
+    return panel_buffer;
+}
+
+/* C[m][n] = alpha * sum_k A[m][k] * B[n][k] + beta * C[m][n] for columns n in [n0, n1), panel by
+ * panel; returns 0 when no panel buffer could be allocated (the caller then computes it otherwise). */
+static int nt_panels(int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+    float *P = panel_space(K);
+    if (!P) return 0;
+    for (int n = n0; n < n1; n += 16) {
+        const int cols = n1 - n < 16 ? n1 - n : 16;
+        pack16(cols, K, B + (size_t)n * ldb, ldb, P);
+        for (int m = 0; m < M; m += 6)
+            panel_tile(M - m < 6 ? M - m : 6, cols, K, alpha, A + (size_t)m * lda, lda, P, beta,
+                       C + (size_t)m * ldc + n, ldc);
+    }
+    return 1;
+}
+
 /* --- the thread pool ----------------------------------------------------------------------- */
 /* A product is cut into chunks of columns that the caller and the helpers claim one at a time, so a
  * helper that is asleep or preempted (two cores shared with mlx's own thread, Python and the HTTP
@@ -197,7 +322,7 @@ static void nn_cols(int M, int n0, int n1, int K, float alpha, const float *A, i
  * helper has already started. */
 
 struct job {
-    int nn, M, N, K, lda, ldb, ldc, chunks;
+    int kind, M, N, K, lda, ldb, ldc, chunks;
     float alpha, beta;
     const float *A, *B;
     float *C;
@@ -214,6 +339,14 @@ static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static sgemm_fn next_sgemm;
 
+static void compute(int kind, int M, int n0, int n1, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    if (kind == NN_SKINNY)
+        nn_cols(M, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    else if (kind == NT_SKINNY || !nt_panels(M, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc))
+        nt_cols(M, n0, n1, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
 static void run_chunk(const struct job *j, int chunk) {
     /* Column ranges aligned to 32 so that every chunk but the last runs full vector blocks. */
     const int blocks = (j->N + 31) / 32;
@@ -221,8 +354,7 @@ static void run_chunk(const struct job *j, int chunk) {
     int n1 = (int)((long)blocks * (chunk + 1) / j->chunks) * 32;
     if (n1 > j->N) n1 = j->N;
     if (n0 >= n1) return;
-    (j->nn ? nn_cols : nt_cols)(j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta,
-                                j->C, j->ldc);
+    compute(j->kind, j->M, n0, n1, j->K, j->alpha, j->A, j->lda, j->B, j->ldb, j->beta, j->C, j->ldc);
 }
 
 /* Claim and run chunks until none is left. The job's fields are read only after a claim succeeds:
@@ -245,10 +377,15 @@ static void *helper(void *arg) {
     unsigned seen = 0;
     for (;;) {
         unsigned now;
-        const uint64_t until = __rdtsc() + SPIN_CYCLES;
+        const uint64_t start = __rdtsc();
         while ((now = atomic_load(&generation)) == seen) {
-            if (__rdtsc() < until) {
+            const uint64_t spun = __rdtsc() - start;
+            if (spun < SPIN_CYCLES) {
                 _mm_pause();
+                continue;
+            }
+            if (spun < YIELD_CYCLES) { /* a core another thread wants is given up, not held */
+                sched_yield();
                 continue;
             }
             atomic_fetch_add(&sleepers, 1);
@@ -282,8 +419,8 @@ static void init(void) {
 
 /* Which cblas_sgemm calls this file computes itself (the rest go to the next BLAS in the process). */
 int llm_sgemm_handles(int order, int transA, int transB, int M) {
-    return order == RowMajor && transA == NoTrans && (transB == Trans || transB == NoTrans) &&
-           M <= MAX_ROWS;
+    return order == RowMajor && transA == NoTrans &&
+           ((transB == Trans && M <= PANEL_MAX_ROWS) || (transB == NoTrans && M <= MAX_ROWS));
 }
 
 int llm_sgemm_threads(void) {
@@ -321,11 +458,14 @@ void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float a
             reference_sgemm(order, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    struct job j = {transB == NoTrans, M, N, K, lda, ldb, ldc, 1, alpha, beta, A, B, C};
+    const int kind = transB == NoTrans ? NN_SKINNY : M <= MAX_ROWS ? NT_SKINNY : NT_PANELS;
+    struct job j = {kind, M, N, K, lda, ldb, ldc, 1, alpha, beta, A, B, C};
     const int blocks = (N + 31) / 32;
     const int chunks = 4 * nthreads < blocks ? 4 * nthreads : blocks;
+    const int big = kind == NT_PANELS ? (size_t)M * N * K >= PANEL_PARALLEL_MIN
+                                      : (size_t)N * K >= PARALLEL_MIN;
     /* One caller at a time uses the pool; another thread (a second mlx stream) computes alone. */
-    if (nthreads > 1 && chunks > 1 && (size_t)N * (size_t)K >= PARALLEL_MIN &&
+    if (nthreads > 1 && chunks > 1 && big &&
         pthread_mutex_trylock(&pool_lock) == 0) {
         j.chunks = chunks;
         job = j;
@@ -339,5 +479,5 @@ void cblas_sgemm(int order, int transA, int transB, int M, int N, int K, float a
         pthread_mutex_unlock(&pool_lock);
         return;
     }
-    (j.nn ? nn_cols : nt_cols)(M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    compute(kind, M, 0, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
