@@ -30,7 +30,7 @@ def _off(name: str) -> bool:
 
 
 def blas_preloads() -> list[str]:
-    """Libraries the server should run with: our decode sgemm (x86-64), in front of OpenBLAS.
+    """Libraries the server should run with: our sgemm (x86-64), in front of OpenBLAS.
 
     mlx[cpu] links a reference BLAS; OpenBLAS makes generation 2-5x faster, and our own sgemm
     (inference/backends/cpu_blas.py) takes decoding's few-row products from it. The sgemm needs
@@ -176,7 +176,7 @@ def serve(args: argparse.Namespace) -> None:
 
         blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
         if cpu_blas.active():
-            blas += " + llm-service sgemm for decoding"
+            blas += " + llm-service sgemm"
         print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
         if not args.no_worker:
             from llmservice.celery import start_worker_subprocess

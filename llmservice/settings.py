@@ -118,7 +118,8 @@ DEMO_GGUF = env_str("DEMO_GGUF")
 DEMO_MODEL = env_bool("DEMO_MODEL", True)
 # On Linux CPU, mlx's bundled BLAS is ~50x slower than OpenBLAS; `serve` preloads it when found.
 OPENBLAS = env_bool("OPENBLAS", True)
-# With OpenBLAS on x86-64 (AVX2): `serve` also builds and preloads our sgemm for decoding's products.
+# With OpenBLAS on x86-64 (AVX2): `serve` also builds and preloads our sgemm, for decoding's and
+# prefill's products.
 SGEMM = env_bool("SGEMM", True)
 
 DEBUG = env_bool("DEBUG", False)

@@ -1,10 +1,11 @@
-"""Our own `cblas_sgemm` for decoding on x86-64 CPUs: built once with the C compiler, preloaded.
+"""Our own `cblas_sgemm` on x86-64 CPUs: built once with the C compiler, preloaded.
 
 mlx's CPU backend does every matrix product through `cblas_sgemm`. OpenBLAS (preloaded by
-`llm-service serve`) is fast for prefill's large products but slow for decoding's: a few rows times
-each weight matrix, where it repacks the whole matrix on every call, and thousands of one-row
-attention products per step, where its per-call overhead dominates. `skinny_sgemm.c` computes
-those itself at memory bandwidth and hands every other call on to OpenBLAS (docs/benchmarks.md).
+`llm-service serve`) is slow for decoding's products: a few rows times each weight matrix, where it
+repacks the whole matrix on every call, and thousands of one-row attention products per step, where
+its per-call overhead dominates. `skinny_sgemm.c` computes those itself at memory bandwidth, and a
+prefill's products of up to 256 rows with packed panels; it hands every other call on to OpenBLAS
+(docs/benchmarks.md).
 
 LD_PRELOAD only works from a process's start, so `llmservice/cli.py` builds the library (once per
 source version, with `cc`) and re-executes the server with it ahead of OpenBLAS. No Django here:

@@ -1,8 +1,9 @@
-/* cblas_sgemm for the skinny products of LLM decoding on x86-64 CPUs (AVX2 + FMA).
+/* cblas_sgemm for the products of LLM decoding and prefill on x86-64 CPUs (AVX2 + FMA).
  *
  * Preloaded ahead of OpenBLAS into the server (llmservice/cli.py builds and preloads it; see
  * inference/backends/cpu_blas.py), it takes over the matrix products mlx's CPU backend asks for
- * while decoding and hands every other call to the next cblas_sgemm in the process (OpenBLAS):
+ * while decoding and prefilling, and hands every other call to the next cblas_sgemm in the process
+ * (OpenBLAS):
  *
  * - A few rows times a weight matrix (`x @ W.T`: row-major, A not transposed, B transposed, up to
  *   MAX_ROWS rows). OpenBLAS packs the whole weight matrix into its panel layout on every call,
@@ -285,7 +286,7 @@ static void panel_tile(int rm, int cols, int K, float alpha, const float *A, int
         for (int j = 0; j < cols; j++) put(C + (size_t)r * ldc + j, t[r][j], alpha, beta);
 }
 
-/* Each thread's packed panel (K x 16 floats, 32-byte aligned), grown as needed, kept. */
+/* Each thread's packed panel (K x 16 floats, 64-byte aligned), grown as needed, kept. */
 static __thread float *panel_buffer;
 static __thread size_t panel_capacity;
 

@@ -54,7 +54,7 @@ def effective() -> list[tuple[str, str, str]]:
         ),
         (
             "LLM_SERVICE_SGEMM",
-            "preload llm-service's sgemm for decoding (x86-64, with OpenBLAS)",
+            "preload llm-service's sgemm for decoding and prefill (x86-64, with OpenBLAS)",
             f"{str(s.SGEMM).lower()} (this process: {'yes' if sgemm else 'no'})",
         ),
         (
