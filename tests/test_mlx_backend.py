@@ -13,7 +13,7 @@ from mlx_lm import load as mlx_load
 from mlx_lm.generate import BatchGenerator
 from mlx_lm.models import llama
 from mlx_lm.models.base import create_causal_mask
-from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from inference.backends import mlx_batching, mlx_cpu
 from inference.backends.mlx import MLXLoadedModel
@@ -175,6 +175,57 @@ def test_a_burst_gets_its_first_tokens_group_by_group(loaded):
     assert sorted(seq for seq, _ in first) == [0, 1, 2, 3]
     assert all(d.token is not None and d.finish_reason is None for _, d in first)
     assert all(len(answer(deltas)) == 8 for deltas in out.values())
+
+
+def shared_prefix(loaded, count):
+    """A long shared head (a system prompt), cached by a first request, and prompts that continue it
+    with questions of different lengths."""
+    tok = loaded.tokenizer
+    head = tok.encode("You are a careful assistant. Answer briefly and well. " * 2)
+    run(loaded, [(head + tok.encode(" Warm up."), SamplingParams(max_tokens=2, temperature=0))])
+    return head, [head + tok.encode(f" Question {i}:" + " why" * (1 + 3 * i)) for i in range(count)]
+
+
+def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padding(
+    loaded, tiny_dir, monkeypatch
+):
+    _, token_lists = shared_prefix(loaded, 4)
+    assert all(loaded._cached_prefix(p)[0] is not None for p in token_lists)
+    # Shorter prompts take their missing tokens back from their cached prefix: no right padding,
+    # so no roll of every layer's keys and values afterwards.
+    padded = []
+    prepare = BatchKVCache.prepare
+    monkeypatch.setattr(
+        BatchKVCache, "prepare", lambda self, **kw: padded.append(kw) or prepare(self, **kw)
+    )
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    out, first = run(loaded, [(p, greedy) for p in token_lists])
+    assert sorted(seq for seq, _ in first) == [0, 1, 2, 3]  # one group
+    assert padded == []
+    assert [answer(out[i]) for i in range(4)] == reference(tiny_dir, token_lists, 10)
+
+
+def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_answers_right(
+    loaded, tiny_dir, monkeypatch
+):
+    _, cached = shared_prefix(loaded, 2)
+    tok = loaded.tokenizer
+    fresh = [tok.encode("Nothing shared here"), tok.encode("Nor here, in a different way")]
+    token_lists = [cached[1], fresh[0], cached[0], fresh[1]]
+    assert [loaded._cached_prefix(p)[0] is not None for p in token_lists] == [1, 0, 1, 0]
+    assert max(map(len, fresh)) < min(map(len, cached))  # the uncached ones need padding
+    padded = []
+    prepare = BatchKVCache.prepare
+    monkeypatch.setattr(
+        BatchKVCache, "prepare", lambda self, **kw: padded.append(kw) or prepare(self, **kw)
+    )
+    greedy = SamplingParams(max_tokens=10, temperature=0)
+    out, _ = run(loaded, [(p, greedy) for p in token_lists])
+    assert padded == []
+    assert [answer(out[i]) for i in range(4)] == reference(tiny_dir, token_lists, 10)
+    # Decoding after the exactly sized prefill caches grows them again, past 256 positions too.
+    assert BatchKVCache.step == 256
+    assert not any("step" in vars(c) for c in loaded._gen._generation_batch.prompt_cache)
 
 
 def test_greedy_answers_in_a_burst_equal_mlx_lm_generating_each_alone(loaded, tiny_dir):
