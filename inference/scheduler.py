@@ -412,6 +412,8 @@ class Scheduler:
         for seq_id, delta in events:
             if delta.token is not None:
                 self.tokens_generated += 1
+            if delta.recomputed and (sink := self._sinks.get(seq_id)) is not None:
+                sink.cached_tokens = max(0, sink.cached_tokens - delta.recomputed)
             if delta.finish_reason is not None:
                 slot.running.discard(seq_id)
                 self._finish(seq_id, delta, deliver_now=False)

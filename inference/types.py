@@ -61,6 +61,8 @@ class TokenDelta:
     top_logprobs: tuple[tuple[int, float], ...] = ()
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None
+    # On a sequence's first delta: prompt tokens `add` counted as cached that were computed after all
+    recomputed: int = 0
 
 
 @dataclass

@@ -60,3 +60,15 @@ def test_stop_works_for_completions_too(client):
     reply = complete(client, max_tokens=30, stop=stop, temperature=1, seed=5, extra_body=NO_EOS)
     assert reply.choices[0].text == full[: full.index(stop)]
     assert reply.choices[0].finish_reason == "stop"
+
+
+def test_prompts_sent_together_report_only_the_cached_tokens_they_reused(client):
+    # Token ids, so the cached head is exactly a prefix. Once the head is cached, the two prompts
+    # are prefilled together: the shorter takes 5 tokens back from its cached head, so its uncached
+    # part matches the longer's, and its usage no longer counts those 5 as cached.
+    head = [(7 * i) % 400 + 50 for i in range(40)]
+    assert complete(client, prompt=head, max_tokens=1).usage.completion_tokens == 1
+    short, long = head + [11, 12, 13], head + [21, 22, 23, 24, 25, 26, 27, 28]
+    reply = complete(client, prompt=[short, long], max_tokens=2)
+    assert reply.usage.prompt_tokens == len(short) + len(long)
+    assert reply.usage.prompt_tokens_details.cached_tokens == 2 * len(head) - 5

@@ -190,7 +190,9 @@ def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padd
     loaded, tiny_dir, monkeypatch
 ):
     _, token_lists = shared_prefix(loaded, 4)
-    assert all(loaded._cached_prefix(p)[0] is not None for p in token_lists)
+    rests = [loaded._cached_prefix(p)[1] for p in token_lists]
+    cached = [len(p) - len(rest) for p, rest in zip(token_lists, rests, strict=True)]
+    assert min(cached) > 0 and len({len(rest) for rest in rests}) == 4
     # Shorter prompts take their missing tokens back from their cached prefix: no right padding,
     # so no roll of every layer's keys and values afterwards.
     padded = []
@@ -203,6 +205,12 @@ def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padd
     assert sorted(seq for seq, _ in first) == [0, 1, 2, 3]  # one group
     assert padded == []
     assert [answer(out[i]) for i in range(4)] == reference(tiny_dir, token_lists, 10)
+    # Each prompt computed as many tokens as the longest uncached part: the usage's cached tokens
+    # leave out those taken back (the first delta says how many).
+    recomputed = dict((seq, d.recomputed) for seq, d in first)
+    longest = max(map(len, rests))
+    assert [cached[i] - recomputed[i] for i in range(4)] == [len(p) - longest for p in token_lists]
+    assert not loaded._gen.retaken
 
 
 def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_answers_right(
@@ -220,9 +228,14 @@ def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_a
         BatchKVCache, "prepare", lambda self, **kw: padded.append(kw) or prepare(self, **kw)
     )
     greedy = SamplingParams(max_tokens=10, temperature=0)
-    out, _ = run(loaded, [(p, greedy) for p in token_lists])
+    one = SamplingParams(max_tokens=1, temperature=0)  # ends at its first token, left-padded
+    out, _ = run(loaded, [(p, one if i == 3 else greedy) for i, p in enumerate(token_lists)])
     assert padded == []
-    assert [answer(out[i]) for i in range(4)] == reference(tiny_dir, token_lists, 10)
+    want = reference(tiny_dir, token_lists, 10)
+    assert [answer(out[i]) for i in range(3)] == want[:3]
+    assert answer(out[3]) == want[3][:1]
+    # The finished row's cache came out of the left-padded batch whole: its prompt is cached.
+    assert loaded._cached_prefix(fresh[1])[1] == fresh[1][-1:]
     # Decoding after the exactly sized prefill caches grows them again, past 256 positions too.
     assert BatchKVCache.step == 256
     assert not any("step" in vars(c) for c in loaded._gen._generation_batch.prompt_cache)

@@ -193,15 +193,16 @@ class MLXLoadedModel(LoadedModel):
             seq_id = self._uid_to_seq.get(r.uid)
             if seq_id is None:  # removed while its token was in flight
                 continue
+            recomputed = self._gen.retaken.pop(r.uid, 0) if self._eager else 0
             if r.finish_reason == "stop":
                 # The stop token itself is not part of the answer.
-                delta = TokenDelta(None, finish_reason="stop")
+                delta = TokenDelta(None, finish_reason="stop", recomputed=recomputed)
             else:
                 logprob, top = None, ()
                 top_n = self._top_logprobs.get(r.uid)
                 if top_n is not None:
                     logprob, top = _logprobs(r.logprobs, r.token, top_n)
-                delta = TokenDelta(r.token, logprob, top, r.finish_reason)
+                delta = TokenDelta(r.token, logprob, top, r.finish_reason, recomputed=recomputed)
             out.append((seq_id, delta))
             if r.finish_reason is not None:
                 if r.prompt_cache is not None and self.spec.prompt_cache_entries > 0:

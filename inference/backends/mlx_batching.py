@@ -94,6 +94,8 @@ class EagerBatchGenerator(BatchGenerator):
         self._body, self._head = split_head(model)
         # uids whose rows need normalised log probabilities (logprobs asked, top-p or min-p sampling)
         self.normalized_uids: set[int] = set()
+        # uid -> prompt tokens `_align` took back from its cached prefix (computed after all)
+        self.retaken: dict[int, int] = {}
         batch = self._generation_batch
         batch._step = types.MethodType(_decode_step, batch)
         batch.normalized_uids = self.normalized_uids
@@ -105,6 +107,8 @@ class EagerBatchGenerator(BatchGenerator):
 
     def remove(self, uids, return_prompt_caches=False):
         self.normalized_uids.difference_update(uids)
+        for uid in uids:
+            self.retaken.pop(uid, None)
         return super().remove(uids, return_prompt_caches)
 
     def _next(self):
@@ -196,6 +200,7 @@ class EagerBatchGenerator(BatchGenerator):
         keys and values into place (`BatchKVCache.finalize`): about a tenth of a group's prefill on
         the CPU. Instead a shorter prompt takes its missing tokens back from the end of its cached
         prefix (the cache is trimmed): they are computed in the positions padding would have spent.
+        `retaken` keeps the count, so the usage's cached tokens can leave them out.
         """
         rows = list(islice(self._unprocessed_sequences, n))
         lengths = [sum(map(len, row[1])) for row in rows]
@@ -207,14 +212,17 @@ class EagerBatchGenerator(BatchGenerator):
                 continue
             trim_prompt_cache(cache, take)
             prompt = cached[-take:] + [t for segment in segments for t in segment]
+            # As `insert_segments` leaves them: the last segment is the last token alone.
+            segments = [prompt[:-1], prompt[-1:]]
             self._unprocessed_sequences[i] = (
                 uid,
-                [prompt],
+                segments,
                 max_tokens,
                 cache,
                 cached[:-take],
                 *rest,
             )
+            self.retaken[uid] = take
 
     def _prefill(self, batch: PromptProcessingBatch, prompts: list[list[int]]) -> mx.array:
         """Run every prompt token through the model in one pass; return each row's last hidden state.
