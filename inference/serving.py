@@ -31,6 +31,7 @@ from inference.engine import (
 )
 from inference.types import GenerationRequest, ModelSpec, RequestStats, SamplingParams, TokenDelta
 from llmservice.errors import APIError, error_body, model_not_found
+from llmservice.lookups import shared_query
 from models_app.models import LLMModel
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
 async def resolve_model(
     name: str, stats: RequestStats | None = None, allowed: tuple[str, ...] = ()
 ) -> tuple[ModelSpec, ModelDefaults]:
-    row = await LLMModel.objects.servable().afind(name)
+    row = await shared_query(("model", name), lambda: LLMModel.objects.servable().find(name))
     if row is None:
         running = current_engine()
         if running is not None and name in {m["name"] for m in running.scheduler.loaded()}:

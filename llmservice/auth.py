@@ -11,6 +11,7 @@ from django.utils import timezone
 from ninja.security import HttpBearer
 
 from llmservice.errors import APIError
+from llmservice.lookups import shared_query
 from llmservice.models import ApiKey, hash_key
 from llmservice.ratelimit import limiter
 
@@ -34,7 +35,9 @@ class BearerKey(HttpBearer):
         if settings.API_KEY and hmac.compare_digest(token.encode(), settings.API_KEY.encode()):
             return Caller(None, "env")
         digest = hash_key(token)
-        key = await ApiKey.objects.active().filter(hashed_key=digest).afirst()
+        key = await shared_query(
+            ("api-key", digest), lambda: ApiKey.objects.active().filter(hashed_key=digest).first()
+        )
         if key is not None and not key.is_active:
             raise AuthError("This API key has expired. Create a new one in the dashboard.")
         if key is None:
