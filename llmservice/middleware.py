@@ -1,9 +1,11 @@
-"""Keep every `/v1/*` answer JSON: ninja gives a plain-text 405 and Django an HTML 404."""
+"""Keep every `/v1/*` answer JSON (ninja gives a plain-text 405 and Django an HTML 404), and serve
+static files without taking every request through a thread."""
 
 from __future__ import annotations
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.http import HttpRequest, HttpResponse
+from whitenoise.middleware import WhiteNoiseMiddleware
 
 from llmservice.errors import APIError
 
@@ -45,3 +47,26 @@ class OpenAIErrorsMiddleware:
 
     async def _acall(self, request: HttpRequest):
         return _rewrite(request, await self.get_response(request))
+
+
+class StaticFilesMiddleware(WhiteNoiseMiddleware):
+    """WhiteNoise, async. WhiteNoise's own middleware is sync-only, so under ASGI Django ran it in
+    a thread, with a hop back to the event loop for the rest of the chain, for every request: the
+    API's included. Looking a path up and opening the file are quick; the file itself is streamed
+    by Django's ASGI handler, as before."""
+
+    async_capable = True
+    sync_capable = False
+
+    def __init__(self, get_response):
+        super().__init__(get_response)
+        markcoroutinefunction(self)
+
+    async def __call__(self, request: HttpRequest):
+        if self.autorefresh:
+            static_file = self.find_file(request.path_info)
+        else:
+            static_file = self.files.get(request.path_info)
+        if static_file is not None:
+            return self.serve(static_file, request)
+        return await self.get_response(request)

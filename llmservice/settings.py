@@ -166,7 +166,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "llmservice.middleware.StaticFilesMiddleware",  # WhiteNoise, async
     "analytics.middleware.RequestAnalyticsMiddleware",
     "llmservice.middleware.OpenAIErrorsMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",

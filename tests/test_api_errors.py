@@ -116,6 +116,15 @@ def test_health_and_ready_answer_without_a_key(server):
     assert httpx.get(server.url + "/ready").json()["database"] == "ok"
 
 
+def test_static_files_are_served_without_a_key(server):
+    response = httpx.get(server.url + "/static/admin/css/base.css")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/css")
+    assert len(response.content) == int(response.headers["content-length"]) > 1000
+    missing = httpx.get(server.url + "/static/no-such-file.css")
+    assert missing.status_code == 404
+
+
 def test_the_env_key_and_database_keys_both_work(server):
     created = server.manage("create_api_key", "--name", "second").stdout.strip()
     assert created.startswith("sk-llm-") and created != API_KEY
