@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 IDLE_WAIT = 0.5  # seconds the idle loop sleeps between keep-alive checks
 COALESCE_WINDOW = 0.015  # an idle model waits this long for more of a burst before prefilling,
 COALESCE_MAX = 0.15  # and at most this long in all (also for announced requests, see announce)
+ANNOUNCED_POLL = 0.002  # how often it looks whether the announced requests are all queued
 
 
 class QueueFull(Exception):
@@ -209,10 +210,20 @@ class Scheduler:
 
     def _gather_burst(self) -> None:
         """A burst of requests arrives a few ms apart (each is parsed and authenticated in turn):
-        gather it so the prompts prefill together, instead of each waiting out a step. The burst
-        is over when a whole window brings nothing new and no announced request is still coming."""
+        gather it so the prompts prefill together, instead of each waiting out a step. Announced
+        requests (see announce) are waited for until the last is queued; otherwise the burst is
+        over when a whole window brings nothing new."""
         deadline = time.monotonic() + COALESCE_MAX
+        announced = False
         while time.monotonic() < deadline:
+            if self._announced:
+                announced = True
+                time.sleep(ANNOUNCED_POLL)
+                self._drain_commands(block=False)
+                continue
+            if announced:  # each announcement ends once its request is queued: all are here
+                self._drain_commands(block=False)
+                return
             waiting = self._queued
             time.sleep(COALESCE_WINDOW)
             self._drain_commands(block=False)
