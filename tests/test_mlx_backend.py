@@ -145,6 +145,22 @@ def test_prefill_attention_in_numpy_gives_mlxs_for_every_kind_of_mask(
         assert mx.allclose(got, want, atol=1e-5).item(), name
 
 
+def test_within_one_pass_every_layer_reuses_the_first_layers_rope_positions(loaded):
+    layers = loaded.model.model.layers
+    rope = layers[0].self_attn.rope
+    x = mx.random.normal((3, 4, 5, rope.rope.dims))  # batch, heads, positions, dims
+    offset = mx.array([4, 0, -2])  # a batch cache's offsets (left padding makes one negative)
+    alone = rope(x, offset=offset)
+    with mlx_cpu.shared_positions(offset, 5):
+        shared = [layer.self_attn.rope(x, offset=offset) for layer in layers]
+        assert len(mlx_cpu._pass.gathered) == 1  # one gather for every layer
+    assert mlx_cpu._pass.positions is None
+    for got in shared:
+        np.testing.assert_allclose(np.asarray(got), np.asarray(alone), rtol=1e-6, atol=1e-6)
+    want = rope.rope(x[:1], offset=4)  # mlx's own RoPE at the first sequence's positions
+    np.testing.assert_allclose(np.asarray(alone[:1]), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_the_model_module_attends_through_numpy_for_a_prefill_only(loaded):
     assert llama.scaled_dot_product_attention is mlx_cpu.cpu_attention
     one_query = mx.random.normal((2, 4, 1, 16))

@@ -31,6 +31,7 @@ import logging
 import time
 import types
 from collections import deque
+from contextlib import nullcontext
 from itertools import islice
 
 import mlx.core as mx
@@ -42,6 +43,8 @@ from mlx_lm.generate import (
     _right_pad_prompts,
 )
 from mlx_lm.models.cache import BatchKVCache, can_trim_prompt_cache, trim_prompt_cache
+
+from inference.backends import mlx_cpu
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +264,12 @@ class EagerBatchGenerator(BatchGenerator):
             for c in caches:
                 c.step = longest  # over the class's 256, for this pass only
         try:
-            hidden = self._body(tokens, cache=caches)
+            with (
+                mlx_cpu.shared_positions(caches[0].offset, longest)
+                if batch_caches
+                else nullcontext()
+            ):
+                hidden = self._body(tokens, cache=caches)
         finally:
             if batch_caches:
                 for c in caches:

@@ -32,6 +32,8 @@ import logging
 import math
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -205,9 +207,7 @@ class TableRoPE(nn.Module):
         if dims != self.rope.dims:
             return self.rope(x, offset=offset)
         if isinstance(offset, mx.array):
-            # Per-sequence offsets of a batch cache; left padding makes some negative (masked anyway).
-            at = mx.clip(offset.reshape(-1, 1) + mx.arange(length), 0, self.positions - 1)
-            cos, sin = self._cos[at][:, None], self._sin[at][:, None]  # (B, 1, L, dims/2)
+            cos, sin = self._gathered(offset, length)
         elif offset + length <= self.positions:
             cos, sin = self._cos[offset : offset + length], self._sin[offset : offset + length]
         else:
@@ -215,6 +215,42 @@ class TableRoPE(nn.Module):
         half = dims // 2
         x1, x2 = x[..., :half], x[..., half:]
         return mx.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+    def _gathered(self, offset: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        """cos and sin at per-sequence positions (a batch cache's offsets; left padding makes some
+        negative, masked anyway), shaped (B, 1, L, dims/2). Within `shared_positions` every layer
+        reuses the first layer's: one gather per forward pass instead of two per layer."""
+        shared = _pass.positions
+        if shared is not None and shared[1] == length:
+            key = id(self._cos)
+            if key not in _pass.gathered:
+                _pass.gathered[key] = self._gather(shared[0], length)
+            return _pass.gathered[key]
+        return self._gather(offset, length)
+
+    def _gather(self, offset: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        at = mx.clip(offset.reshape(-1, 1) + mx.arange(length), 0, self.positions - 1)
+        return self._cos[at][:, None], self._sin[at][:, None]
+
+
+class _Pass(threading.local):
+    positions: tuple[mx.array, int] | None = None
+    gathered: dict[int, tuple[mx.array, mx.array]]
+
+
+_pass = _Pass()
+
+
+@contextmanager
+def shared_positions(offset: mx.array, length: int) -> Iterator[None]:
+    """Around one forward pass of `length` tokens over batch caches whose layers all hold the same
+    per-sequence offsets (`offset`, any layer's): RoPE gathers its cos and sin once, not per layer
+    (about 5% of a prefill group's time)."""
+    _pass.positions, _pass.gathered = (offset, length), {}
+    try:
+        yield
+    finally:
+        _pass.positions, _pass.gathered = None, {}
 
 
 def rope_table(rope: nn.RoPE, positions: int) -> tuple[mx.array, mx.array]:
