@@ -682,15 +682,17 @@ def run_servers(
                 f"\n== {server.label}\n  {shlex.join(server.cmd)}\n  log: {server.log_path}",
                 flush=True,
             )
+            own = stack.enter_context(ExitStack())  # stops this server as soon as it fails
             try:
                 for cmd in setup:
                     run_setup_command(cmd, env)
-                live.append((server, run, start_server(stack, server, env, run, args)))
+                live.append((server, run, own, start_server(own, server, env, run, args)))
             except Exception as exc:  # report, keep going with the other server
                 run.error = f"{type(exc).__name__}: {exc}"
                 print(f"  FAILED: {run.error}", flush=True)
+                own.close()
         for i, c in enumerate(args.concurrency):
-            for server, run, proc in live if i % 2 == 0 else live[::-1]:
+            for server, run, own, proc in live if i % 2 == 0 else live[::-1]:
                 if run.error:
                     continue
                 try:
@@ -699,6 +701,7 @@ def run_servers(
                 except Exception as exc:
                     run.error = f"{type(exc).__name__}: {exc}"
                     print(f"  FAILED: {run.error}", flush=True)
+                    own.close()
     for (server, _), run in zip(servers, runs, strict=True):
         if run.error and run.log_tail:
             print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
@@ -901,8 +904,13 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
         f"- BLAS: {context['blas']}",
         f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
         f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; "
-        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching; "
-        "both servers up, each level measured on one and then the other (alternating which first)",
+        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching"
+        + (
+            "; both servers up, each level measured on one and then the other (alternating which "
+            "first)"
+            if sum(1 for r in runs if r.levels) > 1
+            else ""
+        ),
         f"- Rerun: {rerun_command(context['argv'])}",
         "",
     ]

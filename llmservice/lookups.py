@@ -23,15 +23,17 @@ _in_flight: dict[tuple[asyncio.AbstractEventLoop, Hashable], asyncio.Task] = {}
 async def shared_query(key: Hashable, query: Callable[[], Any]) -> Any:
     """`query()` (synchronous ORM code) run once for every caller asking `key` while it runs.
 
-    It runs outside any request's context, in asgiref's long-lived thread for thread-sensitive code
-    with fresh connections around it (as `database_sync_to_async` does), so one caller leaving early
-    cannot take the query down with it.
+    It runs outside any request's context (so one caller leaving early cannot take it down with
+    it), in the event loop's thread pool, so different questions still run side by side, with the
+    connection closed around it as `database_sync_to_async` does.
     """
     loop = asyncio.get_running_loop()
     slot = (loop, key)
     task = _in_flight.get(slot)
     if task is None:
-        task = loop.create_task(database_sync_to_async(query)(), context=contextvars.Context())
+        task = loop.create_task(
+            database_sync_to_async(query, thread_sensitive=False)(), context=contextvars.Context()
+        )
         _in_flight[slot] = task
         task.add_done_callback(lambda _: _in_flight.pop(slot, None))
     return await asyncio.shield(task)

@@ -52,8 +52,8 @@ class OpenAIErrorsMiddleware:
 class StaticFilesMiddleware(WhiteNoiseMiddleware):
     """WhiteNoise, async. WhiteNoise's own middleware is sync-only, so under ASGI Django ran it in
     a thread, with a hop back to the event loop for the rest of the chain, for every request: the
-    API's included. Looking a path up and opening the file are quick; the file itself is streamed
-    by Django's ASGI handler, as before."""
+    API's included. Looking a path up and opening the file are quick; Django's ASGI handler sends
+    the response as before (it reads a file response's synchronous iterator in a thread)."""
 
     async_capable = True
     sync_capable = False
