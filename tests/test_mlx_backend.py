@@ -193,6 +193,17 @@ def test_a_burst_gets_its_first_tokens_group_by_group(loaded):
     assert all(len(answer(deltas)) == 8 for deltas in out.values())
 
 
+@pytest.fixture
+def padded(monkeypatch):
+    """The keyword arguments of every `BatchKVCache.prepare` call: right padding goes through it."""
+    calls = []
+    prepare = BatchKVCache.prepare
+    monkeypatch.setattr(
+        BatchKVCache, "prepare", lambda self, **kw: calls.append(kw) or prepare(self, **kw)
+    )
+    return calls
+
+
 def shared_prefix(loaded, count):
     """A long shared head (a system prompt), cached by a first request, and prompts that continue it
     with questions of different lengths."""
@@ -203,7 +214,7 @@ def shared_prefix(loaded, count):
 
 
 def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padding(
-    loaded, tiny_dir, monkeypatch
+    loaded, tiny_dir, padded
 ):
     _, token_lists = shared_prefix(loaded, 4)
     rests = [loaded._cached_prefix(p)[1] for p in token_lists]
@@ -211,11 +222,6 @@ def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padd
     assert min(cached) > 0 and len({len(rest) for rest in rests}) == 4
     # Shorter prompts take their missing tokens back from their cached prefix: no right padding,
     # so no roll of every layer's keys and values afterwards.
-    padded = []
-    prepare = BatchKVCache.prepare
-    monkeypatch.setattr(
-        BatchKVCache, "prepare", lambda self, **kw: padded.append(kw) or prepare(self, **kw)
-    )
     greedy = SamplingParams(max_tokens=10, temperature=0)
     out, first = run(loaded, [(p, greedy) for p in token_lists])
     assert sorted(seq for seq, _ in first) == [0, 1, 2, 3]  # one group
@@ -230,7 +236,7 @@ def test_prompts_of_different_lengths_after_a_cached_prefix_prefill_without_padd
 
 
 def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_answers_right(
-    loaded, tiny_dir, monkeypatch
+    loaded, tiny_dir, padded
 ):
     _, cached = shared_prefix(loaded, 2)
     tok = loaded.tokenizer
@@ -238,11 +244,6 @@ def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_a
     token_lists = [cached[1], fresh[0], cached[0], fresh[1]]
     assert [loaded._cached_prefix(p)[0] is not None for p in token_lists] == [1, 0, 1, 0]
     assert max(map(len, fresh)) < min(map(len, cached))  # the uncached ones need padding
-    padded = []
-    prepare = BatchKVCache.prepare
-    monkeypatch.setattr(
-        BatchKVCache, "prepare", lambda self, **kw: padded.append(kw) or prepare(self, **kw)
-    )
     greedy = SamplingParams(max_tokens=10, temperature=0)
     one = SamplingParams(max_tokens=1, temperature=0)  # ends at its first token, left-padded
     out, _ = run(loaded, [(p, one if i == 3 else greedy) for i, p in enumerate(token_lists)])
@@ -252,9 +253,15 @@ def test_a_group_mixing_cached_and_uncached_prompts_left_pads_the_uncached_and_a
     assert answer(out[3]) == want[3][:1]
     # The finished row's cache came out of the left-padded batch whole: its prompt is cached.
     assert loaded._cached_prefix(fresh[1])[1] == fresh[1][-1:]
-    # Decoding after the exactly sized prefill caches grows them again, past 256 positions too.
-    assert BatchKVCache.step == 256
-    assert not any("step" in vars(c) for c in loaded._gen._generation_batch.prompt_cache)
+    # The exact growth is for the prefill's pass only: prefilled caches waiting to decode grow by
+    # mlx-lm's 256 positions again.
+    for seq, tokens in enumerate(fresh):
+        loaded.add(10 + seq, GenerationRequest(str(seq), loaded.spec, tuple(tokens), greedy))
+    loaded.step()  # prefills both; they wait in the prompt batch
+    waiting = loaded._gen._prompt_batch.prompt_cache
+    assert waiting and all(isinstance(c, BatchKVCache) for c in waiting)
+    assert all("step" not in vars(c) and c.step == 256 for c in waiting)
+    loaded.remove([10, 11])
 
 
 def test_greedy_answers_in_a_burst_equal_mlx_lm_generating_each_alone(loaded, tiny_dir):
