@@ -71,12 +71,12 @@ class EngineCollector:
         loaded = GaugeMetricFamily("llm_loaded_models", "Models resident in memory")
         memory = GaugeMetricFamily("llm_model_memory_bytes", "Weights in memory", labels=["model"])
         tokens = CounterMetricFamily("llm_generated_tokens", "Tokens generated since start")
-        running.add_metric([], stats["running"] if stats else 0)
-        queued.add_metric([], stats["queued"] if stats else 0)
-        loaded.add_metric([], len(stats["loaded_models"]) if stats else 0)
-        for m in stats["loaded_models"] if stats else []:
-            memory.add_metric([m["name"]], m["memory_bytes"])
-        tokens.add_metric([], stats["tokens_generated"] if stats else 0)
+        running.add_metric([], stats.running if stats else 0)
+        queued.add_metric([], stats.queued if stats else 0)
+        loaded.add_metric([], len(stats.loaded_models) if stats else 0)
+        for m in stats.loaded_models if stats else []:
+            memory.add_metric([m.name], m.memory_bytes)
+        tokens.add_metric([], stats.tokens_generated if stats else 0)
         yield from (running, queued, loaded, memory, tokens)
 
 

@@ -10,7 +10,7 @@ ours as `llm-service serve` runs it (our sgemm preloaded ahead of OpenBLAS).
 1. Decode step: one forward pass of B sequences (B = 1, 4, 8, 16) over a 120-token context; median
    of three runs of 15 steps.
 2. Burst (first and last configuration): 16 chat prompts (the serving benchmark's) arrive at once,
-   max_tokens 64, greedy, driven through `MLXLoadedModel.step()` as the scheduler does, twice in a row
+   max_tokens 64, greedy, driven through `MLXBatch.step()` as the scheduler does, twice in a row
    (the second burst finds the system prompt in the prefix cache, as in steady serving): mlx-lm's
    plain `BatchGenerator` and model, then as shipped. TTFT p50/max and tok/s of the second burst.
 Results go to stdout and to docs/benchmarks.md between the engine_bench markers.
@@ -81,7 +81,7 @@ def decode_steps(model_path: Path, variant: str, batches: list[int], context: in
 
 
 def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64) -> dict:
-    """16 prompts at once through `MLXLoadedModel.step()`: TTFT p50/max and tok/s."""
+    """16 prompts at once through `MLXBatch.step()`: TTFT p50/max and tok/s."""
     from transformers import AutoTokenizer
 
     from bench.serve_bench import make_prompts
@@ -93,7 +93,7 @@ def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64
         mlx_batching.supports = lambda model: False
         mlx_cpu.install = lambda model, positions, **kwargs: False
     try:
-        loaded = mlx.MLXLoadedModel(
+        loaded = mlx.MLXBatch(
             ModelSpec(name="bench", path=str(model_path), max_batch_size=16)
         )
     finally:
@@ -177,7 +177,7 @@ def report(results: list[dict], batches: list[int], model_path: Path) -> str:
     lines += [
         "",
         "Burst of 16 chat prompts at once (max_tokens 64, greedy, prefix cache warm), through "
-        "`MLXLoadedModel.step()`:",
+        "`MLXBatch.step()`:",
         "",
         "| engine | TTFT p50 | TTFT max | tok/s |",
         "|---|---|---|---|",

@@ -23,7 +23,7 @@ def _context(request: HttpRequest, stream: bool | None) -> dict:
 async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest):
     job = await serving.prepare_chat(payload, **_context(request, payload.stream))
     if payload.stream:
-        return serving.chat_stream(job)
+        return await serving.chat_stream(job)
     return await serving.chat_full(job)
 
 
@@ -31,5 +31,5 @@ async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest)
 async def completions(request: HttpRequest, payload: CompletionRequest):
     job = await serving.prepare_completion(payload, **_context(request, payload.stream))
     if payload.stream:
-        return serving.completion_stream(job)
+        return await serving.completion_stream(job)
     return await serving.completion_full(job)

@@ -25,6 +25,7 @@ from inference.engine import (
     EngineConfig,
     GenerationGroup,
     ModelBusy,
+    NotResident,
     QueueFull,
     current_engine,
     get_engine,
@@ -102,9 +103,9 @@ async def resolve_model(
     row = await shared_query(("model", name), lambda: LLMModel.objects.servable().find(name))
     if row is None:
         running = current_engine()
-        if running is not None and name in {m["name"] for m in running.scheduler.loaded()}:
+        if running is not None and name in {m.name for m in running.loaded()}:
             # Removed or disabled in the registry: free its memory (after any requests in flight).
-            running.scheduler.unload(name)
+            running.unload_in_background(name)
         raise model_not_found(name)
     if allowed and row.name not in allowed:
         raise model_not_found(name)
@@ -339,7 +340,7 @@ class StopFilter:
 @dataclass
 class Choice:
     index: int
-    detok: Detokenizer
+    detok: Detokenizer | None  # None when the engine detokenizes and applies stop strings
     stops: StopFilter
     text: str = ""
     tokens: int = 0
@@ -350,6 +351,17 @@ class Choice:
     def feed(self, delta: TokenDelta) -> str:
         """Text this delta releases; sets finish_reason when the sequence ends here."""
         out = ""
+        if self.detok is None:  # the engine's own text, its stop strings already applied
+            if delta.token is not None:
+                self.tokens += 1
+                if delta.logprob is not None:
+                    self.logprobs.append((delta.token, delta.logprob, delta.top_logprobs))
+            out = delta.text or ""
+            if delta.finish_reason is not None:
+                self.finish_reason = delta.finish_reason
+                self.error = delta.error
+            self.text += out
+            return out
         if delta.token is not None:
             self.tokens += 1
             if delta.logprob is not None:
@@ -414,6 +426,7 @@ class Job:
         return sum(len(p) for p in self.prompts)
 
     def requests(self) -> list[GenerationRequest]:
+        stop = tuple(self.stops) if self.model.capabilities.stop_strings else ()
         out = []
         for p_index, prompt in enumerate(self.prompts):
             for i in range(self.n):
@@ -422,23 +435,41 @@ class Job:
                     # Reproducible but different choices, as with OpenAI's n and seed.
                     params = replace(params, seed=params.seed + i)
                 out.append(
-                    GenerationRequest(f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt), params)
+                    GenerationRequest(
+                        f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt), params, stop
+                    )
                 )
         return out
 
     def choices(self) -> list[Choice]:
+        native = self.model.capabilities.detokenizes
         return [
-            Choice(i, Detokenizer(self.model.tokenizer), StopFilter(self.stops))
+            Choice(
+                i,
+                None if native else Detokenizer(self.model.tokenizer),
+                StopFilter([] if native else self.stops),
+            )
             for i in range(len(self.prompts) * self.n)
         ]
 
 
-def submit(job: Job) -> GenerationGroup:
+async def submit(job: Job) -> GenerationGroup:
     if job.stats is not None:
         job.stats.prompt_tokens = job.prompt_tokens  # as usage reports it: once, whatever n is
     try:
-        job.group = engine().submit(job.requests())
-        return job.group
+        for _ in range(3):
+            try:
+                job.group = engine().submit(job.spec, job.requests())
+                return job.group
+            except NotResident:  # unloaded to make room since this request loaded it
+                job.model = await load_model(job.spec)
+        raise APIError(
+            503,
+            f"Model `{job.spec.name}` keeps being unloaded to make room for others.",
+            type="server_error",
+            code="model_busy",
+            headers={"Retry-After": "5"},
+        )
     except QueueFull:
         raise APIError(
             429,
@@ -459,7 +490,7 @@ def sse(data: dict | str) -> str:
 
 
 async def run_to_end(job: Job) -> list[Choice]:
-    group = submit(job)
+    group = await submit(job)
     choices = job.choices()
     try:
         async for index, delta in group:
@@ -602,7 +633,7 @@ async def chat_full(job: Job) -> dict:
     )
 
 
-def chat_stream(job: Job) -> StreamingHttpResponse:
+async def chat_stream(job: Job) -> StreamingHttpResponse:
     usage_field = {"usage": None} if job.include_usage else {}
     sent: dict[int, int] = {}  # logprob entries already sent, per choice
 
@@ -641,7 +672,7 @@ def chat_stream(job: Job) -> StreamingHttpResponse:
             ]
         )
 
-    group = submit(job)
+    group = await submit(job)
     return streaming_response(stream_events(job, group, chunk, first), group)
 
 
@@ -744,7 +775,7 @@ async def completion_full(job: Job) -> dict:
     )
 
 
-def completion_stream(job: Job) -> StreamingHttpResponse:
+async def completion_stream(job: Job) -> StreamingHttpResponse:
     echoed: set[int] = set()
     sent: dict[int, int] = {}
 
@@ -776,7 +807,7 @@ def completion_stream(job: Job) -> StreamingHttpResponse:
             body["usage"] = None
         return body
 
-    group = submit(job)
+    group = await submit(job)
     return streaming_response(stream_events(job, group, chunk, None), group)
 
 
@@ -806,7 +837,7 @@ def start_preload() -> None:
                 preload.status = "none"
                 return
             preload.model, preload.status = row.name, "loading"
-            engine().scheduler.load(spec_from_row(row)).result()
+            engine().load_in_background(spec_from_row(row)).result()
             preload.status = "ready"
         except Exception as exc:
             log.exception("preloading the default model failed")

@@ -50,6 +50,8 @@ class GenerationRequest:
     model: ModelSpec
     prompt_tokens: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Applied by engines whose capabilities include stop_strings; otherwise serving filters text.
+    stop: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,12 @@ class TokenDelta:
     error: str | None = None
     # On a sequence's first delta: prompt tokens `add` counted as cached that were computed after all
     recomputed: int = 0
+    # On a sequence's first delta: prompt tokens served from the engine's prefix cache
+    cached_tokens: int | None = None
+    # On a sequence's first delta: seconds it waited for a batch slot, where the engine says
+    queue_wait: float | None = None
+    # The text this delta adds, from engines that detokenize (capabilities.detokenizes)
+    text: str | None = None
 
 
 @dataclass

@@ -21,7 +21,7 @@ GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 async def http_app(scope, receive, send):
     """Django, with generation requests announced to the engine the moment they arrive: parsing
     and authenticating a burst takes a few ms per request, and the batch should not start
-    without the rest of it (inference/scheduler.py, _gather_burst)."""
+    without the rest of it (inference/backends/step_loop.py, _gather_burst)."""
     if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
         with announced():
             return await django_asgi_app(scope, receive, send)

@@ -31,7 +31,8 @@ async def ready(request):
         "database": "ok",
         "engine": "started" if engine else "idle",
         "default_model": {"name": preload.model, "status": preload.status, "error": preload.error},
-        "loaded_models": [m["name"] for m in engine.scheduler.loaded()] if engine else [],
+        "loaded_models": [m.name for m in engine.loaded()] if engine else [],
+        "backends": {m.name: m.backend for m in engine.loaded()} if engine else {},
     }
     if preload.status in ("loading", "failed"):
         body["status"] = "loading" if preload.status == "loading" else "unavailable"

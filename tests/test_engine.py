@@ -14,13 +14,13 @@ from transformers import AutoTokenizer
 
 from inference import engine as engine_module
 from inference import serving
-from inference.backends.base import Backend, LoadedModel
-from inference.engine import Engine, GenerationGroup, announced
-from inference.scheduler import QueueFull, Scheduler
+from inference.backends.base import Backend, QueueFull
+from inference.backends.step_loop import StepBatch, StepLoop, SteppedModel
+from inference.engine import Engine, EngineConfig, announced
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
 
-class FlakyModel(LoadedModel):
+class FlakyModel(StepBatch):
     def __init__(self, spec: ModelSpec, tokenizer, fail_at: int) -> None:
         self.spec, self.tokenizer = spec, tokenizer
         self.context_length, self.memory_bytes = 512, 0
@@ -54,23 +54,36 @@ class FlakyModel(LoadedModel):
 
 
 class FlakyBackend(Backend):
+    """A stepped backend whose batch fails at a chosen step (the mlx one cannot be made to)."""
+
     name = "flaky"
 
-    def __init__(self, tokenizer, fail_at: int) -> None:
-        self.tokenizer, self.fail_at, self.models = tokenizer, fail_at, []
+    def __init__(self, tokenizer, fail_at: int, max_queue: int = 64, start: bool = True) -> None:
+        self.tokenizer, self.fail_at, self.batches = tokenizer, fail_at, []
+        self.loop = StepLoop(max_queue=max_queue)
+        if start:
+            self.loop.start()
 
     @property
     def device(self):
         return "none"
 
     def load(self, spec):
-        self.models.append(FlakyModel(spec, self.tokenizer, self.fail_at))
-        return self.models[-1]
+        def make():
+            self.batches.append(FlakyModel(spec, self.tokenizer, self.fail_at))
+            return SteppedModel(self.loop, self.batches[-1], backend_name=self.name)
+
+        return self.loop.call(make).result()
+
+    def announce(self, count):
+        self.loop.announce(count)
+
+    def shutdown(self):
+        self.loop.stop()
 
 
-class FakeEngine:
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
+def make_engine(backend: FlakyBackend, **config) -> Engine:
+    return Engine(EngineConfig(backend="flaky", **config), backends={"flaky": backend})
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +107,7 @@ def make_job(model, max_tokens=5, n=1):
 
 
 async def collect(job, engine):
-    group = GenerationGroup(engine, job.requests())
+    group = engine.submit(job.spec, job.requests())
     events = []
     async for event in serving.stream_events(job, group, lambda c, t, f: {"text": t}, None):
         events.append(event)
@@ -102,65 +115,72 @@ async def collect(job, engine):
 
 
 def test_a_failing_step_ends_its_streams_with_an_error_event_then_done(tokenizer):
-    backend = FlakyBackend(tokenizer, fail_at=3)
-    scheduler = Scheduler(backend, max_queue=8)
-    scheduler.start()
+    backend = FlakyBackend(tokenizer, fail_at=3, max_queue=8)
+    engine = make_engine(backend)
     try:
         spec = ModelSpec(name="flaky", path="/nowhere")
-        model = scheduler.load(spec).result(5)
-        engine = FakeEngine(scheduler)
+        model = engine.load_in_background(spec).result(5)
         events = asyncio.run(collect(make_job(model, max_tokens=10), engine))
         assert events[-1] == "data: [DONE]\n\n"
         error = json.loads(events[-2][len("data: ") :])["error"]
         assert error["type"] == "server_error" and "kernel exploded" in error["message"]
-        assert model.resets == 1
+        assert backend.batches[0].resets == 1
         # The engine lives on: the next request on the same model completes.
         events = asyncio.run(collect(make_job(model, max_tokens=3), engine))
         assert events[-1] == "data: [DONE]\n\n"
         assert all("error" not in e for e in events)
-        assert scheduler.running == 0 and scheduler.queued == 0
+        stats = engine.stats()
+        assert stats.running == 0 and stats.queued == 0
+        assert [m.in_flight for m in stats.loaded_models] == [0]
     finally:
-        scheduler.stop()
+        engine.shutdown()
 
 
 def test_the_admission_queue_is_bounded_and_submits_nothing_when_full(tokenizer):
-    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), max_queue=2)
-    # Not started: nothing is admitted, so the queue fills.
+    # The loop is not started: nothing is admitted, so the queue fills.
+    backend = FlakyBackend(tokenizer, fail_at=-1, max_queue=2, start=False)
+    engine = make_engine(backend)
     spec = ModelSpec(name="m", path="/nowhere")
+    engine.load_in_background(spec).result(5)
     request = GenerationRequest("r", spec, (1, 2), SamplingParams())
 
     async def main():
-        engine = FakeEngine(scheduler)
-        GenerationGroup(engine, [request, request])
+        engine.submit(spec, [request, request])
         with pytest.raises(QueueFull):
-            GenerationGroup(engine, [request])
-        return scheduler.queued
+            engine.submit(spec, [request])
+        return backend.loop.queued
 
-    assert asyncio.run(main()) == 2
+    try:
+        assert asyncio.run(main()) == 2
+        # The refused request holds nothing: only the first group is in flight.
+        assert [m.in_flight for m in engine.loaded()] == [1]
+    finally:
+        engine.shutdown()
 
 
 @pytest.mark.parametrize("announced_first", [True, False], ids=["announced", "unannounced"])
 def test_an_idle_model_waits_for_announced_requests_so_a_burst_prefills_together(
     tokenizer, announced_first
 ):
-    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1))
-    scheduler.start()
+    backend = FlakyBackend(tokenizer, fail_at=-1)
+    engine = make_engine(backend)
     try:
-        model = scheduler.load(ModelSpec(name="m", path="/nowhere")).result(5)
+        spec = ModelSpec(name="m", path="/nowhere")
+        engine.load_in_background(spec).result(5)
+        batch = backend.batches[0]
         batch_sizes = []
-        step = model.step
-        model.step = lambda: (batch_sizes.append(len(model.running)), step())[1]
-        request = GenerationRequest("r", model.spec, (1, 2), SamplingParams(max_tokens=2))
+        step = batch.step
+        batch.step = lambda: (batch_sizes.append(len(batch.running)), step())[1]
+        request = GenerationRequest("r", spec, (1, 2), SamplingParams(max_tokens=2))
 
         async def main():
-            engine = FakeEngine(scheduler)
             if announced_first:
-                scheduler.announce(1)  # the second request is still being parsed
-            first = GenerationGroup(engine, [request])
+                engine.announce(1)  # the second request is still being parsed
+            first = engine.submit(spec, [request])
             await asyncio.sleep(0.08)  # longer than a coalescing window, within its maximum
-            second = GenerationGroup(engine, [request])
+            second = engine.submit(spec, [GenerationRequest("r2", spec, (1, 2), request.params)])
             if announced_first:
-                scheduler.announce(-1)
+                engine.announce(-1)
             for group in (first, second):
                 async for _ in group:
                     pass
@@ -168,44 +188,46 @@ def test_an_idle_model_waits_for_announced_requests_so_a_burst_prefills_together
         asyncio.run(main())
         assert batch_sizes[0] == (2 if announced_first else 1)
     finally:
-        scheduler.stop()
+        engine.shutdown()
 
 
 def test_an_announcement_lasts_until_the_request_is_submitted_or_fails(tokenizer, monkeypatch):
-    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), max_queue=1)
-    engine = Engine.__new__(Engine)  # no backend, no thread: only the bookkeeping is under test
-    engine.scheduler = scheduler
+    backend = FlakyBackend(tokenizer, fail_at=-1, max_queue=1, start=False)
+    engine = make_engine(backend)
     monkeypatch.setattr(engine_module, "_engine", engine)
-    request = GenerationRequest("r", ModelSpec(name="m", path="/nowhere"), (1,), SamplingParams())
+    spec = ModelSpec(name="m", path="/nowhere")
+    engine.load_in_background(spec).result(5)
+    request = GenerationRequest("r", spec, (1,), SamplingParams())
 
     async def main():
         with announced():
-            assert scheduler._announced == 1
-            engine.submit([request])
-            assert scheduler._announced == 0
+            assert backend.loop._announced == 1
+            engine.submit(spec, [request])
+            assert backend.loop._announced == 0
         with pytest.raises(QueueFull), announced():  # the queue (1) is full: nothing submitted
-            engine.submit([request])
+            engine.submit(spec, [request])
         with pytest.raises(ValueError), announced():
             raise ValueError("bad request")
 
-    asyncio.run(main())
-    assert scheduler._announced == 0
+    try:
+        asyncio.run(main())
+        assert backend.loop._announced == 0
+    finally:
+        engine.shutdown()
 
 
 def test_least_recently_used_idle_models_are_unloaded_at_the_limit(tokenizer):
-    backend = FlakyBackend(tokenizer, fail_at=-1)
-    scheduler = Scheduler(backend, max_loaded_models=2)
-    scheduler.start()
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=2)
     try:
         for name in ("a", "b", "a", "c"):
-            scheduler.load(ModelSpec(name=name, path=f"/{name}")).result(5)
-        assert sorted(m["name"] for m in scheduler.loaded()) == ["a", "c"]
+            engine.load_in_background(ModelSpec(name=name, path=f"/{name}")).result(5)
+        assert sorted(m.name for m in engine.loaded()) == ["a", "c"]
         pinned = ModelSpec(name="p", path="/p", pinned=True)
-        scheduler.load(pinned).result(5)
-        scheduler.load(ModelSpec(name="d", path="/d")).result(5)
-        assert "p" in {m["name"] for m in scheduler.loaded()}
+        engine.load_in_background(pinned).result(5)
+        engine.load_in_background(ModelSpec(name="d", path="/d")).result(5)
+        assert "p" in {m.name for m in engine.loaded()}
     finally:
-        scheduler.stop()
+        engine.shutdown()
 
 
 def test_stop_strings_are_found_across_token_boundaries():
@@ -237,20 +259,18 @@ def test_the_detokenizer_never_splits_a_multibyte_character(tokenizer):
 
 
 def test_a_load_waits_for_a_busy_model_to_finish_instead_of_failing(tokenizer):
-    backend = FlakyBackend(tokenizer, fail_at=-1)
-    scheduler = Scheduler(backend, max_loaded_models=1)
-    scheduler.start()
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=1)
     try:
         a = ModelSpec(name="a", path="/a")
-        scheduler.load(a).result(5)
+        engine.load_in_background(a).result(5)
 
         async def main():
-            group = GenerationGroup(
-                FakeEngine(scheduler),
-                [GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=200))],
+            group = engine.submit(
+                a, [GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=200))]
             )
-            await asyncio.sleep(0)  # let the scheduler admit it
-            loading_b = asyncio.wrap_future(scheduler.load(ModelSpec(name="b", path="/b")))
+            loading_b = asyncio.wrap_future(
+                engine.load_in_background(ModelSpec(name="b", path="/b"))
+            )
             tokens = 0
             async for _, delta in group:
                 tokens += delta.token is not None
@@ -260,17 +280,30 @@ def test_a_load_waits_for_a_busy_model_to_finish_instead_of_failing(tokenizer):
             return tokens
 
         assert asyncio.run(main()) == 200  # a's request was not dropped for b
-        assert [m["name"] for m in scheduler.loaded()] == ["b"]
+        assert [m.name for m in engine.loaded()] == ["b"]
     finally:
-        scheduler.stop()
+        engine.shutdown()
+
+
+def test_a_submit_to_a_model_unloaded_meanwhile_asks_for_a_new_load(tokenizer):
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=1)
+    try:
+        a, b = ModelSpec(name="a", path="/a"), ModelSpec(name="b", path="/b")
+        engine.load_in_background(a).result(5)
+        engine.load_in_background(b).result(5)  # a was idle: unloaded for b
+        with pytest.raises(engine_module.NotResident):
+            engine.submit(a, [GenerationRequest("r", a, (1,), SamplingParams())])
+    finally:
+        engine.shutdown()
 
 
 def test_a_model_bigger_than_the_memory_budget_is_refused_clearly(tokenizer):
-    scheduler = Scheduler(FlakyBackend(tokenizer, fail_at=-1), memory_budget_bytes=1_000_000)
-    scheduler.start()
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), memory_budget_bytes=1_000_000)
     try:
         with pytest.raises(Exception, match="memory budget"):
-            scheduler.load(ModelSpec(name="big", path="/big", size_bytes=5_000_000)).result(5)
-        scheduler.load(ModelSpec(name="small", path="/small", size_bytes=1000)).result(5)
+            engine.load_in_background(
+                ModelSpec(name="big", path="/big", size_bytes=5_000_000)
+            ).result(5)
+        engine.load_in_background(ModelSpec(name="small", path="/small", size_bytes=1000)).result(5)
     finally:
-        scheduler.stop()
+        engine.shutdown()

@@ -16,13 +16,13 @@ from mlx_lm.models.base import create_causal_mask
 from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from inference.backends import mlx_batching, mlx_cpu
-from inference.backends.mlx import MLXLoadedModel
+from inference.backends.mlx import MLXBatch
 from inference.types import GenerationRequest, ModelSpec, SamplingParams
 
 
 @pytest.fixture(scope="module")
 def loaded(tiny_dir):
-    model = MLXLoadedModel(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
+    model = MLXBatch(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
     yield model
     model.close()
 
@@ -84,7 +84,7 @@ def reference(tiny_dir, token_lists, max_tokens):
 )
 def test_the_cpu_parts_are_installed_and_give_mlx_lms_logits(loaded, tiny_dir, untied_dir, tied):
     path = tiny_dir if tied else untied_dir
-    ours = loaded if tied else MLXLoadedModel(ModelSpec(name="untied", path=str(path)))
+    ours = loaded if tied else MLXBatch(ModelSpec(name="untied", path=str(path)))
     model = ours.model
     try:
         layers = model.model.layers
@@ -370,7 +370,7 @@ def test_models_the_eager_generator_cannot_serve_get_mlx_lms_own_with_the_same_a
     requests = list(zip(prompts(loaded, 5), kinds, strict=True))
     eager, _ = run(loaded, requests)
     monkeypatch.setattr(mlx_batching, "supports", lambda model: False)
-    plain_model = MLXLoadedModel(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
+    plain_model = MLXBatch(ModelSpec(name="tiny", path=str(tiny_dir), max_batch_size=16))
     try:
         assert type(plain_model._gen) is BatchGenerator
         plain, _ = run(plain_model, requests)

@@ -1,8 +1,17 @@
-"""The small interface every backend implements. Called only from the scheduler thread."""
+"""The request-level contract every backend offers the engine. No Django here.
+
+A backend loads models; a loaded model serves requests: `generate(request)` queues one sequence and
+returns an async iterator of its TokenDeltas, `abort(request_id)` drops it. How the engine batches
+(mlx-lm's BatchGenerator stepped by our thread, vLLM's own scheduler in its engine core process)
+stays inside the backend. `capabilities` says what the engine does natively, so serving adds only
+what is missing (detokenizing and stop strings for mlx, nothing of that for vLLM).
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
@@ -12,39 +21,60 @@ class BackendUnavailable(RuntimeError):
     """The backend cannot run on this machine (missing package, no device)."""
 
 
-class LoadedModel(ABC):
-    """One resident model with its own running batch.
+class QueueFull(Exception):
+    """More requests are waiting than the admission queue allows."""
 
-    `add` and `remove` take effect at the next `step`; `step` advances every running sequence by
-    at most one token and returns what each produced. A finish delta (finish_reason set) is the
-    sequence's last; after it the sequence is gone from the batch.
-    """
+
+class ModelBusy(Exception):
+    """A model cannot be loaded (pinned models or the memory budget leave no room)."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a loaded model's engine does itself."""
+
+    detokenizes: bool = False  # deltas carry `text`; serving must not detokenize again
+    stop_strings: bool = False  # the engine ends sequences at `request.stop`, text excluded
+    prefix_cache: bool = False  # deltas report cached prompt tokens
+    continuous_batching: bool = True
+
+
+class LoadedModel(ABC):
+    """One resident model. `generate` and `abort` may be called from any thread or event loop."""
 
     spec: ModelSpec
+    backend_name: str
     tokenizer: Any  # a Hugging Face tokenizer: encode, decode, apply_chat_template, ...
     context_length: int
     memory_bytes: int
     eos_token_ids: frozenset[int]
+    capabilities: Capabilities = Capabilities()
 
     @abstractmethod
-    def add(self, seq_id: int, request: GenerationRequest) -> int | None:
-        """Join the batch at the next step; returns how many prompt tokens came from a cache."""
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        """Queue `request` now (raises QueueFull, submitting nothing, past the admission limit)
+        and return its deltas; the last one has `finish_reason` set. Iterate on the calling
+        loop. Leaving the iteration early (cancelled, closed) aborts the request, as `abort`
+        does."""
 
     @abstractmethod
-    def remove(self, seq_ids: list[int]) -> None: ...
+    def abort(self, request_id: str) -> None:
+        """Drop the request wherever it is (waiting, prefilling, decoding); never blocks."""
 
-    @abstractmethod
-    def step(self) -> list[tuple[int, TokenDelta]]: ...
+    def update_spec(self, spec: ModelSpec) -> None:  # noqa: B027 - optional hook
+        """Settings that apply without reloading (batch size, prompt cache size)."""
+        self.spec = spec
 
-    @abstractmethod
-    def reset(self) -> None:
-        """Drop every sequence (after an error), keeping the weights."""
+    @property
+    def running(self) -> int:
+        return 0
 
-    def set_max_batch_size(self, size: int) -> None:  # noqa: B027 - optional hook
-        """Change how many sequences decode together, if the backend supports it."""
+    @property
+    def queued(self) -> int:
+        return 0
 
     def close(self) -> None:  # noqa: B027 - optional hook
-        """Free what the model holds."""
+        """Free what the model holds (weights, KV cache, engine processes)."""
 
 
 class Backend(ABC):
@@ -56,4 +86,15 @@ class Backend(ABC):
         """A short human description, e.g. "cpu" or "metal" or "cuda:0"."""
 
     @abstractmethod
-    def load(self, spec: ModelSpec) -> LoadedModel: ...
+    def load(self, spec: ModelSpec) -> LoadedModel:
+        """Load a model; blocks (the residency manager calls it off the event loop)."""
+
+    @property
+    def tokens_generated(self) -> int:
+        return 0
+
+    def announce(self, count: int) -> None:  # noqa: B027 - optional hook
+        """`count` generation requests are on their way (+1 on arrival, -1 once submitted)."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional hook
+        """Stop the backend's threads; models are closed before this."""

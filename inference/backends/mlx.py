@@ -1,6 +1,7 @@
 """mlx-lm backend: continuous batching on `mlx_lm.generate.BatchGenerator`.
 
-Everything here runs on the scheduler thread; mlx-lm's batch generator is not thread-safe.
+Each model's batch is created, stepped and freed on the backend's one step-loop thread
+(inference/backends/step_loop.py): mlx-lm's batch generator is not thread-safe.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from mlx_lm.sample_utils import (
 )
 
 from inference.backends import mlx_batching, mlx_cpu
-from inference.backends.base import Backend, LoadedModel
+from inference.backends.base import Backend, Capabilities, LoadedModel
+from inference.backends.step_loop import StepBatch, StepLoop, SteppedModel
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -102,7 +104,7 @@ def read_context_length(path: str) -> int:
     return int(text.get("max_position_embeddings", 2048))
 
 
-class MLXLoadedModel(LoadedModel):
+class MLXBatch(StepBatch):
     def __init__(self, spec: ModelSpec) -> None:
         self.spec = spec
         self.model, wrapper = mlx_load(spec.path)
@@ -136,7 +138,7 @@ class MLXLoadedModel(LoadedModel):
             stop_tokens=[[t] for t in sorted(self.eos_token_ids)],
             completion_batch_size=self._max_batch,
             prefill_batch_size=self._prefill_group_size(self._max_batch),
-            # The calling (scheduler) thread's stream, as mlx_lm.server does: mlx streams are
+            # The calling (step loop) thread's stream, as mlx_lm.server does: mlx streams are
             # per-thread, and the module-level generation stream belongs to the importer.
             stream=mx.default_stream(mx.default_device()),
         )
@@ -242,6 +244,10 @@ def _logprobs(logprobs: mx.array, token: int, top_n: int) -> tuple[float, tuple]
 class MLXBackend(Backend):
     name = "mlx"
 
+    def __init__(self, *, max_queue: int = 64) -> None:
+        self.loop = StepLoop(max_queue=max_queue, name="mlx-step-loop")
+        self.loop.start()
+
     @property
     def device(self) -> str:
         device = mx.default_device()
@@ -249,6 +255,24 @@ class MLXBackend(Backend):
             return "metal"
         return "cpu"
 
+    @property
+    def tokens_generated(self) -> int:
+        return self.loop.tokens_generated
+
     def load(self, spec: ModelSpec) -> LoadedModel:
         log.info("loading %s from %s", spec.name, spec.path)
-        return MLXLoadedModel(spec)
+        # Created on the loop's thread: mlx streams are per thread, and that thread steps it.
+        return self.loop.call(
+            lambda: SteppedModel(
+                self.loop,
+                MLXBatch(spec),
+                backend_name=self.name,
+                capabilities=Capabilities(prefix_cache=True),
+            )
+        ).result()
+
+    def announce(self, count: int) -> None:
+        self.loop.announce(count)
+
+    def shutdown(self) -> None:
+        self.loop.stop()

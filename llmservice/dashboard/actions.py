@@ -48,7 +48,7 @@ def load_model(row) -> str:
 
     if not row.enabled or row.status != LLMModel.Status.AVAILABLE:
         raise ActionError(f"Model {row.name} is not servable (disabled or {row.status})")
-    future = engine().scheduler.load(spec_from_row(row))
+    future = engine().load_in_background(spec_from_row(row))
     name = row.name
     with _lock:
         _loads[name] = future
@@ -79,7 +79,7 @@ def unload_model(name: str) -> bool:
     if engine is None:
         return False
     try:
-        return engine.scheduler.unload(name).result(timeout=UNLOAD_WAIT)
+        return engine.unload_in_background(name).result(timeout=UNLOAD_WAIT)
     except ModelBusy as exc:
         raise ActionError(
             f"Model {name} is busy: {exc}. Try again when its requests have ended."

@@ -94,27 +94,30 @@ def snapshot() -> dict:
         "time": now,
         "version": version(),
         "engine": "started" if stats else "idle",
-        "backend": stats["backend"] if stats else configured_backend(),
-        "device": stats["device"] if stats else "(engine not started)",
+        "backend": stats.backend if stats else configured_backend(),
+        "device": (
+            ", ".join(f"{name}: {device}" for name, device in stats.backends.items())
+            or stats.device
+            if stats
+            else "(engine not started)"
+        ),
         "loaded_models": [
             {
-                k: m[k]
-                for k in (
-                    "name",
-                    "memory_bytes",
-                    "running",
-                    "waiting",
-                    "pinned",
-                    "idle_seconds",
-                    "context_length",
-                )
+                "name": m.name,
+                "backend": m.backend,
+                "memory_bytes": m.memory_bytes,
+                "running": m.running,
+                "waiting": m.waiting,
+                "pinned": m.pinned,
+                "idle_seconds": m.idle_seconds,
+                "context_length": m.context_length,
             }
-            for m in (stats["loaded_models"] if stats else [])
+            for m in (stats.loaded_models if stats else [])
         ],
         "loading_models": actions.loading(),
-        "running": stats["running"] if stats else 0,
-        "queued": stats["queued"] if stats else 0,
-        "tokens_generated": stats["tokens_generated"] if stats else 0,
+        "running": stats.running if stats else 0,
+        "queued": stats.queued if stats else 0,
+        "tokens_generated": stats.tokens_generated if stats else 0,
         "tokens_per_second": None,  # filled in by whoever compares two snapshots
         "uptime_seconds": now - dashboard.STARTED_AT,
         "default_model": {
