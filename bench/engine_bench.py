@@ -93,9 +93,7 @@ def burst(model_path: Path, shipped: bool, count: int = 16, max_tokens: int = 64
         mlx_batching.supports = lambda model: False
         mlx_cpu.install = lambda model, positions, **kwargs: False
     try:
-        loaded = mlx.MLXBatch(
-            ModelSpec(name="bench", path=str(model_path), max_batch_size=16)
-        )
+        loaded = mlx.MLXBatch(ModelSpec(name="bench", path=str(model_path), max_batch_size=16))
     finally:
         mlx_batching.supports, mlx_cpu.install = saved
     tok = AutoTokenizer.from_pretrained(str(model_path))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router
 
-from inference import serving
 from inference.protocol import ChatCompletionRequest, CompletionRequest
+from inference.serving import chat, completions
 
 router = Router(tags=["inference"])
 
@@ -21,15 +21,15 @@ def _context(request: HttpRequest, stream: bool | None) -> dict:
 
 @router.post("/chat/completions")
 async def chat_completions(request: HttpRequest, payload: ChatCompletionRequest):
-    job = await serving.prepare_chat(payload, **_context(request, payload.stream))
+    job = await chat.prepare_chat(payload, **_context(request, payload.stream))
     if payload.stream:
-        return await serving.chat_stream(job)
-    return await serving.chat_full(job)
+        return await chat.chat_stream(job)
+    return await chat.chat_full(job)
 
 
 @router.post("/completions")
-async def completions(request: HttpRequest, payload: CompletionRequest):
-    job = await serving.prepare_completion(payload, **_context(request, payload.stream))
+async def text_completions(request: HttpRequest, payload: CompletionRequest):
+    job = await completions.prepare_completion(payload, **_context(request, payload.stream))
     if payload.stream:
-        return await serving.completion_stream(job)
-    return await serving.completion_full(job)
+        return await completions.completion_stream(job)
+    return await completions.completion_full(job)

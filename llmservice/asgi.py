@@ -39,6 +39,6 @@ application = ProtocolTypeRouter(
 )
 
 if settings.PRELOAD_DEFAULT_MODEL:
-    from inference.serving import start_preload
+    from inference.serving.base import start_preload
 
     start_preload()

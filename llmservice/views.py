@@ -7,7 +7,7 @@ from django.db import connection
 from django.http import JsonResponse
 
 from inference.engine import current_engine
-from inference.serving import preload
+from inference.serving.base import preload
 
 
 async def health(request):

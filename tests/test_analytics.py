@@ -214,7 +214,7 @@ def test_ready_reports_the_default_model_once_loaded(observed):
 def test_ready_is_503_while_the_default_model_loads():
     from django.test import Client
 
-    from inference import serving
+    from inference.serving import base as serving
 
     client = Client()
     saved = serving.preload.status

@@ -203,6 +203,7 @@ def test_status_shows_the_loaded_model_and_updates_live_while_a_request_runs(pag
     page.goto("/admin/")
     expect(page.locator("#live-transport")).to_have_text("websocket")
     expect(page.locator("#loaded-models tr[data-model=tiny]")).to_be_visible()
+    expect(page.locator("#loaded-models tr[data-model=tiny] td").nth(1)).to_have_text("mlx")
     expect(page.locator("[data-field=backend]")).to_have_text("mlx")
     expect(page.locator("[data-field=device]")).to_have_text("cpu")
     expect(page.locator("[data-field=default_model]")).to_contain_text("tiny — preload ready")
@@ -221,7 +222,7 @@ def test_status_shows_the_loaded_model_and_updates_live_while_a_request_runs(pag
             f"() => parseFloat(document.querySelector('[data-field=tokens_generated]').textContent"
             f".replace(/,/g, '')) >= {before + 50}"
         )
-        expect(page.locator("#loaded-models tr[data-model=tiny] td").nth(2)).to_have_text("1")
+        expect(page.locator("#loaded-models tr[data-model=tiny] td").nth(3)).to_have_text("1")
         screenshot(page, "status")
     finally:
         stop.set()

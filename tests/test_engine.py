@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from inference import engine as engine_module
-from inference import serving
 from inference.backends.base import Backend, QueueFull
 from inference.backends.step_loop import StepBatch, StepLoop, SteppedModel
 from inference.engine import Engine, EngineConfig, announced
+from inference.serving import base as serving
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
 
@@ -228,34 +228,6 @@ def test_least_recently_used_idle_models_are_unloaded_at_the_limit(tokenizer):
         assert "p" in {m.name for m in engine.loaded()}
     finally:
         engine.shutdown()
-
-
-def test_stop_strings_are_found_across_token_boundaries():
-    stops = serving.StopFilter(["</end>", "STOP"])
-    out = []
-    for piece in ["Hello </", "en", "d> world"]:
-        text, hit = stops.feed(piece)
-        out.append(text)
-        if hit:
-            break
-    assert "".join(out) == "Hello "
-    assert hit
-
-
-def test_text_that_only_looks_like_a_stop_start_is_released_later():
-    stops = serving.StopFilter(["STOP"])
-    assert stops.feed("ab ST") == ("ab ", False)
-    assert stops.feed("ART") == ("START", False)
-    assert stops.flush() == ""
-
-
-def test_the_detokenizer_never_splits_a_multibyte_character(tokenizer):
-    text = "naïve café 東京 🙂 done"
-    detok = serving.Detokenizer(tokenizer)
-    pieces = [detok.add(t) for t in tokenizer.encode(text, add_special_tokens=False)]
-    pieces.append(detok.flush())
-    assert "".join(pieces) == text
-    assert all("\ufffd" not in p for p in pieces)
 
 
 def test_a_load_waits_for_a_busy_model_to_finish_instead_of_failing(tokenizer):

@@ -193,7 +193,7 @@ class TableRoPE(nn.Module):
     mlx's rope evaluates sin and cos for every element of every head (scalar on x86); the angles only
     depend on the position and the frequency, so one table (`rope_table`) serves every head and layer.
     Positions must stay below the table's length: the backend sizes it to the model's context, which
-    also bounds every request (inference/serving.py).
+    also bounds every request (inference/serving/base.py).
     """
 
     def __init__(self, rope: nn.RoPE, table: tuple[mx.array, mx.array]) -> None:

@@ -43,7 +43,7 @@ def load_error(name: str) -> str:
 
 def load_model(row) -> str:
     """Start loading a registry row; returns "loaded" or "loading" (raises ActionError on failure)."""
-    from inference.serving import engine, spec_from_row
+    from inference.serving.base import engine, spec_from_row
     from models_app.models import LLMModel
 
     if not row.enabled or row.status != LLMModel.Status.AVAILABLE:

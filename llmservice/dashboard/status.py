@@ -13,7 +13,7 @@ from functools import lru_cache
 from django.conf import settings
 
 from inference.engine import current_engine
-from inference.serving import preload
+from inference.serving.base import preload
 from llmservice import dashboard
 from llmservice.dashboard import actions
 from models_app.models import Download, LLMModel
@@ -95,12 +95,8 @@ def snapshot() -> dict:
         "version": version(),
         "engine": "started" if stats else "idle",
         "backend": stats.backend if stats else configured_backend(),
-        "device": (
-            ", ".join(f"{name}: {device}" for name, device in stats.backends.items())
-            or stats.device
-            if stats
-            else "(engine not started)"
-        ),
+        "device": (stats.device or "(not started)") if stats else "(engine not started)",
+        "backends": stats.backends if stats else {},
         "loaded_models": [
             {
                 "name": m.name,

@@ -24,13 +24,13 @@ document.addEventListener("DOMContentLoaded", () => {
 
     const body = document.querySelector("#loaded-models tbody");
     const rows = s.loaded_models.map((m) => D.el("tr", {"data-model": m.name}, [
-      D.el("td", {text: m.name}), D.el("td", {text: D.bytes(m.memory_bytes)}),
+      D.el("td", {text: m.name}), D.el("td", {text: m.backend}), D.el("td", {text: D.bytes(m.memory_bytes)}),
       D.el("td", {text: m.running}), D.el("td", {text: m.waiting}),
       D.el("td", {text: m.pinned ? "yes" : "no"}), D.el("td", {text: D.duration(m.idle_seconds)}),
     ]));
     for (const name of s.loading_models) {
       rows.push(D.el("tr", {"data-model": name}, [
-        D.el("td", {text: name}), D.el("td", {colspan: "5", text: "loading…"})]));
+        D.el("td", {text: name}), D.el("td", {colspan: "6", text: "loading…"})]));
     }
     body.replaceChildren(...rows);
     document.querySelector("#loaded-models .empty-note").hidden = rows.length > 0;

@@ -1,7 +1,6 @@
-"""From a validated request to OpenAI responses: prompt, defaults, engine, text, SSE framing.
-
-Separate stream and full paths, as in vLLM's OpenAI entrypoints. Text is detokenized here, on the
-event loop, so the scheduler thread only ever deals in token ids.
+"""What every API's serving shares: the model row to plain values, prompts, sampling defaults,
+the context check, the engine walk (submit, run to end, SSE framing) and the default model's
+preload. One module per API sits beside it (chat, completions), as in vLLM's entrypoints.
 """
 
 from __future__ import annotations
@@ -12,12 +11,9 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
-from typing import Any
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from inference import protocol
 from inference.backends.base import LoadedModel
@@ -30,6 +26,7 @@ from inference.engine import (
     current_engine,
     get_engine,
 )
+from inference.text import Detokenizer, StopFilter, TokenTexts
 from inference.types import GenerationRequest, ModelSpec, RequestStats, SamplingParams, TokenDelta
 from llmservice.errors import APIError, error_body, model_not_found
 from llmservice.lookups import shared_query
@@ -139,19 +136,6 @@ async def load_model(spec: ModelSpec) -> LoadedModel:
 # --- prompts ---------------------------------------------------------------------------------
 
 
-def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaults) -> list[dict]:
-    messages = [
-        {"role": m.role if m.role != "developer" else "system", "content": m.text()}
-        for m in request.messages
-    ]
-    if defaults.system_prompt:
-        if messages and messages[0]["role"] == "system":
-            messages[0]["content"] = defaults.system_prompt + "\n\n" + messages[0]["content"]
-        else:
-            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
-    return messages
-
-
 def render_chat(model: LoadedModel, spec: ModelSpec, messages: list[dict]) -> list[int]:
     tokenizer = model.tokenizer
     # The spec is read from the registry per request, so a template change applies at once.
@@ -249,30 +233,6 @@ def budget(
 # --- tokens -> text --------------------------------------------------------------------------
 
 
-# GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
-BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
-
-
-class TokenTexts:
-    """Token id -> (text, bytes), for logprobs."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        self.get = lru_cache(maxsize=65536)(self._get)
-
-    def _get(self, token: int) -> tuple[str, list[int]]:
-        piece = self._tokenizer.convert_ids_to_tokens(token)
-        if piece is None:
-            return "", []
-        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
-            raw = bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
-        elif all(ch in BYTE_DECODER for ch in piece):
-            raw = bytes(BYTE_DECODER[ch] for ch in piece)
-        else:
-            raw = piece.replace("▁", " ").encode()
-        return raw.decode("utf-8", errors="replace"), list(raw)
-
-
 # Per loaded model; an unloaded model's entry goes with it.
 _token_texts: weakref.WeakKeyDictionary[LoadedModel, TokenTexts] = weakref.WeakKeyDictionary()
 
@@ -281,60 +241,6 @@ def token_texts(model: LoadedModel) -> TokenTexts:
     if model not in _token_texts:
         _token_texts[model] = TokenTexts(model.tokenizer)
     return _token_texts[model]
-
-
-class Detokenizer:
-    """Incremental detokenizing that never emits half a UTF-8 character or a half-merged word."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self._decode = tokenizer.decode
-        self.tokens: list[int] = []
-        self._prefix = 0
-        self._read = 0
-
-    def add(self, token: int) -> str:
-        self.tokens.append(token)
-        prefix_text = self._decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
-        new_text = self._decode(self.tokens[self._prefix :], skip_special_tokens=True)
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            self._prefix, self._read = self._read, len(self.tokens)
-            return new_text[len(prefix_text) :]
-        return ""
-
-    def flush(self) -> str:
-        prefix_text = self._decode(self.tokens[self._prefix : self._read], skip_special_tokens=True)
-        new_text = self._decode(self.tokens[self._prefix :], skip_special_tokens=True)
-        self._prefix = self._read = len(self.tokens)
-        return new_text[len(prefix_text) :]
-
-
-class StopFilter:
-    """Finds stop strings across token boundaries; holds back text that may begin one."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self._held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return buffer[: min(hits)], True
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buffer)), hold, -1):
-                if buffer.endswith(stop[:k]):
-                    hold = k
-                    break
-        self._held = buffer[len(buffer) - hold :] if hold else ""
-        return buffer[: len(buffer) - hold], False
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return held
 
 
 @dataclass
@@ -557,258 +463,6 @@ def streaming_response(events: AsyncIterator[str], group: GenerationGroup) -> St
     response["Cache-Control"] = "no-cache"
     response["X-Accel-Buffering"] = "no"
     return response
-
-
-# --- chat ------------------------------------------------------------------------------------
-
-
-def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | None:
-    if not job.params.logprobs:
-        return None
-    texts = token_texts(job.model)
-
-    def item(token: int, logprob: float) -> dict:
-        text, raw = texts.get(token)
-        return {"token": text, "logprob": logprob, "bytes": raw}
-
-    content = []
-    for token, logprob, top in entries:
-        entry = item(token, logprob)
-        entry["top_logprobs"] = [item(t, lp) for t, lp in top]
-        content.append(entry)
-    return {"content": content, "refusal": None}
-
-
-async def prepare_chat(
-    request: protocol.ChatCompletionRequest,
-    stats: RequestStats | None = None,
-    allowed: tuple[str, ...] = (),
-) -> Job:
-    spec, defaults = await resolve_model(request.model, stats, allowed)
-    model = await load_model(spec)
-    prompt = render_chat(model, spec, chat_messages(request, defaults))
-    max_tokens = budget(model, spec, len(prompt), request.max_new_tokens(), defaults, "messages")
-    top = request.top_logprobs or 0
-    params = sampling_params(
-        request,
-        defaults,
-        max_tokens,
-        logprobs=bool(request.logprobs),
-        top_logprobs=top,
-        vocab=len(model.tokenizer),
-    )
-    return Job(
-        kind="chat",
-        id=protocol.new_id("chatcmpl"),
-        created=protocol.now(),
-        spec=spec,
-        model=model,
-        prompts=[prompt],
-        params=params,
-        n=request.n or 1,
-        stops=request.stop_list(),
-        include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        top_logprobs=top,
-        stats=stats,
-    )
-
-
-async def chat_full(job: Job) -> dict:
-    choices = await run_to_end(job)
-    return protocol.chat_completion(
-        job.id,
-        job.created,
-        job.spec.name,
-        [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": chat_logprobs(job, c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        job.usage(sum(c.tokens for c in choices)),
-        FINGERPRINT,
-    )
-
-
-async def chat_stream(job: Job) -> StreamingHttpResponse:
-    usage_field = {"usage": None} if job.include_usage else {}
-    sent: dict[int, int] = {}  # logprob entries already sent, per choice
-
-    def frame(choices: list[dict]) -> dict:
-        return (
-            protocol.chat_chunk(job.id, job.created, job.spec.name, choices, FINGERPRINT)
-            | usage_field
-        )
-
-    def first(index: int) -> dict:
-        return frame(
-            [
-                {
-                    "index": index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
-
-    def chunk(choice: Choice, text: str, final: bool) -> dict:
-        logprobs = None
-        if job.params.logprobs:
-            start = sent.get(choice.index, 0)
-            logprobs = chat_logprobs(job, choice.logprobs[start:])
-            sent[choice.index] = len(choice.logprobs)
-        return frame(
-            [
-                {
-                    "index": choice.index,
-                    "delta": {"content": text} if text or not final else {},
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason if final else None,
-                }
-            ]
-        )
-
-    group = await submit(job)
-    return streaming_response(stream_events(job, group, chunk, first), group)
-
-
-# --- completions -----------------------------------------------------------------------------
-
-
-def completion_logprobs(
-    job: Job, entries: list[tuple[int, float, tuple]], offset: int = 0
-) -> dict | None:
-    if not job.params.logprobs:
-        return None
-    texts = token_texts(job.model)
-    tokens, token_logprobs, top_logprobs, text_offset = [], [], [], []
-    position = offset
-    for token, logprob, top in entries:
-        text, _ = texts.get(token)
-        tokens.append(text)
-        token_logprobs.append(logprob)
-        top_logprobs.append({texts.get(t)[0]: lp for t, lp in top} if job.top_logprobs else None)
-        text_offset.append(position)
-        position += len(text)
-    return {
-        "tokens": tokens,
-        "token_logprobs": token_logprobs,
-        "top_logprobs": top_logprobs if job.top_logprobs else None,
-        "text_offset": text_offset,
-    }
-
-
-async def prepare_completion(
-    request: protocol.CompletionRequest,
-    stats: RequestStats | None = None,
-    allowed: tuple[str, ...] = (),
-) -> Job:
-    spec, defaults = await resolve_model(request.model, stats, allowed)
-    model = await load_model(spec)
-    raw = request.prompts()
-    prompts = [encode_prompt(model, p) for p in raw]
-    if any(len(p) == 0 for p in prompts):
-        raise APIError(400, "prompt must not be empty", param="prompt")
-    longest = max(len(p) for p in prompts)
-    max_tokens = budget(
-        model,
-        spec,
-        longest,
-        request.max_new_tokens(),
-        ModelDefaults(max_tokens=defaults.max_tokens if defaults.max_tokens is not None else 16),
-        "prompt",
-    )
-    top = request.logprobs or 0
-    params = sampling_params(
-        request,
-        defaults,
-        max_tokens,
-        logprobs=request.logprobs is not None,
-        top_logprobs=top,
-        vocab=len(model.tokenizer),
-    )
-    echo = []
-    if request.echo:
-        echo = [p if isinstance(p, str) else model.tokenizer.decode(p) for p in raw]
-    return Job(
-        kind="completion",
-        id=protocol.new_id("cmpl"),
-        created=protocol.now(),
-        spec=spec,
-        model=model,
-        prompts=prompts,
-        params=params,
-        n=request.n or 1,
-        stops=request.stop_list(),
-        include_usage=bool(request.stream_options and request.stream_options.include_usage),
-        echo_texts=echo,
-        top_logprobs=top,
-        stats=stats,
-    )
-
-
-def _echo(job: Job, choice: Choice) -> str:
-    return job.echo_texts[choice.index // job.n] if job.echo_texts else ""
-
-
-async def completion_full(job: Job) -> dict:
-    choices = await run_to_end(job)
-    return protocol.text_completion(
-        job.id,
-        job.created,
-        job.spec.name,
-        [
-            {
-                "index": c.index,
-                "text": _echo(job, c) + c.text,
-                "logprobs": completion_logprobs(job, c.logprobs, len(_echo(job, c))),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        job.usage(sum(c.tokens for c in choices)),
-        FINGERPRINT,
-    )
-
-
-async def completion_stream(job: Job) -> StreamingHttpResponse:
-    echoed: set[int] = set()
-    sent: dict[int, int] = {}
-
-    def chunk(choice: Choice, text: str, final: bool) -> dict:
-        if choice.index not in echoed:
-            echoed.add(choice.index)
-            text = _echo(job, choice) + text
-        logprobs = None
-        if job.params.logprobs:
-            start = sent.get(choice.index, 0)
-            logprobs = completion_logprobs(job, choice.logprobs[start:])
-            sent[choice.index] = len(choice.logprobs)
-        body = protocol.text_completion(
-            job.id,
-            job.created,
-            job.spec.name,
-            [
-                {
-                    "index": choice.index,
-                    "text": text,
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason if final else None,
-                }
-            ],
-            None,
-            FINGERPRINT,
-        )
-        if job.include_usage:
-            body["usage"] = None
-        return body
-
-    group = await submit(job)
-    return streaming_response(stream_events(job, group, chunk, None), group)
 
 
 # --- loading the default model at start --------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Serving: one module per API over a shared base (see base.py)."""

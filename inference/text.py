@@ -1,0 +1,80 @@
+"""Tokens to text, Django-free: incremental detokenizing, stop strings, token texts for logprobs.
+
+Serving uses these for engines that do not detokenize themselves (mlx); vLLM sends its own text.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from tokenizers.decoders import DecodeStream
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+# GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
+BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
+
+
+class TokenTexts:
+    """Token id -> (text, bytes), for logprobs."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.get = lru_cache(maxsize=65536)(self._get)
+
+    def _get(self, token: int) -> tuple[str, list[int]]:
+        piece = self._tokenizer.convert_ids_to_tokens(token)
+        if piece is None:
+            return "", []
+        if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            raw = bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        elif all(ch in BYTE_DECODER for ch in piece):
+            raw = bytes(BYTE_DECODER[ch] for ch in piece)
+        else:
+            raw = piece.replace("▁", " ").encode()
+        return raw.decode("utf-8", errors="replace"), list(raw)
+
+
+class Detokenizer:
+    """Incremental detokenizing that never emits half a UTF-8 character or a half-merged word:
+    the tokenizers library's DecodeStream over the Hugging Face fast tokenizer."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._backend = tokenizer.backend_tokenizer
+        self._stream = DecodeStream(skip_special_tokens=True)
+
+    def add(self, token: int) -> str:
+        return self._stream.step(self._backend, token) or ""
+
+    def flush(self) -> str:
+        # DecodeStream holds back only an incomplete UTF-8 sequence, which never completes now.
+        return ""
+
+
+class StopFilter:
+    """Finds stop strings across token boundaries; holds back text that may begin one."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self._held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        if not self.stops:
+            return text, False
+        buffer = self._held + text
+        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buffer[: min(hits)], True
+        hold = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buffer)), hold, -1):
+                if buffer.endswith(stop[:k]):
+                    hold = k
+                    break
+        self._held = buffer[len(buffer) - hold :] if hold else ""
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        held, self._held = self._held, ""
+        return held
