@@ -15,7 +15,7 @@ import contextvars
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inference.backends import create_backend, resolve_backend_name
 from inference.backends.base import Backend, LoadedModel, ModelBusy, QueueFull
@@ -170,6 +170,11 @@ class Engine:
             return self.default_backend
         return spec.backend
 
+    def _resolved(self, spec: ModelSpec) -> ModelSpec:
+        """`auto` made concrete, so the residency key knows which engine it names."""
+        name = self.backend_name(spec)
+        return spec if spec.backend == name else replace(spec, backend=name)
+
     def backend_for(self, spec: ModelSpec) -> Backend:
         name = self.backend_name(spec)
         with self._backends_lock:
@@ -179,6 +184,7 @@ class Engine:
 
     async def load(self, spec: ModelSpec) -> LoadedModel:
         """Make `spec` resident (loading it if needed) and return it; waits, never times out."""
+        spec = self._resolved(spec)
         model = self.residency.resident(spec)
         if model is not None:
             return model
@@ -186,7 +192,7 @@ class Engine:
 
     def load_in_background(self, spec: ModelSpec):
         """A concurrent Future of the load, for threads without an event loop."""
-        return self.residency.load(spec)
+        return self.residency.load(self._resolved(spec))
 
     async def unload(self, name: str) -> bool:
         return await asyncio.wrap_future(self.residency.unload(name))
@@ -197,7 +203,7 @@ class Engine:
     def submit(self, spec: ModelSpec, requests: list[GenerationRequest]) -> GenerationGroup:
         """Start sequences together on `spec`'s resident model. Raises QueueFull (starting none)
         when the admission queue is full, NotResident when the model was unloaded meanwhile."""
-        model = self.residency.checkout(spec)
+        model = self.residency.checkout(self._resolved(spec))
         if model is None:
             raise NotResident(spec.name)
         try:

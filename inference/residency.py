@@ -205,6 +205,7 @@ class ResidencyManager:
         try:
             model = self.resident(spec)
             if model is None:
+                self._drop_superseded(spec)
                 self._make_room(spec)
                 started = time.monotonic()
                 model = self._backend_for(spec).load(spec)
@@ -228,6 +229,20 @@ class ResidencyManager:
         for entry in entries:
             self._close(entry)
         command.future.set_result(bool(entries))
+
+    def _drop_superseded(self, spec: ModelSpec) -> None:
+        """The same model with other files or engine settings: the old one goes first (once its
+        requests have ended), so a settings change never holds two engines' memory for long."""
+        with self._cond:
+            stale = [
+                k
+                for k, e in self._models.items()
+                if k[0] == spec.name and k != _key(spec) and e.idle
+            ]
+            entries = [self._models.pop(k) for k in stale]
+        for entry in entries:
+            log.info("unloading %s: its files or engine settings changed", entry.spec.name)
+            self._close(entry)
 
     def _over_limits(self, incoming_bytes: int) -> bool:
         if len(self._models) >= self.max_loaded_models:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -21,11 +22,40 @@ class ModelSpec:
     size_bytes: int = 0  # weights on disk: the estimate checked against a memory budget
     prompt_cache_entries: int = 16  # finished sequences' KV caches kept for prefix reuse
     prefill_batch_size: int | None = None  # prompts prefilled together; None: max_batch_size
+    # vLLM's engine settings (other backends ignore them); None: the backend's default
+    dtype: str = "auto"
+    gpu_memory_utilization: float | None = None  # on a CPU: the share of RAM vLLM reserves
+    kv_cache_gb: float | None = None
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    quantization: str | None = None
+    enforce_eager: bool | None = None
+    engine_args_json: str = "{}"  # more AsyncEngineArgs fields, as JSON text (hashable)
 
     @property
-    def load_key(self) -> tuple[str, str]:
-        # A model is reloaded when its files change, not when a sampling default changes.
-        return (self.path, self.backend)
+    def load_key(self) -> tuple:
+        """A model is reloaded when this changes (its files, its engine), not when a sampling
+        default does. vLLM fixes its context length and batch size when its engine starts."""
+        if self.backend != "vllm":
+            return (self.path, self.backend)
+        return (
+            self.path,
+            self.backend,
+            self.context_length,
+            self.max_batch_size,
+            self.dtype,
+            self.gpu_memory_utilization,
+            self.kv_cache_gb,
+            self.tensor_parallel_size,
+            self.pipeline_parallel_size,
+            self.quantization,
+            self.enforce_eager,
+            self.engine_args_json,
+        )
+
+    @property
+    def engine_args(self) -> dict:
+        return json.loads(self.engine_args_json or "{}")
 
 
 @dataclass(frozen=True)

@@ -142,6 +142,7 @@ def bootstrap(*, demo: bool) -> dict:
         )
     default = LLMModel.objects.filter(is_default=True).first()
     info["model"] = default.name if default else None
+    info["model_backend"] = default.backend if default else None
     return info
 
 
@@ -164,7 +165,15 @@ def serve(args: argparse.Namespace) -> None:
             print("API key: the value of LLM_SERVICE_API_KEY")
         else:
             print("API key: created on first start; make another with `manage.py create_api_key`")
-        print(f"Default model: {info['model'] or '(none: import one with manage.py import_model)'}")
+        from inference.backends import resolve_backend_name
+
+        auto = resolve_backend_name(settings.BACKEND)
+        if info["model"]:
+            backend = info["model_backend"]
+            backend = auto if backend == "auto" else backend
+            print(f"Default model: {info['model']} (on {backend})")
+        else:
+            print("Default model: (none: import one with manage.py import_model)")
         if info["admin_password"]:
             print(
                 f"Dashboard: http://{shown}:{port}/admin  user: admin  password: "
@@ -177,7 +186,11 @@ def serve(args: argparse.Namespace) -> None:
         blas = "openblas" if "openblas" in os.environ.get("LD_PRELOAD", "") else "bundled"
         if cpu_blas.active():
             blas += " + llm-service sgemm"
-        print(f"Backend: {settings.BACKEND}, BLAS: {blas}, data: {settings.DATA_DIR}", flush=True)
+        print(
+            f"Backend: {settings.BACKEND} ({auto} here), mlx BLAS: {blas}, "
+            f"data: {settings.DATA_DIR}",
+            flush=True,
+        )
         if not args.no_worker:
             from llmservice.celery import start_worker_subprocess
 

@@ -52,7 +52,23 @@ class LLMModelAdmin(admin.ModelAdmin):
             },
         ),
         ("Prompt", {"fields": ["context_length", "system_prompt", "chat_template"]}),
-        ("Serving", {"fields": ["max_batch_size", "keep_alive_seconds", "pinned", "backend"]}),
+        ("Serving", {"fields": ["backend", "max_batch_size", "keep_alive_seconds", "pinned"]}),
+        (
+            "vLLM engine (a change restarts the model's engine)",
+            {
+                "classes": ["collapse"],
+                "fields": [
+                    "dtype",
+                    "gpu_memory_utilization",
+                    "kv_cache_gb",
+                    "tensor_parallel_size",
+                    "pipeline_parallel_size",
+                    "quantization",
+                    "enforce_eager",
+                    "engine_args",
+                ],
+            },
+        ),
         (
             "Files",
             {

@@ -34,7 +34,11 @@ def default_name(path: Path) -> str:
 
 
 def import_model(
-    path: str | Path, *, name: str | None = None, make_default: bool = False
+    path: str | Path,
+    *,
+    name: str | None = None,
+    make_default: bool = False,
+    backend: str = "auto",
 ) -> LLMModel:
     source = Path(path).expanduser().resolve()
     if not source.exists():
@@ -73,6 +77,7 @@ def import_model(
                 source=kind,
                 source_ref=str(source),
                 path=str(target),
+                backend=backend,
                 format=LLMModel.Format.MLX,
                 size_bytes=folder_size(target),
             )

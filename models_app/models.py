@@ -38,6 +38,34 @@ class LLMModelQuerySet(models.QuerySet):
         return row
 
 
+# Engine arguments that other settings set, and which one.
+MANAGED_ENGINE_ARGS = {
+    "model": "the model's path",
+    "tokenizer": "the model's path",
+    "dtype": "the dtype field",
+    "max_model_len": "the context length field",
+    "max_num_seqs": "the max batch size field",
+    "gpu_memory_utilization": "its field",
+    "kv_cache_memory_bytes": "the KV cache field",
+    "tensor_parallel_size": "its field",
+    "pipeline_parallel_size": "its field",
+    "quantization": "its field",
+    "enforce_eager": "its field",
+}
+
+
+def vllm_engine_arg_names() -> frozenset[str]:
+    """AsyncEngineArgs' field names where vLLM is installed (empty where it is not)."""
+    import dataclasses
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return frozenset()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
 class LLMModel(models.Model):
     class Source(models.TextChoices):
         HUGGINGFACE = "hf", "Hugging Face"
@@ -123,6 +151,47 @@ class LLMModel(models.Model):
     )
     pinned = models.BooleanField(default=False, help_text="Never unloaded to make room.")
 
+    # --- vLLM's engine settings (the vllm backend reads them; a change restarts its engine) ---
+    dtype = models.CharField(
+        max_length=10,
+        default="auto",
+        choices=[(d, d) for d in ("auto", "float32", "bfloat16", "float16")],
+        help_text="vLLM: the weights' dtype. auto: float32 on a CPU, the model's own on CUDA.",
+    )
+    gpu_memory_utilization = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.01), MaxValueValidator(1)],
+        help_text="vLLM: the share of GPU memory it reserves (of RAM on a CPU). "
+        "Empty: 0.9 on CUDA, 0.2 on a CPU.",
+    )
+    kv_cache_gb = models.FloatField(
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.05)],
+        verbose_name="KV cache (GiB)",
+        help_text="vLLM: KV cache size. Empty: what the memory share leaves.",
+    )
+    tensor_parallel_size = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
+    )
+    pipeline_parallel_size = models.PositiveSmallIntegerField(
+        default=1, validators=[MinValueValidator(1), MaxValueValidator(64)]
+    )
+    quantization = models.CharField(
+        max_length=40,
+        blank=True,
+        help_text="vLLM: the quantization method (awq, gptq, fp8, ...). Empty: from the model.",
+    )
+    enforce_eager = models.BooleanField(
+        null=True, blank=True, help_text="vLLM: no CUDA graphs. Empty: eager on a CPU only."
+    )
+    engine_args = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text='vLLM: more engine arguments as a JSON object, e.g. {"swap_space": 4}.',
+    )
+
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -141,6 +210,7 @@ class LLMModel(models.Model):
         return self.name
 
     def clean(self) -> None:
+        self._clean_engine_args()
         for alias in self.aliases or []:
             if not isinstance(alias, str) or alias == "default":
                 raise ValidationError(
@@ -149,6 +219,20 @@ class LLMModel(models.Model):
             other = LLMModel.objects.exclude(pk=self.pk).find(alias)
             if other is not None:
                 raise ValidationError({"aliases": f"`{alias}` already names model {other}."})
+
+    def _clean_engine_args(self) -> None:
+        args = self.engine_args
+        if not isinstance(args, dict):
+            raise ValidationError({"engine_args": "A JSON object of engine argument names."})
+        for name in args:
+            if name in MANAGED_ENGINE_ARGS:
+                raise ValidationError(
+                    {"engine_args": f"`{name}` is set by {MANAGED_ENGINE_ARGS[name]}: use that."}
+                )
+        known = vllm_engine_arg_names() if args else frozenset()
+        unknown = sorted(set(args) - known) if known else []
+        if unknown:
+            raise ValidationError({"engine_args": f"vLLM has no engine argument `{unknown[0]}`."})
 
     @transaction.atomic
     def make_default(self) -> None:

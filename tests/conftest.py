@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,26 @@ def tiny_dir(smollm_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_vllm_dir(smollm_dir: Path) -> Path:
+    """The tiny llama with hidden size 128: vLLM's CPU attention needs a head size of at least
+    32 (the tiny model's is 64 / 4 heads = 16)."""
+    from models_app.gguf import make_tiny_model
+
+    return _build_once(
+        CACHE / "tiny-h128", lambda t: make_tiny_model(smollm_dir, t, hidden_size=128, seed=0)
+    )
+
+
+def vllm_tested_here() -> bool:
+    """vLLM runs on Linux (its CPU build here, CUDA elsewhere); Macs never install it. On Linux
+    `make test` installs it, so its absence fails the vLLM tests instead of skipping them."""
+    return sys.platform.startswith("linux")
+
+
+BACKENDS = ["mlx", "vllm"] if vllm_tested_here() else ["mlx"]
+
+
+@pytest.fixture(scope="session")
 def tiny2_dir(smollm_dir: Path) -> Path:
     from models_app.gguf import make_tiny_model
 
@@ -53,13 +74,41 @@ def untied_dir(smollm_dir: Path) -> Path:
     )
 
 
+# vLLM on a CPU reserves this much RAM for each model's KV cache in tests (its default is 4 GiB).
+VLLM_TEST_KV_GB = 0.25
+# and serves at most 2,048 tokens a sequence (SmolLM2's 8,192 would need more cache than that).
+VLLM = {"backend": "vllm", "kv_cache_gb": VLLM_TEST_KV_GB, "context_length": 2048}
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_dir: Path) -> Server:
-    """One daphne server with the tiny model as `tiny` (the default), shared by API tests."""
+def mlx_server(tmp_path_factory, tiny_dir: Path) -> Server:
+    """One daphne server with the tiny model as `tiny` (the default) on mlx."""
     srv = Server(tmp_path_factory.mktemp("server"), models=[("tiny", tiny_dir, True)])
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path) -> Server:
+    """One server whose models run on vLLM's engine (its CPU build here): the tiny model as
+    `tiny` (the default) and the real SmolLM2. Each engine takes most of a minute to start, so
+    every vLLM test shares these two."""
+    srv = Server(
+        tmp_path_factory.mktemp("vllm-server"),
+        models=[("tiny", tiny_vllm_dir, True, VLLM), ("smollm2", smollm_dir, False, VLLM)],
+        env={"LLM_SERVICE_MAX_LOADED_MODELS": "3"},  # room for a third that fails to load
+        ready_timeout=600,
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def server(request) -> Server:
+    """The API tests' server, once per backend: the same behaviour on every engine."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture

@@ -57,9 +57,12 @@ class Server:
         self,
         data_dir: Path,
         *,
-        models: list[tuple[str, Path, bool]] = (),
+        models: list[tuple] = (),
         env: dict[str, str] | None = None,
+        ready_timeout: float | None = None,
     ) -> None:
+        """`models`: (name, path, default) or (name, path, default, row fields such as backend);
+        `ready_timeout`: wait for /ready (the default model loaded) as well as /health."""
         self.data_dir = Path(data_dir)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -73,6 +76,7 @@ class Server:
             **(env or {}),
         }
         self.models = models
+        self.ready_timeout = ready_timeout
         self.proc: subprocess.Popen | None = None
         self.log_path = self.data_dir / "server.log"
 
@@ -102,10 +106,12 @@ class Server:
 
     def start(self) -> Server:
         self.manage("migrate", "-v0")
-        for name, path, default in self.models:
+        for name, path, default, *fields in self.models:
             self.manage(
                 "import_model", str(path), "--name", name, *(["--default"] if default else [])
             )
+            if fields and fields[0]:
+                self.set_model(name, **fields[0])
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(BIN / "llm-service"), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
@@ -119,7 +125,20 @@ class Server:
         except AssertionError:
             self.stop()
             raise AssertionError("server did not start:\n" + self.log()) from None
+        if self.ready_timeout:
+            try:
+                wait_until(self._ready, timeout=self.ready_timeout, interval=0.5)
+            except AssertionError as exc:
+                self.stop()
+                raise AssertionError(f"{exc}\n{self.log()[-20000:]}") from None
         return self
+
+    def _ready(self) -> bool:
+        self._healthy()
+        response = httpx.get(self.url + "/ready", timeout=5)
+        if response.json().get("status") == "unavailable":
+            raise AssertionError(f"default model failed to load: {response.text}")
+        return response.status_code == 200
 
     def _healthy(self) -> bool:
         if self.proc and self.proc.poll() is not None:

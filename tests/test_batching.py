@@ -9,6 +9,7 @@ import time
 import openai
 import pytest
 
+from tests.conftest import BACKENDS, VLLM
 from tests.helpers import Server, sse_events, wait_until
 from tests.test_chat_completions import NO_EOS
 
@@ -111,17 +112,19 @@ def test_a_disconnected_client_frees_its_slot(server):
     assert generated < 1500
 
 
-@pytest.fixture(scope="module")
-def small_server(tmp_path_factory, smollm_dir):
+@pytest.fixture(scope="module", params=BACKENDS)
+def small_server(request, tmp_path_factory, smollm_dir):
     """A server with room for one running sequence and one waiting request.
 
-    It serves the real 135M model under the name `tiny`: slow enough (about 10 tokens/s here)
-    that a 400-token answer is still running while the test fills the queue.
+    It serves the real 135M model under the name `tiny`: a 1,500-token answer is still running
+    (minutes on mlx, about half a minute on vLLM here) while the test fills the queue.
     """
+    fields = VLLM if request.param == "vllm" else {}
     srv = Server(
         tmp_path_factory.mktemp("small"),
-        models=[("tiny", smollm_dir, True)],
+        models=[("tiny", smollm_dir, True, fields)],
         env={"LLM_SERVICE_MAX_QUEUE": "1", "LLM_SERVICE_MAX_BATCH_SIZE": "1"},
+        ready_timeout=600,
     )
     srv.start()
     yield srv
@@ -132,7 +135,7 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     body = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "Long"}],
-        "max_tokens": 400,
+        "max_tokens": 1500,
         "stream": True,
         **NO_EOS,
     }
@@ -141,7 +144,7 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
 
     def hold_stream():
         # `events` stays referenced: dropping the iterator would close the stream.
-        with small_server.chat_stream("Long", 400, **NO_EOS) as events:
+        with small_server.chat_stream("Long", 1500, **NO_EOS) as events:
             next(events)
             started.set()
             release.wait(30)
@@ -152,7 +155,15 @@ def test_a_full_queue_answers_429_with_retry_after(small_server):
     started.clear()
     holders[1].start()  # this one waits in the queue
     try:
-        wait_until(lambda: small_server.metric("llm_queued_requests") == 1, timeout=10)
+        # The first is decoding and the second waits (the first may still be prefilling when
+        # the second is sent: then the queued one is the first).
+        wait_until(
+            lambda: (
+                small_server.metric("llm_running_sequences") == 1
+                and small_server.metric("llm_queued_requests") == 1
+            ),
+            timeout=60,
+        )
         with small_server.http() as http:
             response = http.post("/v1/chat/completions", json={**body, "stream": False})
         assert response.status_code == 429

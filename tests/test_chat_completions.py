@@ -208,10 +208,11 @@ def test_bad_parameters_get_a_400_naming_the_parameter(client, bad):
 
 
 def test_a_shared_prompt_prefix_is_served_from_the_cache(client):
-    story = "Once upon a time there was a lighthouse keeper who counted the waves. " * 6
+    # Long enough for vLLM, whose CPU build caches whole blocks of 128 tokens.
+    story = "Once upon a time there was a lighthouse keeper who counted the waves. " * 24
     first = ask(client, story + "What happened next?", max_tokens=3)
     second = ask(client, story + "Who was the keeper?", max_tokens=3)
     assert first.usage.prompt_tokens_details.cached_tokens < first.usage.prompt_tokens
     # The long shared beginning (and the chat template's preamble) was not prefilled again.
-    assert second.usage.prompt_tokens_details.cached_tokens > 60
+    assert second.usage.prompt_tokens_details.cached_tokens >= 256
     assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens

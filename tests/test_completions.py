@@ -62,7 +62,9 @@ def test_stop_works_for_completions_too(client):
     assert reply.choices[0].finish_reason == "stop"
 
 
-def test_prompts_sent_together_report_only_the_cached_tokens_they_reused(client):
+def test_prompts_sent_together_report_only_the_cached_tokens_they_reused(mlx_server):
+    # mlx's own prefill groups (vLLM caches whole 128-token blocks: see the chat tests).
+    client = mlx_server.openai()
     # Token ids, so the cached head is exactly a prefix. Once the head is cached, the two prompts
     # are prefilled together: the shorter takes 5 tokens back from its cached head, so its uncached
     # part matches the longer's, and its usage no longer counts those 5 as cached.

@@ -77,6 +77,14 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
         size_bytes=row.size_bytes,
         prompt_cache_entries=settings.PROMPT_CACHE_ENTRIES,
         prefill_batch_size=settings.PREFILL_BATCH_SIZE or None,
+        dtype=row.dtype,
+        gpu_memory_utilization=row.gpu_memory_utilization,
+        kv_cache_gb=row.kv_cache_gb,
+        tensor_parallel_size=row.tensor_parallel_size,
+        pipeline_parallel_size=row.pipeline_parallel_size,
+        quantization=row.quantization or None,
+        enforce_eager=row.enforce_eager,
+        engine_args_json=json.dumps(row.engine_args or {}, sort_keys=True),
     )
 
 

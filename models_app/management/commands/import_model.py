@@ -12,10 +12,16 @@ class Command(BaseCommand):
             "--name", help="The id clients send as `model` (default: from the path)."
         )
         parser.add_argument("--default", action="store_true", help="Make it the default model.")
+        parser.add_argument(
+            "--backend",
+            default="auto",
+            choices=["auto", "mlx", "vllm"],
+            help="The engine that serves it (default: auto, LLM_SERVICE_BACKEND's choice).",
+        )
 
-    def handle(self, *args, path, name, default, **options):
+    def handle(self, *args, path, name, default, backend, **options):
         try:
-            row = import_model(path, name=name, make_default=default)
+            row = import_model(path, name=name, make_default=default, backend=backend)
         except ImportError_ as exc:
             raise CommandError(str(exc)) from exc
         flag = " (default)" if row.is_default else ""

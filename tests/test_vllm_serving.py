@@ -1,0 +1,64 @@
+"""What only the vLLM backend's server shows: the real SmolLM2 on vLLM, two vLLM engines resident,
+a model vLLM cannot load. The API's behaviours common to every backend are in the other files,
+parametrized over backends (the `server` fixture)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import VLLM, vllm_tested_here
+
+pytestmark = pytest.mark.skipif(not vllm_tested_here(), reason="vLLM is for Linux and CUDA only")
+
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.mark.real_model
+def test_smollm2_on_vllm_knows_the_capital_of_france_streamed_or_not(vllm_server):
+    client = vllm_server.openai()
+    reply = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=30, messages=QUESTION
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model="smollm2", temperature=0, max_tokens=30, messages=QUESTION, stream=True
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == reply.choices[0].message.content
+
+
+@pytest.mark.real_model
+def test_two_models_are_resident_on_vllm_at_once_each_with_its_engine(vllm_server):
+    client = vllm_server.openai()
+    for model in ("tiny", "smollm2"):
+        reply = client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+        assert reply.model == model
+    ready = vllm_server.http().get("/ready").json()
+    assert set(ready["loaded_models"]) == {"tiny", "smollm2"}
+    assert ready["backends"] == {"tiny": "vllm", "smollm2": "vllm"}
+
+
+def test_a_model_vllm_cannot_load_answers_503_with_vllms_reason(vllm_server, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ this is not json")
+    (broken / "model.safetensors").write_bytes(b"not weights")
+    vllm_server.manage("import_model", str(broken), "--name", "broken-vllm")
+    vllm_server.set_model("broken-vllm", **VLLM)
+    with vllm_server.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": "broken-vllm", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 503
+    assert response.headers["Retry-After"]
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert "config.json" in error["message"]  # vLLM's own words about the file
+    reply = vllm_server.openai().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    assert reply.choices[0].message.content is not None  # the others keep working
