@@ -189,7 +189,7 @@ class LLMModel(models.Model):
     engine_args = models.JSONField(
         default=dict,
         blank=True,
-        help_text='vLLM: more engine arguments as a JSON object, e.g. {"swap_space": 4}.',
+        help_text='vLLM: more engine arguments as a JSON object, e.g. {"max_num_batched_tokens": 512}.',
     )
 
     created_at = models.DateTimeField(auto_now_add=True)

@@ -24,6 +24,11 @@ def settings_form(row: LLMModel, **changes) -> dict:
         "backend": "auto",
         "system_prompt": "",
         "chat_template": "",
+        "dtype": "auto",
+        "tensor_parallel_size": "1",
+        "pipeline_parallel_size": "1",
+        "enforce_eager": "unknown",
+        "engine_args": "{}",
     }
     data.update(changes)
     return data
@@ -49,6 +54,55 @@ def test_settings_are_saved_from_the_change_form(admin_client, models):
         4,
         60,
     )
+
+
+def test_the_backend_and_vllm_engine_settings_are_saved_from_the_change_form(admin_client, models):
+    a, _ = models
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/",
+        settings_form(
+            a,
+            backend="vllm",
+            dtype="bfloat16",
+            gpu_memory_utilization="0.5",
+            kv_cache_gb="1.5",
+            tensor_parallel_size="2",
+            quantization="fp8",
+            enforce_eager="true",
+            engine_args='{"max_num_batched_tokens": 512}',
+        ),
+    )
+    assert response.status_code == 302, response.content
+    a.refresh_from_db()
+    assert (a.backend, a.dtype, a.gpu_memory_utilization, a.kv_cache_gb) == (
+        "vllm",
+        "bfloat16",
+        0.5,
+        1.5,
+    )
+    assert (a.tensor_parallel_size, a.quantization, a.enforce_eager) == (2, "fp8", True)
+    assert a.engine_args == {"max_num_batched_tokens": 512}
+
+
+@pytest.mark.parametrize(
+    "engine_args, message",
+    [
+        ('{"no_such_argument": 1}', "vLLM has no engine argument `no_such_argument`"),
+        ('{"max_model_len": 99}', "the context length field"),
+        ("[1, 2]", "A JSON object"),
+    ],
+)
+def test_engine_args_that_vllm_lacks_or_other_fields_set_are_refused(
+    admin_client, models, engine_args, message
+):
+    a, _ = models
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/", settings_form(a, engine_args=engine_args)
+    )
+    assert response.status_code == 200
+    assert message in str(response.context["adminform"].form.errors["engine_args"])
+    a.refresh_from_db()
+    assert a.engine_args == {}
 
 
 def test_out_of_range_settings_get_validation_messages(admin_client, models):

@@ -38,7 +38,7 @@ class Migration(migrations.Migration):
             field=models.JSONField(
                 blank=True,
                 default=dict,
-                help_text='vLLM: more engine arguments as a JSON object, e.g. {"swap_space": 4}.',
+                help_text='vLLM: more engine arguments as a JSON object, e.g. {"max_num_batched_tokens": 512}.',
             ),
         ),
         migrations.AddField(
