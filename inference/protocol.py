@@ -105,13 +105,63 @@ class SamplingFields(Schema):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
+def refuse(field: str, why: str) -> None:
+    """A field we cannot honour yet: a 400 naming it, never a silent 200 without it."""
+    raise ValueError(f"`{field}` is not supported by this server: {why}")
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[Message] = Field(min_length=1)
     model: str
+    audio: Any = None
+    function_call: Any = None
+    functions: Any = None
     logprobs: bool | None = False
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    modalities: list[str] | None = None
+    parallel_tool_calls: bool | None = None
+    prediction: Any = None
     response_format: ResponseFormat | None = None
+    tool_choice: Any = None
+    tools: list[Any] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @field_validator("audio", "prediction", "functions", "function_call")
+    @classmethod
+    def not_implemented(cls, value, info):
+        if value is not None:
+            refuse(info.field_name, "leave it out")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def text_only(cls, value):
+        if value and value != ["text"]:
+            refuse("modalities", "only text is generated")
+        return value
+
+    @field_validator("tools")
+    @classmethod
+    def no_tools_yet(cls, value):
+        # Tool calling needs a model's tool-call parser and constrained decoding (in progress);
+        # until then a request with tools is refused rather than answered with prose.
+        if value:
+            refuse("tools", "tool calling is not implemented yet")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def no_tool_choice_yet(cls, value):
+        if value not in (None, "none", "auto"):
+            refuse("tool_choice", "tool calling is not implemented yet")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def text_format_only(cls, value):
+        if value is not None and value.type != "text":
+            refuse("response_format", f"`{value.type}` output is not implemented yet; use text")
+        return value
 
     @model_validator(mode="after")
     def top_logprobs_needs_logprobs(self):
@@ -129,6 +179,13 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def no_suffix(cls, value):
+        if value:
+            refuse("suffix", "fill-in-the-middle is not implemented")
+        return value
 
     @field_validator("prompt")
     @classmethod

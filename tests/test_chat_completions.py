@@ -207,6 +207,34 @@ def test_bad_parameters_get_a_400_naming_the_parameter(client, bad):
     assert error["message"]
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        ("tool_choice", "required"),
+        ("response_format", {"type": "json_object"}),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("modalities", ["text", "audio"]),
+        ("prediction", {"type": "content", "content": "x"}),
+        ("functions", [{"name": "f", "parameters": {}}]),
+    ],
+)
+def test_fields_we_cannot_honour_are_refused_by_name_never_ignored(client, field, value):
+    with pytest.raises(openai.BadRequestError) as info:
+        ask(client, extra_body={field: value})
+    assert info.value.body["param"] == field
+    assert f"`{field}` is not supported" in info.value.body["message"]
+
+
+def test_fields_that_ask_for_nothing_special_are_accepted(client):
+    reply = ask(
+        client,
+        max_tokens=2,
+        extra_body={"tools": [], "tool_choice": "none", "response_format": {"type": "text"}},
+    )
+    assert reply.choices[0].message.content is not None
+
+
 def test_a_shared_prompt_prefix_is_served_from_the_cache(client):
     # Long enough for vLLM, whose CPU build caches whole blocks of 128 tokens.
     story = "Once upon a time there was a lighthouse keeper who counted the waves. " * 24

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import openai
+import pytest
+
 from tests.test_chat_completions import NO_EOS
 
 
@@ -74,3 +77,9 @@ def test_prompts_sent_together_report_only_the_cached_tokens_they_reused(mlx_ser
     reply = complete(client, prompt=[short, long], max_tokens=2)
     assert reply.usage.prompt_tokens == len(short) + len(long)
     assert reply.usage.prompt_tokens_details.cached_tokens == 2 * len(head) - 5
+
+
+def test_a_suffix_is_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="tiny", prompt="def f(", suffix="return 1", max_tokens=2)
+    assert info.value.body["param"] == "suffix"
