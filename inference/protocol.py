@@ -53,8 +53,28 @@ class StreamOptions(Schema):
     include_usage: bool = False
 
 
+class JSONSchemaFormat(Schema):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(Schema):
     type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def schema_for_json_schema(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs `json_schema`")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The schema the output must match; None for any JSON object (json_object)."""
+        if self.type == "json_schema" and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return None
 
 
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
@@ -156,12 +176,8 @@ class ChatCompletionRequest(SamplingFields):
             refuse("tool_choice", "tool calling is not implemented yet")
         return value
 
-    @field_validator("response_format")
-    @classmethod
-    def text_format_only(cls, value):
-        if value is not None and value.type != "text":
-            refuse("response_format", f"`{value.type}` output is not implemented yet; use text")
-        return value
+    def constrained(self) -> bool:
+        return self.response_format is not None and self.response_format.type != "text"
 
     @model_validator(mode="after")
     def top_logprobs_needs_logprobs(self):

@@ -75,6 +75,16 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What the output must match, compiled once per schema (inference/constraints.py): an
+    llguidance grammar, which every backend applies with the same library."""
+
+    kind: str  # "json_schema" (json_object is the schema {"type": "object"})
+    schema_json: str  # the JSON schema, as text
+    grammar: str  # llguidance's grammar for it (compact JSON: no free whitespace)
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     model: ModelSpec
@@ -82,6 +92,7 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # Applied by engines whose capabilities include stop_strings; otherwise serving filters text.
     stop: tuple[str, ...] = ()
+    constraint: Constraint | None = None
 
 
 @dataclass(frozen=True)

@@ -105,6 +105,21 @@ def vllm_server(tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path) -> Serv
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def mlx_real_server(tmp_path_factory, smollm_dir: Path) -> Server:
+    """The real SmolLM2 as `smollm2` on mlx."""
+    srv = Server(tmp_path_factory.mktemp("real"), models=[("smollm2", smollm_dir, True)])
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def real_server(request) -> Server:
+    """A server with the real SmolLM2 as `smollm2`, once per backend."""
+    return request.getfixturevalue("mlx_real_server" if request.param == "mlx" else "vllm_server")
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def server(request) -> Server:
     """The API tests' server, once per backend: the same behaviour on every engine."""

@@ -36,6 +36,7 @@ class Capabilities:
     detokenizes: bool = False  # deltas carry `text`; serving must not detokenize again
     stop_strings: bool = False  # the engine ends sequences at `request.stop`, text excluded
     prefix_cache: bool = False  # deltas report cached prompt tokens
+    constrained: bool = False  # follows `request.constraint` (llguidance grammars)
     continuous_batching: bool = True
 
 

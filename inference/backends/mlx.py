@@ -24,8 +24,9 @@ from mlx_lm.sample_utils import (
     make_logits_processors,
 )
 
+from inference import constraints
 from inference.backends import mlx_batching, mlx_cpu
-from inference.backends.base import Backend, Capabilities, LoadedModel
+from inference.backends.base import Backend, LoadedModel
 from inference.backends.step_loop import StepBatch, StepLoop, SteppedModel
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
@@ -122,6 +123,8 @@ class MLXBatch(StepBatch):
         # KV caches of finished sequences, by their tokens: a new prompt that shares a prefix (the
         # chat template's system prompt, earlier turns of a conversation) skips that prefill.
         self._prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_entries)
+        # Built at load, so a constrained request never waits for it on the step loop.
+        self._grammar_tokenizer = constraints.tokenizer_for(self.tokenizer, self.eos_token_ids)
         self._new_generator()
 
     def _prefill_group_size(self, max_batch: int) -> int:
@@ -163,6 +166,11 @@ class MLXBatch(StepBatch):
     def add(self, seq_id: int, request: GenerationRequest) -> int:
         params = request.params
         prompt = list(request.prompt_tokens)
+        processors = make_processors(params)
+        if request.constraint is not None:
+            processors.append(
+                constraints.GrammarProcessor(self._grammar_tokenizer, request.constraint)
+            )
         cache, rest = self._cached_prefix(prompt)
         (uid,) = self._gen.insert(
             [rest],
@@ -170,7 +178,7 @@ class MLXBatch(StepBatch):
             caches=[cache] if cache is not None else None,
             all_tokens=[prompt[: len(prompt) - len(rest)]] if cache is not None else None,
             samplers=[make_sampler(params)],
-            logits_processors=[make_processors(params)],
+            logits_processors=[processors],
         )
         self._uid_to_seq[uid] = seq_id
         self._seq_to_uid[seq_id] = uid
@@ -267,7 +275,6 @@ class MLXBackend(Backend):
                 self.loop,
                 MLXBatch(spec),
                 backend_name=self.name,
-                capabilities=Capabilities(prefix_cache=True),
             )
         ).result()
 

@@ -382,8 +382,9 @@ def _deliver(items: list) -> None:
         q.put_nowait(item)
 
 
-# We detokenize and apply stop strings in serving; the batches reuse prompt caches.
-STEPPED = Capabilities(prefix_cache=True)
+# We detokenize and apply stop strings in serving; the batches reuse prompt caches and apply
+# constraints as logits processors.
+STEPPED = Capabilities(prefix_cache=True, constrained=True)
 
 
 class SteppedModel(LoadedModel):

@@ -51,7 +51,9 @@ log = logging.getLogger(__name__)
 IMPLEMENTED = True
 GiB = 1 << 30
 
-CAPABILITIES = Capabilities(detokenizes=True, stop_strings=True, prefix_cache=True)
+CAPABILITIES = Capabilities(
+    detokenizes=True, stop_strings=True, prefix_cache=True, constrained=True
+)
 
 # Engine start (config, spawn, weights, KV cache) and its first request; vLLM waits up to
 # VLLM_ENGINE_READY_TIMEOUT_S (600 s) for the child itself.
@@ -123,9 +125,16 @@ def engine_kwargs(spec: ModelSpec, device: str) -> dict[str, Any]:
 
 
 def make_engine_args(spec: ModelSpec, device: str) -> Any:
+    from vllm.config import StructuredOutputsConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     kwargs = engine_kwargs(spec, device)
+    # The constrained-decoding library the mlx backend uses too, and compact JSON as there: one
+    # behaviour for users. (vLLM's guidance backend reads the whitespace choice from here only.)
+    kwargs.setdefault(
+        "structured_outputs_config",
+        StructuredOutputsConfig(backend="guidance", disable_any_whitespace=True),
+    )
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -344,6 +353,7 @@ class VLLMLoadedModel(LoadedModel):
             logprobs=p.top_logprobs if p.logprobs else None,
             stop=list(request.stop) or None,
             include_stop_str_in_output=False,
+            structured_outputs=_structured_outputs(request),
             output_kind=RequestOutputKind.DELTA,
         )
 
@@ -559,6 +569,18 @@ def _shutdown_engine(engine: Any, thread: _LoopThread | None) -> None:
 
 def _already_shut_down(*args: Any, **kwargs: Any) -> None:
     return None
+
+
+def _structured_outputs(request: GenerationRequest) -> Any:
+    if request.constraint is None:
+        return None
+    from vllm.sampling_params import StructuredOutputsParams
+
+    # The schema our constraint was compiled from, compact like ours (vLLM compiles it with
+    # llguidance again, in its engine core).
+    return StructuredOutputsParams(
+        json=json.loads(request.constraint.schema_json), disable_any_whitespace=True
+    )
 
 
 def _token_logprobs(position: Any, token: int, top_n: int) -> tuple[float | None, tuple]:

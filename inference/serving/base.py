@@ -27,7 +27,14 @@ from inference.engine import (
     get_engine,
 )
 from inference.text import Detokenizer, StopFilter, TokenTexts
-from inference.types import GenerationRequest, ModelSpec, RequestStats, SamplingParams, TokenDelta
+from inference.types import (
+    Constraint,
+    GenerationRequest,
+    ModelSpec,
+    RequestStats,
+    SamplingParams,
+    TokenDelta,
+)
 from llmservice.errors import APIError, error_body, model_not_found
 from llmservice.lookups import shared_query
 from models_app.models import LLMModel
@@ -318,6 +325,7 @@ class Job:
     started: float = field(default_factory=time.monotonic)
     stats: RequestStats | None = None
     group: GenerationGroup | None = None
+    constraint: Constraint | None = None
 
     def usage(self, completion_tokens: int) -> dict:
         cached = min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
@@ -350,7 +358,12 @@ class Job:
                     params = replace(params, seed=params.seed + i)
                 out.append(
                     GenerationRequest(
-                        f"{self.id}-{p_index}-{i}", self.spec, tuple(prompt), params, stop
+                        f"{self.id}-{p_index}-{i}",
+                        self.spec,
+                        tuple(prompt),
+                        params,
+                        stop,
+                        self.constraint,
                     )
                 )
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 from django.http import StreamingHttpResponse
 
 from inference import protocol
+from inference.constraints import ConstraintError, json_constraint
 from inference.serving.base import (
     FINGERPRINT,
     Choice,
@@ -21,7 +22,8 @@ from inference.serving.base import (
     submit,
     token_texts,
 )
-from inference.types import RequestStats
+from inference.types import Constraint, RequestStats
+from llmservice.errors import APIError
 
 
 def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaults) -> list[dict]:
@@ -85,7 +87,24 @@ async def prepare_chat(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         top_logprobs=top,
         stats=stats,
+        constraint=output_constraint(request, model),
     )
+
+
+def output_constraint(request: protocol.ChatCompletionRequest, model) -> Constraint | None:
+    """response_format as a constraint every backend enforces, or a 400 saying why not."""
+    if not request.constrained():
+        return None
+    if not model.capabilities.constrained:
+        raise APIError(
+            400,
+            f"Model `{request.model}`'s backend cannot constrain its output.",
+            param="response_format",
+        )
+    try:
+        return json_constraint(request.response_format.output_schema())
+    except ConstraintError as exc:
+        raise APIError(400, f"response_format: {exc}", param="response_format") from exc
 
 
 async def chat_full(job: Job) -> dict:
