@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
 from django.http import Http404, HttpRequest
 from ninja import NinjaAPI
 from ninja.errors import AuthenticationError, HttpError, ValidationError
@@ -75,6 +77,21 @@ def on_http_error(request: HttpRequest, exc: HttpError):
 def on_404(request: HttpRequest, exc: Http404):
     return api.create_response(
         request, error_body(str(exc) or "Not found.", "invalid_request_error"), status=404
+    )
+
+
+@api.exception_handler(RequestDataTooBig)
+def on_too_big(request: HttpRequest, exc: RequestDataTooBig):
+    limit = settings.MAX_REQUEST_MB
+    return api.create_response(
+        request,
+        error_body(
+            f"The request body is larger than {limit:g} MB (LLM_SERVICE_MAX_REQUEST_MB).",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        ),
+        status=413,
     )
 
 

@@ -105,6 +105,10 @@ PROMPT_CACHE_ENTRIES = env_int("PROMPT_CACHE_ENTRIES", 16, minimum=0)
 MAX_LOADED_MODELS = env_int("MAX_LOADED_MODELS", 2, minimum=1)
 # Alternatively (or too) a budget for resident weights, in GB; 0 means no budget.
 MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
+# Request bodies past this are refused (413) before they are parsed: long documents for
+# long-context models fit, a runaway client does not.
+MAX_REQUEST_MB = env_float("MAX_REQUEST_MB", 32.0, minimum=0.01)
+DATA_UPLOAD_MAX_MEMORY_SIZE = int(MAX_REQUEST_MB * 1024 * 1024)
 # Password of the `admin` user that the first `serve` creates when there is no superuser yet.
 ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
 # Bearer token required by GET /metrics when set.

@@ -130,3 +130,24 @@ def test_the_env_key_and_database_keys_both_work(server):
     assert created.startswith("sk-llm-") and created != API_KEY
     client = openai.OpenAI(base_url=server.url + "/v1", api_key=created, max_retries=0)
     assert any(m.id == "tiny" for m in client.models.list())
+
+
+def test_a_body_over_the_size_limit_gets_a_413_before_parsing(server):
+    with server.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            content=b'{"model": "tiny", "messages": [], "pad": "' + b"x" * (33 << 20) + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "request_too_large"
+        assert "LLM_SERVICE_MAX_REQUEST_MB" in response.json()["error"]["message"]
+        ok = http.post(
+            "/v1/chat/completions",
+            json={
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+            },
+        )
+        assert ok.status_code == 200

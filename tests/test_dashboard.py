@@ -251,6 +251,7 @@ def test_status_falls_back_to_polling_when_websockets_are_unavailable(page, dash
 def test_models_page_loads_unloads_and_sets_the_default_model(page, dash):
     page.goto("/admin/dashboard/models/")
     row = page.locator("#registry tr[data-model=tiny2]")
+    expect(row.locator(".backend-cell")).to_have_text("auto")
     expect(row.locator(".loaded-cell")).to_have_attribute("data-loaded", "no")
     row.locator(".load-form button").click()
     expect(page.locator(".messagelist")).to_contain_text("Model tiny2 is loaded")
@@ -377,6 +378,8 @@ def test_the_playground_chats_with_the_real_model(page, dash):
 
 def test_stop_in_the_playground_aborts_the_stream_and_frees_the_sequence_on_the_server(page, dash):
     page.goto("/admin/dashboard/playground/")
+    # The real model: 1,800 tokens take it minutes here, the tiny one can finish them before Stop.
+    page.select_option("#pg-model", SMOLLM)
     _chat(page, "Go on forever", 1800)
     reply = page.locator(".chat-assistant .chat-text").last
     expect(reply).not_to_be_empty(timeout=15_000)

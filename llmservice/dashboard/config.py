@@ -41,6 +41,11 @@ def effective() -> list[tuple[str, str, str]]:
         ),
         ("LLM_SERVICE_MAX_QUEUE", "requests waiting to join a batch before 429", str(s.MAX_QUEUE)),
         (
+            "LLM_SERVICE_MAX_REQUEST_MB",
+            "request bodies past this get 413",
+            f"{s.MAX_REQUEST_MB:g} MB",
+        ),
+        (
             "LLM_SERVICE_MAX_BATCH_SIZE",
             "sequences per batch (a model's own setting wins)",
             str(s.MAX_BATCH_SIZE),
