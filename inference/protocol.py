@@ -62,18 +62,19 @@ class JSONSchemaFormat(Schema):
 
 class ResponseFormat(Schema):
     type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: JSONSchemaFormat | None = None
+    # ninja's Schema has a json_schema() method: the field keeps the wire name through its alias
+    json_schema_: JSONSchemaFormat | None = Field(default=None, alias="json_schema")
 
     @model_validator(mode="after")
     def schema_for_json_schema(self):
-        if self.type == "json_schema" and self.json_schema is None:
+        if self.type == "json_schema" and self.json_schema_ is None:
             raise ValueError("response_format of type json_schema needs `json_schema`")
         return self
 
     def output_schema(self) -> dict[str, Any] | None:
         """The schema the output must match; None for any JSON object (json_object)."""
-        if self.type == "json_schema" and self.json_schema.schema_ is not None:
-            return self.json_schema.schema_
+        if self.type == "json_schema" and self.json_schema_.schema_ is not None:
+            return self.json_schema_.schema_
         return None
 
 

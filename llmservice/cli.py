@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import zipfile
@@ -147,6 +148,9 @@ def bootstrap(*, demo: bool) -> dict:
 
 
 def serve(args: argparse.Namespace) -> None:
+    # A shell starts background jobs with SIGINT ignored, and Python and Twisted then leave it
+    # ignored: `kill -INT` (what `docker stop --signal INT` and process managers send) did nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmservice.settings")
     import django
     from django.conf import settings

@@ -104,7 +104,8 @@ class Server:
     def loaded_models(self) -> list[str]:
         return httpx.get(self.url + "/ready", timeout=5).json().get("loaded_models", [])
 
-    def start(self) -> Server:
+    def start(self, **popen) -> Server:
+        """Import the models, then run `serve`; `popen`: more subprocess.Popen arguments."""
         self.manage("migrate", "-v0")
         for name, path, default, *fields in self.models:
             self.manage(
@@ -119,6 +120,7 @@ class Server:
             cwd=ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            **popen,
         )
         try:
             wait_until(self._healthy, timeout=60)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.helpers import BIN, ROOT, Server, demo_gguf_path, free_port, wait_until
@@ -201,3 +202,14 @@ def test_the_admin_password_can_come_from_the_environment(tmp_path):
         "print(authenticate(username='admin', password='operator-secret-1') is not None)",
     )
     assert check.stdout.strip() == "True"
+
+
+def test_serve_stops_on_sigint_even_when_started_with_sigint_ignored(tmp_path):
+    # A shell's background job, and some process managers, start it with SIGINT ignored.
+    server = Server(tmp_path)
+    server.start(preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    worker = [p for p in psutil.Process(server.proc.pid).children(recursive=True)]
+    server.proc.send_signal(signal.SIGINT)
+    assert server.proc.wait(60) == 0
+    psutil.wait_procs(worker, timeout=30)
+    assert not [p for p in worker if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
