@@ -166,6 +166,7 @@ INSTALLED_APPS = [
     "models_app",
     "inference",
     "analytics",
+    "axes",  # dashboard login throttling
 ]
 
 MIDDLEWARE = [
@@ -179,7 +180,23 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",
 ]
+
+# Dashboard logins: after LOGIN_FAILURE_LIMIT wrong passwords for one user from one address, that
+# pair is locked out (even with the right password) for LOGIN_LOCKOUT_MINUTES. API keys are not
+# passwords and are not counted here.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
+LOGIN_LOCKOUT_MINUTES = env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1)
+AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
+AXES_COOLOFF_TIME = LOGIN_LOCKOUT_MINUTES / 60  # hours
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "llmservice.urls"
 ASGI_APPLICATION = "llmservice.asgi.application"

@@ -142,7 +142,9 @@ def test_serve_starts_with_a_key_and_the_demo_model_on_first_start(tmp_path):
                 "--no-imports",
                 "-c",
                 "from django.contrib.auth import authenticate; "
-                f"u = authenticate(username='admin', password={password!r}); "
+                "from django.test import RequestFactory; "
+                "r = RequestFactory().post('/admin/login/'); "
+                f"u = authenticate(r, username='admin', password={password!r}); "
                 "print(u is not None and u.is_staff)",
             ],
             tmp_path,
@@ -199,7 +201,9 @@ def test_the_admin_password_can_come_from_the_environment(tmp_path):
         "--no-imports",
         "-c",
         "from django.contrib.auth import authenticate; "
-        "print(authenticate(username='admin', password='operator-secret-1') is not None)",
+        "from django.test import RequestFactory; "
+        "r = RequestFactory().post('/admin/login/'); "
+        "print(authenticate(r, username='admin', password='operator-secret-1') is not None)",
     )
     assert check.stdout.strip() == "True"
 

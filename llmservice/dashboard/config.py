@@ -46,6 +46,16 @@ def effective() -> list[tuple[str, str, str]]:
             f"{s.MAX_REQUEST_MB:g} MB",
         ),
         (
+            "LLM_SERVICE_LOGIN_FAILURE_LIMIT",
+            "wrong dashboard passwords before a user is locked out from an address",
+            str(s.LOGIN_FAILURE_LIMIT),
+        ),
+        (
+            "LLM_SERVICE_LOGIN_LOCKOUT_MINUTES",
+            "how long such a lockout lasts",
+            f"{s.LOGIN_LOCKOUT_MINUTES} min",
+        ),
+        (
             "LLM_SERVICE_MAX_BATCH_SIZE",
             "sequences per batch (a model's own setting wins)",
             str(s.MAX_BATCH_SIZE),
