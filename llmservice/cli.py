@@ -246,6 +246,19 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"llm-service: configuration error: {exc}")
         except KeyboardInterrupt:
             pass
+        leave(0)
+
+
+def leave(code: int) -> None:
+    """Exit after the orderly part of an exit (the engine's shutdown, the analytics flush: the
+    atexit handlers) but before native destructors: mlx's threads could still abort the process
+    there ("terminate called without an active exception", exit -6) after a clean stop."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":
