@@ -180,6 +180,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "llmservice.middleware.DashboardSecurityHeadersMiddleware",
     "axes.middleware.AxesMiddleware",
 ]
 
