@@ -83,10 +83,8 @@ VLLM = {"backend": "vllm", "kv_cache_gb": VLLM_TEST_KV_GB, "context_length": 204
 @pytest.fixture(scope="session")
 def mlx_server(tmp_path_factory, tiny_dir: Path) -> Server:
     """One daphne server with the tiny model as `tiny` (the default) on mlx."""
-    srv = Server(tmp_path_factory.mktemp("server"), models=[("tiny", tiny_dir, True)])
-    srv.start()
-    yield srv
-    srv.stop()
+    with Server(tmp_path_factory.mktemp("server"), models=[("tiny", tiny_dir, True)]) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")
@@ -94,24 +92,20 @@ def vllm_server(tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path) -> Serv
     """One server whose models run on vLLM's engine (its CPU build here): the tiny model as
     `tiny` (the default) and the real SmolLM2. Each engine takes most of a minute to start, so
     every vLLM test shares these two."""
-    srv = Server(
+    with Server(
         tmp_path_factory.mktemp("vllm-server"),
         models=[("tiny", tiny_vllm_dir, True, VLLM), ("smollm2", smollm_dir, False, VLLM)],
         env={"LLM_SERVICE_MAX_LOADED_MODELS": "3"},  # room for a third that fails to load
         ready_timeout=600,
-    )
-    srv.start()
-    yield srv
-    srv.stop()
+    ) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")
 def mlx_real_server(tmp_path_factory, smollm_dir: Path) -> Server:
     """The real SmolLM2 as `smollm2` on mlx."""
-    srv = Server(tmp_path_factory.mktemp("real"), models=[("smollm2", smollm_dir, True)])
-    srv.start()
-    yield srv
-    srv.stop()
+    with Server(tmp_path_factory.mktemp("real"), models=[("smollm2", smollm_dir, True)]) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

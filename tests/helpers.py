@@ -135,6 +135,12 @@ class Server:
                 raise AssertionError(f"{exc}\n{self.log()[-20000:]}") from None
         return self
 
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
     def _ready(self) -> bool:
         self._healthy()
         response = httpx.get(self.url + "/ready", timeout=5)
