@@ -48,7 +48,6 @@ from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenD
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTED = True
 GiB = 1 << 30
 
 CAPABILITIES = Capabilities(
@@ -75,52 +74,34 @@ def _require_vllm() -> Any:
     return vllm
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except Exception:
-        return False
-    try:
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
 # --- engine arguments ---------------------------------------------------------------------
 
 
 def engine_kwargs(spec: ModelSpec, device: str) -> dict[str, Any]:
-    """AsyncEngineArgs fields for `spec` (validated against the dataclass by `make_engine_args`).
-
-    ModelSpec's vLLM settings are read with getattr so specs without them work too."""
+    """AsyncEngineArgs fields for `spec` (validated against the dataclass by `make_engine_args`)."""
     on_cuda = device.startswith("cuda")
     kwargs: dict[str, Any] = {
-        "model": str(spec.path),
-        "tokenizer": str(spec.path),
+        "model": spec.path,
+        "tokenizer": spec.path,
         # mlx's CPU path and vLLM's both run float32 fastest on a CPU
         "dtype": spec.dtype if spec.dtype != "auto" else ("auto" if on_cuda else "float32"),
-        "max_num_seqs": int(spec.max_batch_size),
+        "max_num_seqs": spec.max_batch_size,
         "enable_prefix_caching": True,
-        "gpu_memory_utilization": float(
-            getattr(spec, "gpu_memory_utilization", None) or (0.9 if on_cuda else 0.2)
-        ),
-        "tensor_parallel_size": int(getattr(spec, "tensor_parallel_size", None) or 1),
-        "pipeline_parallel_size": int(getattr(spec, "pipeline_parallel_size", None) or 1),
+        "gpu_memory_utilization": spec.gpu_memory_utilization or (0.9 if on_cuda else 0.2),
+        "tensor_parallel_size": spec.tensor_parallel_size,
+        "pipeline_parallel_size": spec.pipeline_parallel_size,
+        "enforce_eager": (not on_cuda) if spec.enforce_eager is None else spec.enforce_eager,
         "disable_log_stats": True,
     }
     if spec.context_length:
-        kwargs["max_model_len"] = int(spec.context_length)
-    quantization = getattr(spec, "quantization", None)
-    if quantization:
-        kwargs["quantization"] = quantization
-    enforce_eager = getattr(spec, "enforce_eager", None)
-    kwargs["enforce_eager"] = (not on_cuda) if enforce_eager is None else bool(enforce_eager)
-    kv_cache_gb = getattr(spec, "kv_cache_gb", None)
-    if kv_cache_gb:
+        kwargs["max_model_len"] = spec.context_length
+    if spec.quantization:
+        kwargs["quantization"] = spec.quantization
+    if spec.kv_cache_gb:
         # On the CPU, VLLM_CPU_KVCACHE_SPACE (whole GiB only) would override this field when set;
         # `_engine_environment` clears it so fractions of a GiB work on both devices.
-        kwargs["kv_cache_memory_bytes"] = int(float(kv_cache_gb) * GiB)
-    kwargs.update(getattr(spec, "engine_args", None) or {})
+        kwargs["kv_cache_memory_bytes"] = int(spec.kv_cache_gb * GiB)
+    kwargs.update(spec.engine_args)
     return kwargs
 
 
@@ -603,7 +584,9 @@ class VLLMBackend(Backend):
     def __init__(self, max_queue: int = 64) -> None:
         _require_vllm()
         self.max_queue = max_queue
-        self._device = "cuda:0" if _cuda_available() else "cpu"
+        from vllm.platforms import current_platform  # vLLM's own answer: its build, the devices
+
+        self._device = "cuda:0" if current_platform.is_cuda() else current_platform.device_type
         self._lock = threading.Lock()
         self._thread: _LoopThread | None = None
         self._models: list[VLLMLoadedModel] = []
@@ -644,7 +627,7 @@ class VLLMBackend(Backend):
         engine_args = make_engine_args(spec, self._device)  # ValueError on unknown names
         tokenizer = _load_tokenizer(spec)
         thread = self._loop_thread()
-        with _engine_environment(self._device, getattr(spec, "kv_cache_gb", None) is not None):
+        with _engine_environment(self._device, spec.kv_cache_gb is not None):
             vllm_config = engine_args.create_engine_config()
             _check_head_size(vllm_config, self._device)
             engine = AsyncLLM.from_vllm_config(
