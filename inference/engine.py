@@ -186,7 +186,7 @@ class Engine:
         """Make `spec` resident (loading it if needed) and return it; waits, never times out."""
         spec = self._resolved(spec)
         model = self.residency.resident(spec)
-        if model is not None:
+        if model is not None:  # the request path: no hop through a future when loaded
             return model
         return await asyncio.wrap_future(self.residency.load(spec))
 

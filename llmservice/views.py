@@ -26,13 +26,14 @@ async def ready(request):
     except Exception as exc:
         return JsonResponse({"status": "unavailable", "database": str(exc)}, status=503)
     engine = current_engine()
+    loaded = engine.loaded() if engine else []
     body = {
         "status": "ok",
         "database": "ok",
         "engine": "started" if engine else "idle",
         "default_model": {"name": preload.model, "status": preload.status, "error": preload.error},
-        "loaded_models": [m.name for m in engine.loaded()] if engine else [],
-        "backends": {m.name: m.backend for m in engine.loaded()} if engine else {},
+        "loaded_models": [m.name for m in loaded],
+        "backends": {m.name: m.backend for m in loaded},
     }
     if preload.status in ("loading", "failed"):
         body["status"] = "loading" if preload.status == "loading" else "unavailable"

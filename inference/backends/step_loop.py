@@ -390,19 +390,13 @@ STEPPED = Capabilities(prefix_cache=True, constrained=True)
 class SteppedModel(LoadedModel):
     """The request-level face of a batch stepped by a StepLoop."""
 
-    def __init__(
-        self,
-        loop: StepLoop,
-        batch: StepBatch,
-        *,
-        backend_name: str,
-        capabilities: Capabilities = STEPPED,
-    ) -> None:
+    capabilities = STEPPED
+
+    def __init__(self, loop: StepLoop, batch: StepBatch, *, backend_name: str) -> None:
         self._loop = loop
         self._batch = batch
         self._slot = loop.attach(batch)
         self.backend_name = backend_name
-        self.capabilities = capabilities
         self.tokenizer = batch.tokenizer
         self.context_length = batch.context_length
         self.memory_bytes = batch.memory_bytes
@@ -412,10 +406,6 @@ class SteppedModel(LoadedModel):
     @property
     def spec(self) -> ModelSpec:
         return self._batch.spec
-
-    @property
-    def batch(self) -> StepBatch:
-        return self._batch
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         sink = Sink(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
