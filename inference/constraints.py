@@ -45,6 +45,19 @@ def _compile(schema_json: str) -> Constraint:
     return Constraint("json_schema", schema_json, grammar)
 
 
+@lru_cache(maxsize=512)
+def lark_constraint(lark: str) -> Constraint:
+    """The constraint for an llguidance lark grammar (tool calls: inference/tools.py)."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+    except (ValueError, TypeError) as exc:
+        raise ConstraintError(f"the grammar is invalid: {exc}") from exc
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise ConstraintError(f"the tools' schemas cannot be enforced: {error}")
+    return Constraint("lark", lark, grammar)
+
+
 def tokenizer_for(hf_tokenizer: Any, eos_token_ids: frozenset[int]) -> llguidance.LLTokenizer:
     """llguidance's view of a model's tokenizer (about 0.2 s for a 49k vocabulary: once a model),
     ending a finished output with a token that ends the model's sequences."""

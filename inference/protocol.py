@@ -25,10 +25,31 @@ class ImagePart(Schema):
     type: Literal["image_url", "input_audio", "file"]
 
 
+class FunctionCall(Schema):
+    name: str
+    arguments: str  # JSON text, as the model wrote it
+
+
+class ToolCall(Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class Message(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: the call this answers
+
+    @model_validator(mode="after")
+    def tool_fields_on_their_roles(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("messages with role 'tool' need a `tool_call_id`")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry `tool_calls`")
+        return self
 
     @field_validator("content")
     @classmethod
@@ -47,6 +68,30 @@ class Message(Schema):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content if isinstance(part, TextPart))
+
+
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class FunctionDefinition(Schema):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None takes no arguments
+    strict: bool | None = None
+
+
+class Tool(Schema):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Schema):
+    name: str
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(Schema):
@@ -142,10 +187,13 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[str] | None = None
     parallel_tool_calls: bool | None = None
     prediction: Any = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     response_format: ResponseFormat | None = None
-    tool_choice: Any = None
-    tools: list[Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # vLLM's extension: more variables for the chat template (enable_thinking, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @field_validator("audio", "prediction", "functions", "function_call")
     @classmethod
@@ -163,19 +211,44 @@ class ChatCompletionRequest(SamplingFields):
 
     @field_validator("tools")
     @classmethod
-    def no_tools_yet(cls, value):
-        # Tool calling needs a model's tool-call parser and constrained decoding (in progress);
-        # until then a request with tools is refused rather than answered with prose.
+    def distinct_tool_names(cls, value):
         if value:
-            refuse("tools", "tool calling is not implemented yet")
+            names = [t.function.name for t in value]
+            duplicate = next((n for n in names if names.count(n) > 1), None)
+            if duplicate:
+                raise ValueError(f"tool names must be unique: `{duplicate}` appears twice")
         return value
 
-    @field_validator("tool_choice")
+    @field_validator("chat_template_kwargs")
     @classmethod
-    def no_tool_choice_yet(cls, value):
-        if value not in (None, "none", "auto"):
-            refuse("tool_choice", "tool calling is not implemented yet")
+    def template_variables_only(cls, value):
+        reserved = {"messages", "tools", "add_generation_prompt", "tokenize", "chat_template"}
+        for key in value or {}:
+            if not key.isidentifier() or key in reserved:
+                raise ValueError(f"`{key}` cannot be passed to the chat template")
         return value
+
+    @model_validator(mode="after")
+    def tool_choice_names_an_offered_tool(self):
+        choice = self.tool_choice
+        if choice is None or choice == "none" or choice == "auto":
+            return self
+        if not self.tools:
+            raise ValueError("`tool_choice` other than none and auto needs `tools`")
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in {t.function.name for t in self.tools}:
+                raise ValueError(
+                    f"`tool_choice` names `{choice.function.name}`, which is not in `tools`"
+                )
+        return self
+
+    def offered_tools(self) -> list[Tool]:
+        """The tools the model may call: none when tool_choice is none, one when it is named."""
+        if not self.tools or self.tool_choice == "none":
+            return []
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [t for t in self.tools if t.function.name == self.tool_choice.function.name]
+        return list(self.tools)
 
     def constrained(self) -> bool:
         return self.response_format is not None and self.response_format.type != "text"
@@ -183,7 +256,7 @@ class ChatCompletionRequest(SamplingFields):
     @model_validator(mode="after")
     def top_logprobs_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs requires logprobs to be true")
+            raise ValueError("`top_logprobs` requires `logprobs` to be true")
         return self
 
     def max_new_tokens(self) -> int | None:
@@ -234,13 +307,21 @@ def now() -> int:
     return int(time.time())
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    return {
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    reasoning_tokens: int | None = None,
+) -> dict:
+    body = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
+    if reasoning_tokens is not None:
+        body["completion_tokens_details"] = {"reasoning_tokens": reasoning_tokens}
+    return body
 
 
 def chat_completion(

@@ -79,8 +79,8 @@ class Constraint:
     """What the output must match, compiled once per schema (inference/constraints.py): an
     llguidance grammar, which every backend applies with the same library."""
 
-    kind: str  # "json_schema" (json_object is the schema {"type": "object"})
-    schema_json: str  # the JSON schema, as text
+    kind: str  # "json_schema" (json_object is the schema {"type": "object"}) | "lark"
+    source: str  # the JSON schema as text, or the lark grammar (tool calls)
     grammar: str  # llguidance's grammar for it (compact JSON: no free whitespace)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -39,7 +40,12 @@ def on_validation_error(request: HttpRequest, exc: ValidationError):
     first = exc.errors[0] if exc.errors else {}
     param = _loc_to_param(list(first.get("loc", [])))
     msg = first.get("msg", "Invalid request")
-    if first.get("type") == "missing":
+    named = re.match(r"Value error, `([\w.\[\]]+)`", msg)
+    if param is None and named:
+        # A check across fields (a model validator) names the field its message is about.
+        param = named.group(1)
+        message = msg.removeprefix("Value error, ")
+    elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif first.get("type") == "json_invalid" or param is None:
         message = "We could not parse the JSON body of your request. " + msg

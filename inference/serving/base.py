@@ -16,6 +16,7 @@ from django.conf import settings
 from django.http import StreamingHttpResponse
 
 from inference import protocol
+from inference.answer import AnswerReader
 from inference.backends.base import LoadedModel
 from inference.engine import (
     EngineConfig,
@@ -69,6 +70,8 @@ class ModelDefaults:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     system_prompt: str = ""
+    tool_parser: str = ""  # "" (from the template) | a format in inference/tools.py | "none"
+    reasoning_parser: str = "auto"  # auto | think | none
 
 
 def spec_from_row(row: LLMModel) -> ModelSpec:
@@ -106,6 +109,8 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
         frequency_penalty=row.default_frequency_penalty,
         repetition_penalty=row.default_repetition_penalty,
         system_prompt=row.system_prompt,
+        tool_parser=row.tool_parser,
+        reasoning_parser=row.reasoning_parser,
     )
 
 
@@ -151,14 +156,31 @@ async def load_model(spec: ModelSpec) -> LoadedModel:
 # --- prompts ---------------------------------------------------------------------------------
 
 
-def render_chat(model: LoadedModel, spec: ModelSpec, messages: list[dict]) -> list[int]:
-    tokenizer = model.tokenizer
+def chat_template(model: LoadedModel, spec: ModelSpec) -> str | None:
     # The spec is read from the registry per request, so a template change applies at once.
-    template = spec.chat_template or getattr(tokenizer, "chat_template", None)
+    return spec.chat_template or getattr(model.tokenizer, "chat_template", None)
+
+
+def render_chat(
+    model: LoadedModel,
+    spec: ModelSpec,
+    messages: list[dict],
+    tools: list[dict] | None = None,
+    template_kwargs: dict | None = None,
+) -> list[int]:
+    """The prompt's tokens: messages (and tools, for a template that renders them) through the
+    model's chat template; `template_kwargs` reach templates that read them."""
+    tokenizer = model.tokenizer
+    template = chat_template(model, spec)
     if template:
         try:
             text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False, chat_template=template
+                messages,
+                tools=tools,
+                add_generation_prompt=True,
+                tokenize=False,
+                chat_template=template,
+                **(template_kwargs or {}),
             )
         except Exception as exc:
             raise APIError(
@@ -268,9 +290,20 @@ class Choice:
     finish_reason: str | None = None
     error: str | None = None
     logprobs: list[tuple[int, float, tuple]] = field(default_factory=list)
+    reader: AnswerReader | None = None  # chat: reasoning and tool calls apart from content
 
     def feed(self, delta: TokenDelta) -> str:
         """Text this delta releases; sets finish_reason when the sequence ends here."""
+        if self.finish_reason is not None:
+            return ""
+        out = self._feed(delta)
+        if self.reader is not None:
+            self.reader.feed(
+                out, token=delta.token is not None, final=self.finish_reason is not None
+            )
+        return out
+
+    def _feed(self, delta: TokenDelta) -> str:
         out = ""
         if self.detok is None:  # the engine's own text, its stop strings already applied
             if delta.token is not None:
@@ -326,10 +359,11 @@ class Job:
     stats: RequestStats | None = None
     group: GenerationGroup | None = None
     constraint: Constraint | None = None
+    reader: Callable[[], AnswerReader] | None = None  # chat: reads reasoning and tool calls
 
-    def usage(self, completion_tokens: int) -> dict:
+    def usage(self, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
         cached = min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
-        return protocol.usage(self.prompt_tokens, completion_tokens, cached)
+        return protocol.usage(self.prompt_tokens, completion_tokens, cached, reasoning_tokens)
 
     def note(self, group: GenerationGroup, choices: list[Choice]) -> None:
         """Copy what analytics wants into the request's stats (plain attribute writes)."""
@@ -375,6 +409,7 @@ class Job:
                 i,
                 None if native else Detokenizer(self.model.tokenizer),
                 StopFilter([] if native else self.stops),
+                reader=self.reader() if self.reader else None,
             )
             for i in range(len(self.prompts) * self.n)
         ]
@@ -437,10 +472,11 @@ async def run_to_end(job: Job) -> list[Choice]:
 async def stream_events(
     job: Job,
     group: GenerationGroup,
-    chunk: Callable[[Choice, str, bool], dict],
+    chunk: Callable[[Choice, str, bool], list[dict]],
     first: Callable[[int], dict] | None,
 ) -> AsyncIterator[str]:
-    """SSE events for a submitted job: `chunk(choice, text, final)` builds each choice's chunk."""
+    """SSE events for a submitted job: `chunk(choice, text, final)` builds the chunks a choice's
+    new text makes (none while a reader holds text back, always one with the finish reason)."""
     choices = job.choices()
     try:
         if first is not None:
@@ -457,12 +493,13 @@ async def stream_events(
             if choice.finish_reason is not None:
                 if index in group.open:
                     group.cancel(index)
-                yield sse(chunk(choice, text, True))
+                for frame in chunk(choice, text, True):
+                    yield sse(frame)
             elif text or (delta.logprob is not None):
-                yield sse(chunk(choice, text, False))
+                for frame in chunk(choice, text, False):
+                    yield sse(frame)
         if job.include_usage:
-            completion = sum(c.tokens for c in choices)
-            yield sse(usage_chunk(job, completion))
+            yield sse(usage_chunk(job, choices))
         yield sse("[DONE]")
     finally:
         # Runs on normal end and on client disconnect (CancelledError): the slot is freed.
@@ -470,11 +507,17 @@ async def stream_events(
         job.note(group, choices)
 
 
-def usage_chunk(job: Job, completion_tokens: int) -> dict:
-    u = job.usage(completion_tokens)
+def usage_chunk(job: Job, choices: list[Choice]) -> dict:
+    u = job.usage(sum(c.tokens for c in choices), reasoning_tokens(choices))
     if job.kind == "chat":
         return protocol.chat_chunk(job.id, job.created, job.spec.name, [], FINGERPRINT, u)
     return protocol.text_completion(job.id, job.created, job.spec.name, [], u, FINGERPRINT)
+
+
+def reasoning_tokens(choices: list[Choice]) -> int | None:
+    """Tokens the answers spent reasoning, where a reasoning parser read them (chat)."""
+    readers = [c.reader for c in choices if c.reader is not None]
+    return sum(r.reasoning_tokens for r in readers) if readers else None
 
 
 def streaming_response(events: AsyncIterator[str], group: GenerationGroup) -> StreamingHttpResponse:

@@ -1,18 +1,33 @@
-"""POST /v1/chat/completions: messages through the chat template, a full or streamed answer."""
+"""POST /v1/chat/completions: messages (and tools) through the chat template; the answer's
+reasoning, content and tool calls each in their own field, full or streamed."""
 
 from __future__ import annotations
 
+import json
+import weakref
+from dataclasses import dataclass
+from functools import partial
+
 from django.http import StreamingHttpResponse
 
-from inference import protocol
-from inference.constraints import ConstraintError, json_constraint
+from inference import protocol, tools
+from inference.answer import (
+    AnswerReader,
+    ReasoningReader,
+    prompt_opens_thinking,
+    thinking_markers,
+)
+from inference.backends.base import LoadedModel
+from inference.constraints import ConstraintError, json_constraint, lark_constraint
 from inference.serving.base import (
     FINGERPRINT,
     Choice,
     Job,
     ModelDefaults,
     budget,
+    chat_template,
     load_model,
+    reasoning_tokens,
     render_chat,
     resolve_model,
     run_to_end,
@@ -26,17 +41,129 @@ from inference.types import Constraint, RequestStats
 from llmservice.errors import APIError
 
 
-def chat_messages(request: protocol.ChatCompletionRequest, defaults: ModelDefaults) -> list[dict]:
-    messages = [
-        {"role": m.role if m.role != "developer" else "system", "content": m.text()}
-        for m in request.messages
-    ]
-    if defaults.system_prompt:
+@dataclass(frozen=True)
+class ToolPlan:
+    """How this request's tools reach the model and how its calls are read back."""
+
+    fmt: tools.ToolFormat
+    native: bool  # the chat template renders tools; else the generic tool prompt does
+    listed: list[tools.ToolDef]  # shown to the model
+    offered: list[tools.ToolDef]  # callable in this answer (none for tool_choice none)
+    required: bool  # tool_choice required or a named function: the answer is calls only
+    parallel: bool
+
+
+def tool_plan(
+    request: protocol.ChatCompletionRequest,
+    defaults: ModelDefaults,
+    template: str | None,
+    model: LoadedModel,
+) -> ToolPlan | None:
+    in_history = any(m.tool_calls or m.role == "tool" for m in request.messages)
+    if not request.tools and not in_history:
+        return None
+    if defaults.tool_parser == "none" and request.offered_tools():
+        raise APIError(400, f"Model `{request.model}` is set not to call tools.", param="tools")
+    native = tools.template_renders_tools(template)
+    if defaults.tool_parser and defaults.tool_parser != "none":
+        name = defaults.tool_parser
+    elif native:
+        name = _inferred_format(model, template)
+    else:
+        name = "hermes"
+    fmt = tools.get_format(name)
+    listed = [] if request.tool_choice == "none" else [_tool_def(t) for t in request.tools or []]
+    named = isinstance(request.tool_choice, protocol.NamedToolChoice)
+    return ToolPlan(
+        fmt=fmt,
+        native=native,
+        listed=listed,
+        offered=[_tool_def(t) for t in request.offered_tools()],
+        required=request.tool_choice == "required" or named,
+        parallel=request.parallel_tool_calls is not False,
+    )
+
+
+# Per tokenizer and template: inferring reads the vocabulary, too slow for every request.
+_formats: weakref.WeakKeyDictionary[object, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _inferred_format(model: LoadedModel, template: str) -> str:
+    known = _formats.setdefault(model.tokenizer, {})
+    if template not in known:
+        known[template] = tools.infer_format(template, model.tokenizer.get_vocab())
+    return known[template]
+
+
+def _tool_def(tool: protocol.Tool) -> tools.ToolDef:
+    f = tool.function
+    return tools.ToolDef(f.name, f.description, f.parameters)
+
+
+def _arguments(call: protocol.ToolCall) -> dict:
+    try:
+        value = json.loads(call.function.arguments or "{}")
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise APIError(
+            400,
+            f"The arguments of tool call `{call.id}` are not a JSON object.",
+            param="messages",
+        )
+    return value
+
+
+def chat_messages(
+    request: protocol.ChatCompletionRequest, defaults: ModelDefaults, plan: ToolPlan | None
+) -> list[dict]:
+    messages = []
+    mistral = plan is not None and isinstance(plan.fmt, tools.MistralFormat)
+    ids = tools.MistralFormat.call_id if mistral else str
+    for m in request.messages:
+        message: dict = {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        if m.tool_calls:
+            calls = [(c.function.name, _arguments(c)) for c in m.tool_calls]
+            if plan is not None and not plan.native:
+                written = plan.fmt.render(calls)
+                message["content"] = (
+                    message["content"] + "\n" if message["content"] else ""
+                ) + written
+            else:
+                message["tool_calls"] = [
+                    {"id": ids(c.id), "type": "function", "function": {"name": n, "arguments": a}}
+                    for c, (n, a) in zip(m.tool_calls, calls, strict=True)
+                ]
+        if m.role == "tool":
+            if plan is not None and not plan.native:
+                message = {
+                    "role": "user",
+                    "content": f"<tool_response>\n{message['content']}\n</tool_response>",
+                }
+            else:
+                message["tool_call_id"] = ids(m.tool_call_id)
+                if m.name:
+                    message["name"] = m.name
+        messages.append(message)
+    system = [defaults.system_prompt] if defaults.system_prompt else []
+    if plan is not None and not plan.native and plan.listed:
+        system.append(tools.generic_tool_prompt(plan.fmt, plan.listed))
+    if system:
+        text = "\n\n".join(system)
         if messages and messages[0]["role"] == "system":
-            messages[0]["content"] = defaults.system_prompt + "\n\n" + messages[0]["content"]
+            messages[0]["content"] = text + "\n\n" + messages[0]["content"]
         else:
-            messages.insert(0, {"role": "system", "content": defaults.system_prompt})
+            messages.insert(0, {"role": "system", "content": text})
     return messages
+
+
+def template_kwargs(request: protocol.ChatCompletionRequest) -> dict:
+    kwargs = dict(request.chat_template_kwargs or {})
+    if request.reasoning_effort is not None:
+        kwargs.setdefault("reasoning_effort", request.reasoning_effort)
+        if request.reasoning_effort == "none":
+            kwargs.setdefault("enable_thinking", False)  # Qwen3's templates read this one
+    return kwargs
 
 
 def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | None:
@@ -63,7 +190,14 @@ async def prepare_chat(
 ) -> Job:
     spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
-    prompt = render_chat(model, spec, chat_messages(request, defaults))
+    template = chat_template(model, spec)
+    plan = tool_plan(request, defaults, template, model)
+    listed = [t.openai() for t in plan.listed] if plan and plan.native and plan.listed else None
+    prompt = render_chat(
+        model, spec, chat_messages(request, defaults, plan), listed, template_kwargs(request)
+    )
+    markers = thinking_markers(model.tokenizer, defaults.reasoning_parser)
+    opened = prompt_opens_thinking(model.tokenizer.decode(prompt[-8:]), markers)
     max_tokens = budget(model, spec, len(prompt), request.max_new_tokens(), defaults, "messages")
     top = request.top_logprobs or 0
     params = sampling_params(
@@ -74,6 +208,10 @@ async def prepare_chat(
         top_logprobs=top,
         vocab=len(model.tokenizer),
     )
+    reads_calls = plan is not None and bool(plan.offered)
+    reader = None
+    if markers or reads_calls:
+        reader = partial(_answer_reader, markers, opened, plan.fmt if reads_calls else None)
     return Job(
         kind="chat",
         id=protocol.new_id("chatcmpl"),
@@ -87,42 +225,108 @@ async def prepare_chat(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         top_logprobs=top,
         stats=stats,
-        constraint=output_constraint(request, model),
+        constraint=output_constraint(request, model, plan, markers, opened),
+        reader=reader,
     )
 
 
-def output_constraint(request: protocol.ChatCompletionRequest, model) -> Constraint | None:
-    """response_format as a constraint every backend enforces, or a 400 saying why not."""
-    if not request.constrained():
+def _answer_reader(
+    markers: tuple[str, str] | None, opened: bool, fmt: tools.ToolFormat | None
+) -> AnswerReader:
+    return AnswerReader(
+        reasoning=ReasoningReader(markers, opened) if markers else None,
+        tools=tools.ToolCallReader(fmt) if fmt else None,
+    )
+
+
+def output_constraint(
+    request: protocol.ChatCompletionRequest,
+    model: LoadedModel,
+    plan: ToolPlan | None,
+    markers: tuple[str, str] | None = None,
+    opened: bool = False,
+) -> Constraint | None:
+    """What the answer must match (response_format, required or named tool calls, the calls
+    that follow a tool-call trigger), as a constraint every backend enforces, or a 400."""
+    schema = None
+    if request.constrained():
+        schema = request.response_format.output_schema() or {"type": "object"}
+    calls = plan.offered if plan is not None else []
+    if schema is None and not calls:
         return None
+    param = "response_format" if schema is not None else "tool_choice"
     if not model.capabilities.constrained:
         raise APIError(
-            400,
-            f"Model `{request.model}`'s backend cannot constrain its output.",
-            param="response_format",
+            400, f"Model `{request.model}`'s backend cannot constrain its output.", param=param
         )
+    if calls and not plan.fmt.constrainable:
+        if plan.required or schema is not None:
+            raise APIError(
+                400,
+                f"Model `{request.model}` writes tool calls as `{plan.fmt.name}`, which this "
+                "server reads but cannot yet force: use tool_choice auto without "
+                "response_format, or set the model's tool_parser.",
+                param=param,
+            )
+        return None
     try:
-        return json_constraint(request.response_format.output_schema())
+        if calls:
+            lark = tools.tool_grammar(
+                plan.fmt,
+                calls,
+                required=plan.required,
+                parallel=plan.parallel,
+                answer_schema=schema,
+            )
+        elif markers is None:
+            return json_constraint(request.response_format.output_schema())
+        else:
+            lark = tools.json_grammar(schema)
+        if markers is not None:
+            lark = tools.after_reasoning(lark, markers, opened)
+        return lark_constraint(lark)
     except ConstraintError as exc:
-        raise APIError(400, f"response_format: {exc}", param="response_format") from exc
+        raise APIError(400, f"{param}: {exc}", param=param) from exc
+
+
+def _message(job: Job, choice: Choice) -> tuple[dict, str | None]:
+    message: dict = {"role": "assistant", "content": choice.text, "refusal": None}
+    finish = choice.finish_reason
+    reader = choice.reader
+    if reader is None:
+        return message, finish
+    # No content beside reasoning or calls is null, as OpenAI's and vLLM's answers have it.
+    message["content"] = reader.content or (None if reader.reasoning_text or reader.calls else "")
+    if reader.reasoning is not None:
+        message["reasoning_content"] = reader.reasoning_text or None
+    if reader.tools is not None and reader.calls:
+        message["tool_calls"] = [call.wire(i) for i, call in enumerate(reader.calls)]
+        for call in message["tool_calls"]:
+            del call["index"]
+        if finish == "stop":
+            finish = "tool_calls"
+    return message, finish
 
 
 async def chat_full(job: Job) -> dict:
     choices = await run_to_end(job)
+    body = []
+    for c in choices:
+        message, finish = _message(job, c)
+        body.append(
+            {
+                "index": c.index,
+                "message": message,
+                "logprobs": chat_logprobs(job, c.logprobs),
+                "finish_reason": finish,
+            }
+        )
     return protocol.chat_completion(
         job.id,
         job.created,
         job.spec.name,
-        [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": chat_logprobs(job, c.logprobs),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        job.usage(sum(c.tokens for c in choices)),
+        body,
+        job.usage(sum(c.tokens for c in choices), reasoning_tokens(choices)),
         FINGERPRINT,
     )
 
@@ -130,41 +334,47 @@ async def chat_full(job: Job) -> dict:
 async def chat_stream(job: Job) -> StreamingHttpResponse:
     usage_field = {"usage": None} if job.include_usage else {}
     sent: dict[int, int] = {}  # logprob entries already sent, per choice
+    calls_sent: dict[int, int] = {}  # tool calls already sent, per choice
 
-    def frame(choices: list[dict]) -> dict:
+    def frame(index: int, delta: dict, logprobs=None, finish: str | None = None) -> dict:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return (
-            protocol.chat_chunk(job.id, job.created, job.spec.name, choices, FINGERPRINT)
+            protocol.chat_chunk(job.id, job.created, job.spec.name, [choice], FINGERPRINT)
             | usage_field
         )
 
     def first(index: int) -> dict:
-        return frame(
-            [
-                {
-                    "index": index,
-                    "delta": {"role": "assistant", "content": ""},
-                    "logprobs": None,
-                    "finish_reason": None,
-                }
-            ]
-        )
+        return frame(index, {"role": "assistant", "content": ""})
 
-    def chunk(choice: Choice, text: str, final: bool) -> dict:
+    def chunk(choice: Choice, text: str, final: bool) -> list[dict]:
         logprobs = None
         if job.params.logprobs:
             start = sent.get(choice.index, 0)
             logprobs = chat_logprobs(job, choice.logprobs[start:])
             sent[choice.index] = len(choice.logprobs)
-        return frame(
-            [
-                {
-                    "index": choice.index,
-                    "delta": {"content": text} if text or not final else {},
-                    "logprobs": logprobs,
-                    "finish_reason": choice.finish_reason if final else None,
-                }
-            ]
-        )
+        if choice.reader is None:
+            delta = {"content": text} if text or not final else {}
+            return [frame(choice.index, delta, logprobs, choice.finish_reason if final else None)]
+        reasoning, content, calls = choice.reader.take()
+        frames = []
+        delta = {}
+        if reasoning:
+            delta["reasoning_content"] = reasoning
+        if content:
+            delta["content"] = content
+        if delta or (logprobs and logprobs["content"]):
+            frames.append(frame(choice.index, delta, logprobs))
+        for call in calls:
+            i = calls_sent.get(choice.index, 0)
+            calls_sent[choice.index] = i + 1
+            wire = call.wire(i)
+            head = wire | {"function": {"name": call.name, "arguments": ""}}
+            frames.append(frame(choice.index, {"tool_calls": [head]}))
+            tail = {"index": i, "function": {"arguments": call.arguments}}
+            frames.append(frame(choice.index, {"tool_calls": [tail]}))
+        if final:
+            frames.append(frame(choice.index, {}, None, _message(job, choice)[1]))
+        return frames
 
     group = await submit(job)
     return streaming_response(stream_events(job, group, chunk, first), group)

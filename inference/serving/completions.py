@@ -125,7 +125,7 @@ async def completion_stream(job: Job) -> StreamingHttpResponse:
     echoed: set[int] = set()
     sent: dict[int, int] = {}
 
-    def chunk(choice: Choice, text: str, final: bool) -> dict:
+    def chunk(choice: Choice, text: str, final: bool) -> list[dict]:
         if choice.index not in echoed:
             echoed.add(choice.index)
             text = _echo(job, choice) + text
@@ -151,7 +151,7 @@ async def completion_stream(job: Job) -> StreamingHttpResponse:
         )
         if job.include_usage:
             body["usage"] = None
-        return body
+        return [body]
 
     group = await submit(job)
     return streaming_response(stream_events(job, group, chunk, None), group)
