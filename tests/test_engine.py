@@ -28,7 +28,7 @@ class FlakyModel(StepBatch):
         self.running: dict[int, int] = {}
         self.steps, self.fail_at, self.resets = 0, fail_at, 0
 
-    def add(self, seq_id, request):
+    def add(self, seq_id, request, prepared=None):
         self.running[seq_id] = request.params.max_tokens
 
     def remove(self, seq_ids):

@@ -163,14 +163,23 @@ class MLXBatch(StepBatch):
             rest = prompt[-1:]
         return cache, rest
 
-    def add(self, seq_id: int, request: GenerationRequest) -> int:
+    def prepare(self, request: GenerationRequest) -> constraints.GrammarProcessor | None:
+        if request.constraint is None:
+            return None
+        return constraints.GrammarProcessor(self._grammar_tokenizer, request.constraint)
+
+    def add(
+        self,
+        seq_id: int,
+        request: GenerationRequest,
+        prepared: constraints.GrammarProcessor | None = None,
+    ) -> int:
         params = request.params
         prompt = list(request.prompt_tokens)
         processors = make_processors(params)
-        if request.constraint is not None:
-            processors.append(
-                constraints.GrammarProcessor(self._grammar_tokenizer, request.constraint)
-            )
+        grammar = prepared if prepared is not None else self.prepare(request)
+        if grammar is not None:
+            processors.append(grammar)
         cache, rest = self._cached_prefix(prompt)
         (uid,) = self._gen.insert(
             [rest],

@@ -48,8 +48,13 @@ class StepBatch(ABC):
     memory_bytes: int
     eos_token_ids: frozenset[int]
 
+    def prepare(self, request: GenerationRequest) -> Any:
+        """Per-request work done on the caller's thread before the request is queued (building
+        its grammar matcher), so the step loop never waits on it; handed to `add`."""
+        return None
+
     @abstractmethod
-    def add(self, seq_id: int, request: GenerationRequest) -> int | None:
+    def add(self, seq_id: int, request: GenerationRequest, prepared: Any = None) -> int | None:
         """Join the batch at the next step; returns how many prompt tokens came from a cache."""
 
     @abstractmethod
@@ -78,6 +83,7 @@ class Submit:
     slot: Slot
     request: GenerationRequest
     sink: Sink
+    prepared: Any = None
 
 
 @dataclass(frozen=True)
@@ -113,7 +119,7 @@ class Sink:
 @dataclass(eq=False)
 class Slot:
     batch: StepBatch
-    waiting: deque = field(default_factory=deque)  # (seq_id, request)
+    waiting: deque = field(default_factory=deque)  # (seq_id, request, prepared)
     running: set[int] = field(default_factory=set)
     closed: bool = False
 
@@ -170,20 +176,22 @@ class StepLoop:
         for seq_id in list(slot.running):
             self._finish(seq_id, TokenDelta(None, finish_reason="error", error="model unloaded"))
         while slot.waiting:
-            seq_id, _ = slot.waiting.popleft()
+            seq_id, *_ = slot.waiting.popleft()
             with self._lock:
                 self._queued -= 1
             self._finish(seq_id, TokenDelta(None, finish_reason="error", error="model unloaded"))
         slot.running.clear()
 
-    def submit(self, slot: Slot, request: GenerationRequest, sink: Sink) -> int:
+    def submit(
+        self, slot: Slot, request: GenerationRequest, sink: Sink, prepared: Any = None
+    ) -> int:
         """Queue a request for `slot`'s batch; raises QueueFull past the admission limit."""
         with self._lock:
             if self._queued >= self.max_queue:
                 raise QueueFull()
             self._queued += 1
         seq_id = next(self._seq_ids)
-        self._commands.put(Submit(seq_id, slot, request, sink))
+        self._commands.put(Submit(seq_id, slot, request, sink, prepared))
         return seq_id
 
     def cancel(self, seq_id: int) -> None:
@@ -219,7 +227,7 @@ class StepLoop:
                 if slot.running:
                     self._step(slot)
         for slot in list(self._slots):
-            for seq_id in list(slot.running) + [s for s, _ in slot.waiting]:
+            for seq_id in list(slot.running) + [s for s, *_ in slot.waiting]:
                 self._finish(
                     seq_id, TokenDelta(None, finish_reason="error", error="server shutting down")
                 )
@@ -269,7 +277,7 @@ class StepLoop:
 
     def _handle(self, command: Submit | Cancel | Call | Wake) -> None:
         match command:
-            case Submit(seq_id, slot, request, sink):
+            case Submit(seq_id, slot, request, sink, prepared):
                 self._sinks[seq_id] = sink
                 if slot.closed:
                     with self._lock:
@@ -278,7 +286,7 @@ class StepLoop:
                         seq_id, TokenDelta(None, finish_reason="error", error="model unloaded")
                     )
                     return
-                slot.waiting.append((seq_id, request))
+                slot.waiting.append((seq_id, request, prepared))
             case Cancel(seq_id):
                 self._cancel(seq_id)
             case Call(fn, future):
@@ -296,14 +304,14 @@ class StepLoop:
         now = time.monotonic()
         limit = slot.batch.spec.max_batch_size
         while slot.waiting and len(slot.running) < limit:
-            seq_id, request = slot.waiting.popleft()
+            seq_id, request, prepared = slot.waiting.popleft()
             with self._lock:
                 self._queued -= 1
             sink = self._sinks.get(seq_id)
             if sink is None:  # cancelled while waiting
                 continue
             try:
-                sink.cached_tokens = slot.batch.add(seq_id, request) or 0
+                sink.cached_tokens = slot.batch.add(seq_id, request, prepared) or 0
             except Exception as exc:
                 log.exception("could not add request %s", request.request_id)
                 self._finish(seq_id, TokenDelta(None, finish_reason="error", error=str(exc)))
@@ -409,7 +417,8 @@ class SteppedModel(LoadedModel):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         sink = Sink(loop=asyncio.get_running_loop(), queue=asyncio.Queue())
-        seq_id = self._loop.submit(self._slot, request, sink)
+        prepared = self._batch.prepare(request)
+        seq_id = self._loop.submit(self._slot, request, sink, prepared)
         self._seqs[request.request_id] = seq_id
         return self._deltas(request.request_id, sink)
 
