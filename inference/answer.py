@@ -101,11 +101,12 @@ class AnswerReader:
         default_factory=lambda: ([], [], [])
     )
 
-    def feed(self, text: str, *, token: bool, final: bool) -> None:
+    def feed(self, text: str, *, token: int | None, final: bool) -> None:
+        """`text` is what token `token` (None: none, at the end) added to the answer."""
         if self.reasoning is not None:
             was = self.reasoning.active
             thought, text = self.reasoning.feed(text, final)
-            if token and (was or self.reasoning.active):
+            if token is not None and (was or self.reasoning.active):
                 self.reasoning_tokens += 1
             if thought:
                 self.reasoning_text += thought

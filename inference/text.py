@@ -39,9 +39,9 @@ class Detokenizer:
     """Incremental detokenizing that never emits half a UTF-8 character or a half-merged word:
     the tokenizers library's DecodeStream over the Hugging Face fast tokenizer."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._backend = tokenizer.backend_tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token: int) -> str:
         return self._stream.step(self._backend, token) or ""

@@ -84,6 +84,34 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+Special = dict[str, int]  # marker text -> its token id, for markers that are special tokens
+
+
+def lark_text(text: str, special: Special | None = None) -> str:
+    """Text as lark: literals, and the special tokens among its markers by id (`<[id]>`), since
+    a special token is never spelled by other tokens."""
+    pieces, rest = [], text
+    while rest:
+        found = [(rest.find(m), m) for m in (special or {}) if m and m in rest]
+        if not found:
+            pieces.append(_lit(rest))
+            break
+        at, marker = min(found)
+        if at:
+            pieces.append(_lit(rest[:at]))
+        pieces.append(f"<[{special[marker]}]>")
+        rest = rest[at + len(marker) :]
+    return " ".join(pieces)
+
+
+def special_markers(tokenizer: Any, texts: list[str | None]) -> Special:
+    """Which of these marker texts are single special tokens of the tokenizer (Mistral's
+    [TOOL_CALLS], LFM2's <|tool_call_start|>, ...)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    by_text = {t.content: i for i, t in added.items() if getattr(t, "special", False)}
+    return {text: by_text[text] for text in texts if text and text in by_text}
+
+
 class ToolFormat:
     """A family's tool-call format."""
 
@@ -125,9 +153,9 @@ class ToolFormat:
         ]
         return options[0] if len(options) == 1 else {"anyOf": options}
 
-    def body_rules(self, tools: list[ToolDef], parallel: bool) -> str:
-        """Lark rules defining `body`: everything after the first trigger to the last call's end.
-        None for formats we can read but not (yet) constrain."""
+    def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
+        """Lark rules defining `body`: everything after the first trigger to the last call's end
+        (`special`: the markers that are special tokens)."""
         raise NotImplementedError
 
     constrainable = True
@@ -151,10 +179,12 @@ class HermesFormat(ToolFormat):
             f"<tool_call>\n{_compact({'name': n, 'arguments': a})}\n</tool_call>" for n, a in calls
         )
 
-    def body_rules(self, tools: list[ToolDef], parallel: bool) -> str:
-        more = f"({_lit(chr(10) + self.start + chr(10))} call_json {_lit(chr(10) + self.end)})*"
+    def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
+        nl = "\n"
+        close = lark_text(nl + self.end, special)
+        more = f"({lark_text(nl + self.start + nl, special)} call_json {close})*"
         return (
-            f"body: {_lit(chr(10))} call_json {_lit(chr(10) + self.end)}"
+            f"body: {_lit(nl)} call_json {close}"
             f"{' ' + more if parallel else ''}\n"
             f"call_json: {_json(self.call_schema(tools))}\n"
         )
@@ -181,7 +211,7 @@ class Llama3JSONFormat(ToolFormat):
     def render(self, calls: list[tuple[str, Any]]) -> str:
         return "; ".join(_compact({"name": n, "parameters": a}) for n, a in calls)
 
-    def body_rules(self, tools: list[ToolDef], parallel: bool) -> str:
+    def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
         return f"body: {_json(self.call_schema(tools))}\n"
 
 
@@ -208,7 +238,7 @@ class MistralFormat(ToolFormat):
     def render(self, calls: list[tuple[str, Any]]) -> str:
         return self.start + _compact([{"name": n, "arguments": a} for n, a in calls])
 
-    def body_rules(self, tools: list[ToolDef], parallel: bool) -> str:
+    def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
         array: dict[str, Any] = {"type": "array", "items": self.call_schema(tools), "minItems": 1}
         if not parallel:
             array["maxItems"] = 1
@@ -238,7 +268,7 @@ class PythonicFormat(ToolFormat):
 
         return self.start + "[" + ", ".join(call(n, a) for n, a in calls) + "]" + self.end
 
-    def body_rules(self, tools: list[ToolDef], parallel: bool) -> str:
+    def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
         # Values are JSON (the library parser reads true/false/null as Python would).
         rules, alternatives = [], []
         for t, tool in enumerate(tools):
@@ -268,7 +298,7 @@ class PythonicFormat(ToolFormat):
             alternatives.append(f"call{t}")
         calls = "pycall" + (f" ({_lit(', ')} pycall)*" if parallel else "")
         return (
-            f"body: {_lit('[')} {calls} {_lit(']' + self.end)}\n"
+            f"body: {_lit('[')} {calls} {lark_text(']' + self.end, special)}\n"
             f"pycall: {' | '.join(alternatives)}\n" + "\n".join(rules) + "\n"
         )
 
@@ -377,16 +407,22 @@ def tool_grammar(
     required: bool,
     parallel: bool,
     answer_schema: dict[str, Any] | None = None,
+    special: Special | None = None,
 ) -> str:
     """The lark grammar (llguidance) for an answer to these tools: calls only when `required`;
-    else free text (or JSON matching `answer_schema`) that may turn into calls at the trigger."""
-    lines = ["%llguidance {}", fmt.body_rules(tools, parallel).rstrip()]
+    else free text (or JSON matching `answer_schema`) that may turn into calls at the trigger.
+    `special`: the format's markers that are special tokens of the model's tokenizer."""
+    special = special or {}
+    lines = ["%llguidance {}", fmt.body_rules(tools, parallel, special).rstrip()]
     trigger = fmt.start
     if required:
-        lines.append(f"start: {_lit(trigger)} body" if trigger else "start: body")
+        lines.append(f"start: {lark_text(trigger, special)} body" if trigger else "start: body")
     elif answer_schema is not None:
         lines.append(f"answer: {_json(answer_schema)}")
-        lines.append(f"start: answer | {_lit(trigger) + ' ' if trigger else ''}body")
+        lines.append(f"start: answer | {lark_text(trigger, special) if trigger else ''} body")
+    elif trigger in special:
+        # Free text never holds a special token: the trigger token itself starts the calls.
+        lines += [f"start: TEXT | TEXT <[{special[trigger]}]> body", "TEXT: /(.|\\n)*/"]
     elif trigger:
         escaped = re.escape(trigger).replace("/", "\\/")
         lines += [
@@ -501,15 +537,23 @@ def json_grammar(schema: dict[str, Any]) -> str:
     return f"%llguidance {{}}\nstart: {_json(schema)}\n"
 
 
-def after_reasoning(lark: str, markers: tuple[str, str], opened: bool) -> str:
+def after_reasoning(
+    lark: str, markers: tuple[str, str], opened: bool, special: Special | None = None
+) -> str:
     """The grammar with the model's reasoning free before it: constrained output starts after
     the end marker. `opened`: the prompt already opened the reasoning."""
+    special = special or {}
     begin, end = markers
     body = re.sub(r"^start:", "answer:", lark, flags=re.MULTILINE)
-    escaped = re.escape(end).replace("/", "\\/")
-    thought = f"thought[lazy]: /(.|\\n)*{escaped}/\nNEWLINES: /\\n+/\n"
+    if end in special:  # free text never holds a special token: the end token closes it
+        thought = f"thought: THOUGHT <[{special[end]}]>\nTHOUGHT: /(.|\\n)*/\n"
+    else:
+        escaped = re.escape(end).replace("/", "\\/")
+        thought = f"thought[lazy]: /(.|\\n)*{escaped}/\n"
+    # Templates put a blank line after the reasoning; bounded, as a small model can loop in them.
+    thought += "NEWLINES: /\\n{1,2}/\n"
     if opened:
         start = "start: thought NEWLINES? answer\n"
     else:
-        start = f"start: ({_lit(begin)} thought NEWLINES?)? answer\n"
+        start = f"start: ({lark_text(begin, special)} thought NEWLINES?)? answer\n"
     return body + thought + start

@@ -47,6 +47,63 @@ def tiny_vllm_dir(smollm_dir: Path) -> Path:
     )
 
 
+# Markers real Mistral, LFM2 and thinking models have as special tokens.
+SPECIAL_MARKERS = [
+    "[TOOL_CALLS]",
+    "<|tool_call_start|>",
+    "<|tool_call_end|>",
+    "<think>",
+    "</think>",
+]
+
+
+@pytest.fixture(scope="session")
+def special_tokens_dir(smollm_dir: Path) -> Path:
+    """SmolLM2's tokenizer (and config) with SPECIAL_MARKERS added as special tokens."""
+
+    def build(target: Path) -> None:
+        import shutil
+
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_MARKERS})
+        tokenizer.save_pretrained(target)
+        for name in ("generation_config.json", "config.json"):  # config.json last: "built"
+            if (smollm_dir / name).exists():
+                shutil.copyfile(smollm_dir / name, target / name)
+
+    return _build_once(CACHE / "smollm2-special-tokenizer", build)
+
+
+@pytest.fixture(scope="session")
+def tiny_special_dir(special_tokens_dir: Path) -> Path:
+    """The tiny llama over that tokenizer: it can write the markers as single tokens."""
+    from models_app.gguf import make_tiny_model
+
+    return _build_once(
+        CACHE / "tiny-special", lambda t: make_tiny_model(special_tokens_dir, t, seed=0)
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_vllm_special_dir(special_tokens_dir: Path) -> Path:
+    from models_app.gguf import make_tiny_model
+
+    return _build_once(
+        CACHE / "tiny-h128-special",
+        lambda t: make_tiny_model(special_tokens_dir, t, hidden_size=128, seed=0),
+    )
+
+
+@pytest.fixture(scope="session")
+def special_ids(special_tokens_dir: Path) -> dict[str, int]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(special_tokens_dir)
+    return {m: tokenizer.convert_tokens_to_ids(m) for m in SPECIAL_MARKERS}
+
+
 def vllm_tested_here() -> bool:
     """vLLM runs on Linux (its CPU build here, CUDA elsewhere); Macs never install it. On Linux
     `make test` installs it, so its absence fails the vLLM tests instead of skipping them."""
@@ -81,21 +138,31 @@ VLLM = {"backend": "vllm", "kv_cache_gb": VLLM_TEST_KV_GB, "context_length": 204
 
 
 @pytest.fixture(scope="session")
-def mlx_server(tmp_path_factory, tiny_dir: Path) -> Server:
-    """One daphne server with the tiny model as `tiny` (the default) on mlx."""
-    with Server(tmp_path_factory.mktemp("server"), models=[("tiny", tiny_dir, True)]) as srv:
+def mlx_server(tmp_path_factory, tiny_dir: Path, tiny_special_dir: Path) -> Server:
+    """One daphne server with the tiny model as `tiny` (the default) on mlx, and its twin whose
+    vocabulary has special markers as `tiny-special`."""
+    with Server(
+        tmp_path_factory.mktemp("server"),
+        models=[("tiny", tiny_dir, True), ("tiny-special", tiny_special_dir, False)],
+    ) as srv:
         yield srv
 
 
 @pytest.fixture(scope="session")
-def vllm_server(tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path) -> Server:
+def vllm_server(
+    tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path, tiny_vllm_special_dir: Path
+) -> Server:
     """One server whose models run on vLLM's engine (its CPU build here): the tiny model as
-    `tiny` (the default) and the real SmolLM2. Each engine takes most of a minute to start, so
-    every vLLM test shares these two."""
+    `tiny` (the default), the real SmolLM2 and `tiny-special`. Each engine takes most of a
+    minute to start, so every vLLM test shares these."""
     with Server(
         tmp_path_factory.mktemp("vllm-server"),
-        models=[("tiny", tiny_vllm_dir, True, VLLM), ("smollm2", smollm_dir, False, VLLM)],
-        env={"LLM_SERVICE_MAX_LOADED_MODELS": "3"},  # room for a third that fails to load
+        models=[
+            ("tiny", tiny_vllm_dir, True, VLLM),
+            ("smollm2", smollm_dir, False, VLLM),
+            ("tiny-special", tiny_vllm_special_dir, False, VLLM),
+        ],
+        env={"LLM_SERVICE_MAX_LOADED_MODELS": "4"},  # room for one more that fails to load
         ready_timeout=600,
     ) as srv:
         yield srv

@@ -104,3 +104,32 @@ def test_a_constrained_answer_starts_after_the_reasoning(client, server):
     assert reply.choices[0].finish_reason == "stop", message.reasoning_content
     assert set(message.reasoning_content) <= set("</think>")
     jsonschema.validate(json.loads(message.content), schema)
+
+
+def test_thinking_tokens_in_the_vocabulary_turn_the_parser_on_and_json_follows(server, special_ids):
+    """tiny-special's vocabulary has <think> and </think> as tokens: its reasoning is read by
+    default; with </think> favoured, the reasoning closes at once and the JSON answer follows."""
+    client = server.openai()
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
+    server.set_model("tiny-special", chat_template=THINKING_TEMPLATE)
+    try:
+        reply = client.chat.completions.create(
+            model="tiny-special",
+            messages=[{"role": "user", "content": "A digit, please."}],
+            max_tokens=40,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+            logit_bias={str(special_ids["</think>"]): 100},
+        )
+    finally:
+        server.set_model("tiny-special", chat_template="")
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "stop", (message.content, message.reasoning_content)
+    assert message.reasoning_content is None  # closed before any thought
+    assert reply.usage.completion_tokens_details.reasoning_tokens == 1
+    jsonschema.validate(json.loads(message.content), schema)

@@ -47,6 +47,12 @@ def test_special_tokens_are_left_out_of_the_text(tokenizer):
     assert "".join(detok.add(t) for t in ids) + detok.flush() == "Hithere"
 
 
+def test_special_tokens_stay_in_the_text_when_markers_need_reading(tokenizer):
+    detok = Detokenizer(tokenizer, skip_special_tokens=False)
+    ids = tokenizer.encode("Hi<|im_end|>there", add_special_tokens=False)
+    assert "".join(detok.add(t) for t in ids) + detok.flush() == "Hi<|im_end|>there"
+
+
 def test_token_texts_give_each_token_its_bytes_even_inside_a_character(tokenizer):
     texts = TokenTexts(tokenizer)
     ids = tokenizer.encode("🙂", add_special_tokens=False)

@@ -163,21 +163,21 @@ def test_reasoning_is_split_from_content_however_the_text_is_cut():
     for piece in (1, 2, 5, len(text)):
         reader = AnswerReader(reasoning=ReasoningReader(("<think>", "</think>"), opened=False))
         for i in range(0, len(text), piece):
-            reader.feed(text[i : i + piece], token=True, final=False)
-        reader.feed("", token=False, final=True)
+            reader.feed(text[i : i + piece], token=1, final=False)
+        reader.feed("", token=None, final=True)
         assert reader.reasoning_text == "\nCount the r's.\n"
         assert reader.content == "There are three."
 
 
 def test_an_answer_without_reasoning_is_all_content_and_an_opened_one_starts_inside():
     plain = AnswerReader(reasoning=ReasoningReader(("<think>", "</think>"), opened=False))
-    plain.feed("Hi", token=True, final=False)
-    plain.feed(" there", token=True, final=True)
+    plain.feed("Hi", token=1, final=False)
+    plain.feed(" there", token=1, final=True)
     assert (plain.reasoning_text, plain.content, plain.reasoning_tokens) == ("", "Hi there", 0)
     opened = AnswerReader(reasoning=ReasoningReader(("<think>", "</think>"), opened=True))
     for piece in ("Hm", "m.", "</think>", "Yes"):
-        opened.feed(piece, token=True, final=False)
-    opened.feed("", token=False, final=True)
+        opened.feed(piece, token=1, final=False)
+    opened.feed("", token=None, final=True)
     assert (opened.reasoning_text, opened.content, opened.reasoning_tokens) == ("Hmm.", "Yes", 3)
 
 
@@ -242,8 +242,8 @@ def test_a_call_as_a_real_template_writes_it_is_read_back(tokenizer, name, famil
         tools=ToolCallReader(get_format(family)),
     )
     for ch in answer:
-        reader.feed(ch, token=True, final=False)
-    reader.feed("", token=False, final=True)
+        reader.feed(ch, token=1, final=False)
+    reader.feed("", token=None, final=True)
     assert [(c.name, json.loads(c.arguments)) for c in reader.calls] == [
         ("get_weather", {"city": "Paris"})
     ]
@@ -262,3 +262,47 @@ def test_mistral_call_ids_are_nine_letters_and_digits_and_stable():
     assert len(mapped) == 9 and mapped.isalnum()
     assert MistralFormat.call_id("call_0123456789abcdef01234567") == mapped
     assert MistralFormat.call_id("abcdefghi") == "abcdefghi"
+
+
+SPECIAL = ["[TOOL_CALLS]", "<|tool_call_start|>", "<|tool_call_end|>", "<think>", "</think>"]
+
+
+@pytest.fixture(scope="module")
+def special_tokenizer(smollm_dir):
+    """SmolLM2's tokenizer with the markers real Mistral, LFM2 and thinking models have as
+    special tokens (never spelled by other tokens, skipped when detokenizing)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(smollm_dir)
+    hf.add_special_tokens({"additional_special_tokens": SPECIAL})
+    return hf, llguidance.hf.from_tokenizer(hf)
+
+
+@pytest.mark.parametrize("name", ["mistral", "pythonic"])
+def test_triggers_that_are_special_tokens_are_held_to_the_token(special_tokenizer, name):
+    from inference.tools import special_markers
+
+    hf, _ = special_tokenizer
+    fmt = get_format(name)
+    special = special_markers(hf, [fmt.start, fmt.end])
+    assert set(special) == {m for m in (fmt.start, fmt.end) if m}
+    call = fmt.render([PARIS])
+    for required in (True, False):
+        lark = tool_grammar(fmt, TOOLS, required=required, parallel=False, special=special)
+        assert accepts(special_tokenizer, lark, ("" if required else "Sure. ") + call)
+        assert not accepts(special_tokenizer, lark, fmt.start + "nonsense")
+    auto = tool_grammar(fmt, TOOLS, required=False, parallel=False, special=special)
+    assert accepts(special_tokenizer, auto, "Just text.")
+
+
+def test_reasoning_closed_by_a_special_token_is_followed_by_the_constrained_answer(
+    special_tokenizer,
+):
+    from inference.tools import special_markers
+
+    hf, _ = special_tokenizer
+    special = special_markers(hf, ["<think>", "</think>"])
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    lark = after_reasoning(json_grammar(schema), ("<think>", "</think>"), True, special)
+    assert accepts(special_tokenizer, lark, 'Some thought.</think>{"a":1}')
+    assert not accepts(special_tokenizer, lark, '{"a":1}')

@@ -409,3 +409,53 @@ def test_real_templates_get_forced_calls_and_a_whole_agent_loop(client, server, 
     assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")
     message = answer.choices[0].message
     assert message.content or message.tool_calls, answer
+
+
+@contextlib.contextmanager
+def special_model_settings(server, **fields):
+    server.set_model("tiny-special", **fields)
+    try:
+        yield
+    finally:
+        server.set_model("tiny-special", **DEFAULTS)
+
+
+@pytest.mark.parametrize(
+    "parser, trigger", [("mistral", "[TOOL_CALLS]"), ("pythonic", "<|tool_call_start|>")]
+)
+def test_auto_reads_a_call_its_special_token_trigger_opens(server, special_ids, parser, trigger):
+    client = server.openai()
+    with special_model_settings(server, tool_parser=parser):
+        reply = client.chat.completions.create(
+            model="tiny-special",
+            messages=[{"role": "user", "content": "Weather in Paris?"}],
+            tools=TOOLS,
+            tool_choice="auto",
+            parallel_tool_calls=False,
+            max_tokens=80,
+            temperature=0,
+            # The trigger token favoured: the model opens a call at once, as a trained one would.
+            logit_bias={str(special_ids[trigger]): 100},
+        )
+        streamed = list(
+            client.chat.completions.create(
+                model="tiny-special",
+                messages=[{"role": "user", "content": "Weather in Paris?"}],
+                tools=TOOLS,
+                parallel_tool_calls=False,
+                max_tokens=80,
+                temperature=0,
+                logit_bias={str(special_ids[trigger]): 100},
+                stream=True,
+            )
+        )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls", choice.message
+    assert choice.message.content is None
+    assert_valid_calls(choice.message)
+    arguments = "".join(
+        part.function.arguments or ""
+        for chunk in streamed
+        for part in chunk.choices[0].delta.tool_calls or []
+    )
+    assert arguments == choice.message.tool_calls[0].function.arguments

@@ -334,6 +334,7 @@ class VLLMLoadedModel(LoadedModel):
             logprobs=p.top_logprobs if p.logprobs else None,
             stop=list(request.stop) or None,
             include_stop_str_in_output=False,
+            skip_special_tokens=request.skip_special_tokens,
             structured_outputs=_structured_outputs(request),
             output_kind=RequestOutputKind.DELTA,
         )

@@ -298,9 +298,7 @@ class Choice:
             return ""
         out = self._feed(delta)
         if self.reader is not None:
-            self.reader.feed(
-                out, token=delta.token is not None, final=self.finish_reason is not None
-            )
+            self.reader.feed(out, token=delta.token, final=self.finish_reason is not None)
         return out
 
     def _feed(self, delta: TokenDelta) -> str:
@@ -360,6 +358,7 @@ class Job:
     group: GenerationGroup | None = None
     constraint: Constraint | None = None
     reader: Callable[[], AnswerReader] | None = None  # chat: reads reasoning and tool calls
+    skip_special_tokens: bool = True
 
     def usage(self, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
         cached = min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
@@ -398,6 +397,7 @@ class Job:
                         params,
                         stop,
                         self.constraint,
+                        self.skip_special_tokens,
                     )
                 )
         return out
@@ -407,7 +407,7 @@ class Job:
         return [
             Choice(
                 i,
-                None if native else Detokenizer(self.model.tokenizer),
+                None if native else Detokenizer(self.model.tokenizer, self.skip_special_tokens),
                 StopFilter([] if native else self.stops),
                 reader=self.reader() if self.reader else None,
             )

@@ -209,9 +209,13 @@ async def prepare_chat(
         vocab=len(model.tokenizer),
     )
     reads_calls = plan is not None and bool(plan.offered)
+    fmt = plan.fmt if reads_calls else None
+    special = tools.special_markers(
+        model.tokenizer, [fmt.start if fmt else None, fmt.end if fmt else None, *(markers or ())]
+    )
     reader = None
     if markers or reads_calls:
-        reader = partial(_answer_reader, markers, opened, plan.fmt if reads_calls else None)
+        reader = partial(_answer_reader, markers, opened, fmt)
     return Job(
         kind="chat",
         id=protocol.new_id("chatcmpl"),
@@ -225,8 +229,9 @@ async def prepare_chat(
         include_usage=bool(request.stream_options and request.stream_options.include_usage),
         top_logprobs=top,
         stats=stats,
-        constraint=output_constraint(request, model, plan, markers, opened),
+        constraint=output_constraint(request, model, plan, markers, opened, special),
         reader=reader,
+        skip_special_tokens=not special,
     )
 
 
@@ -245,6 +250,7 @@ def output_constraint(
     plan: ToolPlan | None,
     markers: tuple[str, str] | None = None,
     opened: bool = False,
+    special: tools.Special | None = None,
 ) -> Constraint | None:
     """What the answer must match (response_format, required or named tool calls, the calls
     that follow a tool-call trigger), as a constraint every backend enforces, or a 400."""
@@ -277,13 +283,14 @@ def output_constraint(
                 required=plan.required,
                 parallel=plan.parallel,
                 answer_schema=schema,
+                special=special,
             )
         elif markers is None:
             return json_constraint(request.response_format.output_schema())
         else:
             lark = tools.json_grammar(schema)
         if markers is not None:
-            lark = tools.after_reasoning(lark, markers, opened)
+            lark = tools.after_reasoning(lark, markers, opened, special)
         return lark_constraint(lark)
     except ConstraintError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from exc
