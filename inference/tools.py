@@ -84,12 +84,12 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-Special = dict[str, int]  # marker text -> its token id, for markers that are special tokens
+Special = dict[str, int]  # marker text -> its token id, for markers that are added tokens
 
 
 def lark_text(text: str, special: Special | None = None) -> str:
-    """Text as lark: literals, and the special tokens among its markers by id (`<[id]>`), since
-    a special token is never spelled by other tokens."""
+    """Text as lark: literals, and the markers that are added tokens by id (`<[id]>`): llguidance
+    never lets other tokens spell an added token, so a literal would forbid the model's own."""
     pieces, rest = [], text
     while rest:
         found = [(rest.find(m), m) for m in (special or {}) if m and m in rest]
@@ -105,10 +105,11 @@ def lark_text(text: str, special: Special | None = None) -> str:
 
 
 def special_markers(tokenizer: Any, texts: list[str | None]) -> Special:
-    """Which of these marker texts are single special tokens of the tokenizer (Mistral's
-    [TOOL_CALLS], LFM2's <|tool_call_start|>, ...)."""
+    """Which of these marker texts are single added tokens of the tokenizer: special ones
+    (Mistral's [TOOL_CALLS], LFM2's <|tool_call_start|>) and plain ones alike (Qwen's
+    <tool_call>, <think>), since llguidance treats every added token as special."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    by_text = {t.content: i for i, t in added.items() if getattr(t, "special", False)}
+    by_text = {t.content: i for i, t in added.items()}
     return {text: by_text[text] for text in texts if text and text in by_text}
 
 
@@ -155,7 +156,7 @@ class ToolFormat:
 
     def body_rules(self, tools: list[ToolDef], parallel: bool, special: Special) -> str:
         """Lark rules defining `body`: everything after the first trigger to the last call's end
-        (`special`: the markers that are special tokens)."""
+        (`special`: the markers that are added tokens)."""
         raise NotImplementedError
 
     constrainable = True
@@ -411,7 +412,7 @@ def tool_grammar(
 ) -> str:
     """The lark grammar (llguidance) for an answer to these tools: calls only when `required`;
     else free text (or JSON matching `answer_schema`) that may turn into calls at the trigger.
-    `special`: the format's markers that are special tokens of the model's tokenizer."""
+    `special`: the format's markers that are added tokens of the model's tokenizer."""
     special = special or {}
     lines = ["%llguidance {}", fmt.body_rules(tools, parallel, special).rstrip()]
     trigger = fmt.start
@@ -421,7 +422,7 @@ def tool_grammar(
         lines.append(f"answer: {_json(answer_schema)}")
         lines.append(f"start: answer | {lark_text(trigger, special) if trigger else ''} body")
     elif trigger in special:
-        # Free text never holds a special token: the trigger token itself starts the calls.
+        # Free text never holds an added token: the trigger token itself starts the calls.
         lines += [f"start: TEXT | TEXT <[{special[trigger]}]> body", "TEXT: /(.|\\n)*/"]
     elif trigger:
         escaped = re.escape(trigger).replace("/", "\\/")
@@ -545,7 +546,7 @@ def after_reasoning(
     special = special or {}
     begin, end = markers
     body = re.sub(r"^start:", "answer:", lark, flags=re.MULTILINE)
-    if end in special:  # free text never holds a special token: the end token closes it
+    if end in special:  # free text never holds an added token: the end token closes it
         thought = f"thought: THOUGHT <[{special[end]}]>\nTHOUGHT: /(.|\\n)*/\n"
     else:
         escaped = re.escape(end).replace("/", "\\/")

@@ -93,8 +93,8 @@ class GenerationRequest:
     # Applied by engines whose capabilities include stop_strings; otherwise serving filters text.
     stop: tuple[str, ...] = ()
     constraint: Constraint | None = None
-    # False when the answer's markers are special tokens (Mistral's [TOOL_CALLS]): the text keeps
-    # them so that they can be read, as vLLM's server does for such tool parsers.
+    # False when the answer's markers are added tokens (Mistral's [TOOL_CALLS] is a special one):
+    # the text keeps them so that they can be read, as vLLM's server does for such parsers.
     skip_special_tokens: bool = True
 
 

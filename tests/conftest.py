@@ -47,7 +47,8 @@ def tiny_vllm_dir(smollm_dir: Path) -> Path:
     )
 
 
-# Markers real Mistral, LFM2 and thinking models have as special tokens.
+# Markers real Mistral, LFM2 and thinking models have as special tokens, and those Qwen 2.5 has as
+# plain added tokens (one token each, decoded as text).
 SPECIAL_MARKERS = [
     "[TOOL_CALLS]",
     "<|tool_call_start|>",
@@ -55,11 +56,13 @@ SPECIAL_MARKERS = [
     "<think>",
     "</think>",
 ]
+ADDED_MARKERS = ["<tool_call>", "</tool_call>"]
 
 
 @pytest.fixture(scope="session")
 def special_tokens_dir(smollm_dir: Path) -> Path:
-    """SmolLM2's tokenizer (and config) with SPECIAL_MARKERS added as special tokens."""
+    """SmolLM2's tokenizer (and config) with SPECIAL_MARKERS added as special tokens and
+    ADDED_MARKERS as plain ones."""
 
     def build(target: Path) -> None:
         import shutil
@@ -68,12 +71,13 @@ def special_tokens_dir(smollm_dir: Path) -> Path:
 
         tokenizer = AutoTokenizer.from_pretrained(smollm_dir)
         tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL_MARKERS})
+        tokenizer.add_tokens(ADDED_MARKERS)
         tokenizer.save_pretrained(target)
         for name in ("generation_config.json", "config.json"):  # config.json last: "built"
             if (smollm_dir / name).exists():
                 shutil.copyfile(smollm_dir / name, target / name)
 
-    return _build_once(CACHE / "smollm2-special-tokenizer", build)
+    return _build_once(CACHE / "smollm2-marker-tokenizer", build)
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +86,7 @@ def tiny_special_dir(special_tokens_dir: Path) -> Path:
     from models_app.gguf import make_tiny_model
 
     return _build_once(
-        CACHE / "tiny-special", lambda t: make_tiny_model(special_tokens_dir, t, seed=0)
+        CACHE / "tiny-markers", lambda t: make_tiny_model(special_tokens_dir, t, seed=0)
     )
 
 
@@ -91,7 +95,7 @@ def tiny_vllm_special_dir(special_tokens_dir: Path) -> Path:
     from models_app.gguf import make_tiny_model
 
     return _build_once(
-        CACHE / "tiny-h128-special",
+        CACHE / "tiny-h128-markers",
         lambda t: make_tiny_model(special_tokens_dir, t, hidden_size=128, seed=0),
     )
 
@@ -101,7 +105,7 @@ def special_ids(special_tokens_dir: Path) -> dict[str, int]:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(special_tokens_dir)
-    return {m: tokenizer.convert_tokens_to_ids(m) for m in SPECIAL_MARKERS}
+    return {m: tokenizer.convert_tokens_to_ids(m) for m in SPECIAL_MARKERS + ADDED_MARKERS}
 
 
 def vllm_tested_here() -> bool:

@@ -348,6 +348,22 @@ def test_smollm2_calls_a_tool_when_told_to(real_server):
     )
     assert reply.choices[0].finish_reason == "tool_calls"
     assert_valid_calls(reply.choices[0].message)
+    # The agent loop: the call and its result go back, and the model answers in words.
+    tool_call = reply.choices[0].message.tool_calls[0]
+    answer = client.chat.completions.create(
+        model="smollm2",
+        messages=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [tool_call.model_dump()]},
+            {"role": "tool", "tool_call_id": tool_call.id, "content": "18 degrees and sunny"},
+        ],
+        tools=TOOLS,
+        tool_choice="none",
+        max_tokens=40,
+        temperature=0,
+    )
+    assert answer.choices[0].message.content
+    assert answer.choices[0].message.tool_calls is None
     auto = client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
@@ -421,9 +437,14 @@ def special_model_settings(server, **fields):
 
 
 @pytest.mark.parametrize(
-    "parser, trigger", [("mistral", "[TOOL_CALLS]"), ("pythonic", "<|tool_call_start|>")]
+    "parser, trigger",
+    [
+        ("hermes", "<tool_call>"),  # one token decoded as text, as in Qwen 2.5's vocabulary
+        ("mistral", "[TOOL_CALLS]"),  # special tokens
+        ("pythonic", "<|tool_call_start|>"),
+    ],
 )
-def test_auto_reads_a_call_its_special_token_trigger_opens(server, special_ids, parser, trigger):
+def test_auto_reads_a_call_its_trigger_token_opens(server, special_ids, parser, trigger):
     client = server.openai()
     with special_model_settings(server, tool_parser=parser):
         reply = client.chat.completions.create(
