@@ -37,8 +37,8 @@ def test_two_models_are_resident_on_vllm_at_once_each_with_its_engine(vllm_serve
         )
         assert reply.model == model
     ready = vllm_server.http().get("/ready").json()
-    assert set(ready["loaded_models"]) == {"tiny", "smollm2"}
-    assert ready["backends"] == {"tiny": "vllm", "smollm2": "vllm"}
+    assert {"tiny", "smollm2"} <= set(ready["loaded_models"])  # others' tests may load more
+    assert ready["backends"]["tiny"] == ready["backends"]["smollm2"] == "vllm"
 
 
 def test_a_model_vllm_cannot_load_answers_503_with_vllms_reason(vllm_server, tmp_path):

@@ -699,10 +699,9 @@ async def _warm_up(model: VLLMLoadedModel) -> None:
 def _load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(spec.path))
-    if spec.chat_template:
-        tokenizer.chat_template = spec.chat_template
-    return tokenizer
+    # The model's own template only: serving passes the per-model one with each request, so a
+    # change to it (or back to empty) applies without a reload.
+    return AutoTokenizer.from_pretrained(str(spec.path))
 
 
 def _weights_bytes(path: Path) -> int:

@@ -231,8 +231,14 @@ async def prepare_chat(
         stats=stats,
         constraint=output_constraint(request, model, plan, markers, opened, special),
         reader=reader,
-        skip_special_tokens=not special,
+        skip_special_tokens=not _any_skipped(model, special),
     )
+
+
+def _any_skipped(model: LoadedModel, special: tools.Special) -> bool:
+    """Whether a marker is a special token, which detokenizing would leave out of the text."""
+    added = getattr(model.tokenizer, "added_tokens_decoder", {}) or {}
+    return any(getattr(added.get(token), "special", False) for token in special.values())
 
 
 def _answer_reader(
