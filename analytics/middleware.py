@@ -15,7 +15,8 @@ def endpoint_name(path: str) -> str:
     rest = path[len("/v1/") :].strip("/")
     if rest.startswith("models"):
         return "models"
-    return rest.replace("/", ".") if rest in ("chat/completions", "completions") else "other"
+    known = ("chat/completions", "completions", "messages", "messages/count_tokens")
+    return rest.replace("/", ".") if rest in known else "other"
 
 
 def _error_type(response) -> str:

@@ -1,12 +1,13 @@
-"""`POST /v1/chat/completions` and `POST /v1/completions`."""
+"""`POST /v1/chat/completions`, `POST /v1/completions` and Anthropic's `POST /v1/messages`."""
 
 from __future__ import annotations
 
 from django.http import HttpRequest
 from ninja import Router
 
+from inference.anthropic_protocol import CountTokensRequest, MessagesRequest
 from inference.protocol import ChatCompletionRequest, CompletionRequest
-from inference.serving import chat, completions
+from inference.serving import chat, completions, messages
 
 router = Router(tags=["inference"])
 
@@ -33,3 +34,16 @@ async def text_completions(request: HttpRequest, payload: CompletionRequest):
     if payload.stream:
         return await completions.completion_stream(job)
     return await completions.completion_full(job)
+
+
+@router.post("/messages")
+async def anthropic_messages(request: HttpRequest, payload: MessagesRequest):
+    job = await messages.prepare_messages(payload, **_context(request, payload.stream))
+    if payload.stream:
+        return await messages.messages_stream(job)
+    return await messages.messages_full(job)
+
+
+@router.post("/messages/count_tokens")
+async def anthropic_count_tokens(request: HttpRequest, payload: CountTokensRequest):
+    return await messages.count_tokens(payload, **_context(request, False))

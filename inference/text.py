@@ -57,15 +57,17 @@ class StopFilter:
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
         self._held = ""
+        self.matched: str | None = None  # the stop string found, once one is
 
     def feed(self, text: str) -> tuple[str, bool]:
         if not self.stops:
             return text, False
         buffer = self._held + text
-        hits = [i for i in (buffer.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := buffer.find(s)) >= 0]
         if hits:
+            at, self.matched = min(hits)
             self._held = ""
-            return buffer[: min(hits)], True
+            return buffer[:at], True
         hold = 0
         for stop in self.stops:
             for k in range(min(len(stop) - 1, len(buffer)), hold, -1):

@@ -115,6 +115,8 @@ class TokenDelta:
     queue_wait: float | None = None
     # The text this delta adds, from engines that detokenize (capabilities.detokenizes)
     text: str | None = None
+    # On the last delta, from engines that apply stop strings: the one that ended the sequence
+    stop_string: str | None = None
 
 
 @dataclass

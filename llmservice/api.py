@@ -1,4 +1,5 @@
-"""The one NinjaAPI serving `/v1`, with every error mapped to OpenAI's shape."""
+"""The one NinjaAPI serving `/v1`, with every error in its protocol's shape (OpenAI's; Anthropic's
+under /v1/messages)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ api = NinjaAPI(
 )
 
 
+def _error_response(request: HttpRequest, body: dict, status: int):
+    """An error in the caller's protocol: OpenAI's shape, or Anthropic's under /v1/messages."""
+    if request.path.startswith("/v1/messages"):
+        from inference.anthropic_protocol import error_body as anthropic_error
+
+        body = anthropic_error(status, body["error"]["message"])
+    return api.create_response(request, body, status=status)
+
+
 def _loc_to_param(loc: list) -> str | None:
     # ninja reports ("body", "payload", "messages", 0, "content"); OpenAI names "messages[0].content".
     parts = [p for p in loc if p not in ("body", "payload", "query", "path")]
@@ -51,14 +61,14 @@ def on_validation_error(request: HttpRequest, exc: ValidationError):
         message = "We could not parse the JSON body of your request. " + msg
     else:
         message = f"Invalid value for '{param}': {msg}"
-    return api.create_response(
+    return _error_response(
         request, error_body(message, "invalid_request_error", param, None), status=400
     )
 
 
 @api.exception_handler(APIError)
 def on_api_error(request: HttpRequest, exc: APIError):
-    response = api.create_response(request, exc.body(), status=exc.status)
+    response = _error_response(request, exc.body(), status=exc.status)
     for name, value in exc.headers.items():
         response[name] = value
     return response
@@ -66,7 +76,7 @@ def on_api_error(request: HttpRequest, exc: APIError):
 
 @api.exception_handler(AuthenticationError)
 def on_auth_error(request: HttpRequest, exc: AuthenticationError):
-    return api.create_response(
+    return _error_response(
         request,
         error_body("Invalid authentication.", "invalid_request_error", None, "invalid_api_key"),
         status=401,
@@ -76,12 +86,12 @@ def on_auth_error(request: HttpRequest, exc: AuthenticationError):
 @api.exception_handler(HttpError)
 def on_http_error(request: HttpRequest, exc: HttpError):
     kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-    return api.create_response(request, error_body(str(exc), kind), status=exc.status_code)
+    return _error_response(request, error_body(str(exc), kind), status=exc.status_code)
 
 
 @api.exception_handler(Http404)
 def on_404(request: HttpRequest, exc: Http404):
-    return api.create_response(
+    return _error_response(
         request, error_body(str(exc) or "Not found.", "invalid_request_error"), status=404
     )
 
@@ -89,7 +99,7 @@ def on_404(request: HttpRequest, exc: Http404):
 @api.exception_handler(RequestDataTooBig)
 def on_too_big(request: HttpRequest, exc: RequestDataTooBig):
     limit = settings.MAX_REQUEST_MB
-    return api.create_response(
+    return _error_response(
         request,
         error_body(
             f"The request body is larger than {limit:g} MB (LLM_SERVICE_MAX_REQUEST_MB).",
@@ -104,7 +114,7 @@ def on_too_big(request: HttpRequest, exc: RequestDataTooBig):
 @api.exception_handler(Exception)
 def on_server_error(request: HttpRequest, exc: Exception):
     log.exception("unhandled error on %s", request.path)
-    return api.create_response(
+    return _error_response(
         request,
         error_body("The server had an error while processing your request.", "server_error"),
         status=500,

@@ -66,10 +66,13 @@ class BearerKey(HttpBearer):
 
     async def __call__(self, request: HttpRequest):  # type: ignore[override]
         header = request.headers.get("Authorization")
+        if not header and request.headers.get("x-api-key"):  # Anthropic's clients send this
+            return await self.authenticate(request, request.headers["x-api-key"].strip())
         if not header:
             raise AuthError(
                 "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY), "
+                "or in an x-api-key header."
             )
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():

@@ -433,6 +433,7 @@ class VLLMLoadedModel(LoadedModel):
         if finish == "stop" and ids and (stop_reason is None or isinstance(stop_reason, int)):
             if ids[-1] in self.eos_token_ids or ids[-1] == stop_reason:
                 ids = ids[:-1]
+        matched = stop_reason if finish == "stop" and isinstance(stop_reason, str) else None
         cached = out.num_cached_tokens if first else None
         if first and cached is None:
             cached = 0
@@ -452,6 +453,7 @@ class VLLMLoadedModel(LoadedModel):
                     error=error if last else None,
                     cached_tokens=cached if (first and i == 0) else None,
                     text=text if last else "",
+                    stop_string=matched if last else None,
                 )
             )
         if not ids:
@@ -464,6 +466,7 @@ class VLLMLoadedModel(LoadedModel):
                     error=error,
                     text=text,
                     cached_tokens=cached if first else None,
+                    stop_string=matched,
                 )
             )
         return deltas, ""

@@ -291,6 +291,7 @@ class Choice:
     error: str | None = None
     logprobs: list[tuple[int, float, tuple]] = field(default_factory=list)
     reader: AnswerReader | None = None  # chat: reasoning and tool calls apart from content
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
     def feed(self, delta: TokenDelta) -> str:
         """Text this delta releases; sets finish_reason when the sequence ends here."""
@@ -312,6 +313,7 @@ class Choice:
             if delta.finish_reason is not None:
                 self.finish_reason = delta.finish_reason
                 self.error = delta.error
+                self.stop_string = delta.stop_string
             self.text += out
             return out
         if delta.token is not None:
@@ -320,7 +322,7 @@ class Choice:
                 self.logprobs.append((delta.token, delta.logprob, delta.top_logprobs))
             out, hit = self.stops.feed(self.detok.add(delta.token))
             if hit:
-                self.finish_reason = "stop"
+                self.finish_reason, self.stop_string = "stop", self.stops.matched
                 self.text += out
                 return out
         if delta.finish_reason is not None:
@@ -330,6 +332,7 @@ class Choice:
                 tail, hit = self.stops.feed(self.detok.flush())
                 out += tail + ("" if hit else self.stops.flush())
                 self.finish_reason = "stop" if hit else delta.finish_reason
+                self.stop_string = self.stops.matched if hit else None
         self.text += out
         return out
 
