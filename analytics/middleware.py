@@ -15,6 +15,8 @@ def endpoint_name(path: str) -> str:
     rest = path[len("/v1/") :].strip("/")
     if rest.startswith("models"):
         return "models"
+    if rest.startswith("responses"):
+        return "responses"
     known = ("chat/completions", "completions", "messages", "messages/count_tokens")
     return rest.replace("/", ".") if rest in known else "other"
 

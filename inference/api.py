@@ -1,4 +1,5 @@
-"""`POST /v1/chat/completions`, `POST /v1/completions` and Anthropic's `POST /v1/messages`."""
+"""`POST /v1/chat/completions`, `POST /v1/completions`, `/v1/responses` and Anthropic's
+`POST /v1/messages`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from ninja import Router
 
 from inference.anthropic_protocol import CountTokensRequest, MessagesRequest
 from inference.protocol import ChatCompletionRequest, CompletionRequest
-from inference.serving import chat, completions, messages
+from inference.responses_protocol import ResponsesRequest
+from inference.serving import chat, completions, messages, responses
 
 router = Router(tags=["inference"])
 
@@ -34,6 +36,32 @@ async def text_completions(request: HttpRequest, payload: CompletionRequest):
     if payload.stream:
         return await completions.completion_stream(job)
     return await completions.completion_full(job)
+
+
+def _key_id(request: HttpRequest) -> int | None:
+    caller = getattr(request, "auth", None)
+    return getattr(caller, "key_id", None)
+
+
+@router.post("/responses")
+async def create_response(request: HttpRequest, payload: ResponsesRequest):
+    key = _key_id(request)
+    job, history = await responses.prepare_response(
+        payload, key, **_context(request, payload.stream)
+    )
+    if payload.stream:
+        return await responses.response_stream(job, payload, history, key)
+    return await responses.response_full(job, payload, history, key)
+
+
+@router.get("/responses/{response_id}")
+async def get_response(request: HttpRequest, response_id: str):
+    return await responses.get_response(response_id, _key_id(request))
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(request: HttpRequest, response_id: str):
+    return await responses.delete_response(response_id, _key_id(request))
 
 
 @router.post("/messages")

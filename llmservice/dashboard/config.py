@@ -84,6 +84,11 @@ def effective() -> list[tuple[str, str, str]]:
             str(s.PRELOAD_DEFAULT_MODEL).lower(),
         ),
         (
+            "LLM_SERVICE_RESPONSES_TTL_DAYS",
+            "stored /v1/responses are kept this long",
+            f"{s.RESPONSES_TTL_DAYS} days",
+        ),
+        (
             "LLM_SERVICE_ANALYTICS_RETENTION_DAYS",
             "request rows kept (days)",
             str(s.ANALYTICS_RETENTION_DAYS),
