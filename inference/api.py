@@ -7,9 +7,9 @@ from django.http import HttpRequest
 from ninja import Router
 
 from inference.anthropic_protocol import CountTokensRequest, MessagesRequest
-from inference.protocol import ChatCompletionRequest, CompletionRequest
+from inference.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from inference.responses_protocol import ResponsesRequest
-from inference.serving import chat, completions, messages, responses
+from inference.serving import chat, completions, embeddings, messages, responses
 
 router = Router(tags=["inference"])
 
@@ -36,6 +36,11 @@ async def text_completions(request: HttpRequest, payload: CompletionRequest):
     if payload.stream:
         return await completions.completion_stream(job)
     return await completions.completion_full(job)
+
+
+@router.post("/embeddings")
+async def create_embeddings(request: HttpRequest, payload: EmbeddingRequest):
+    return await embeddings.create_embeddings(payload, **_context(request, False))
 
 
 def _key_id(request: HttpRequest) -> int | None:

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
 from inference.backends import create_backend, resolve_backend_name
-from inference.backends.base import Backend, LoadedModel, ModelBusy, QueueFull
+from inference.backends.base import Backend, EmbeddingModel, LoadedModel, ModelBusy, QueueFull
 from inference.residency import ResidencyManager, ResidentInfo
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
@@ -215,6 +215,19 @@ class Engine:
         if announcement is not None:  # the request is in the queue now: no longer on its way
             announcement.end()
         return group
+
+    async def embed(self, spec: ModelSpec, inputs: list[list[int]]) -> list[list[float]]:
+        """Vectors for `inputs` from `spec`'s resident embedding model (NotResident when it was
+        unloaded meanwhile); requests arriving together share the model's batches."""
+        model = self.residency.checkout(self._resolved(spec))
+        if model is None:
+            raise NotResident(spec.name)
+        try:
+            if not isinstance(model, EmbeddingModel):
+                raise TypeError(f"{spec.name!r} is not an embedding model")
+            return await model.embed(inputs)
+        finally:
+            self.residency.release(model)
 
     def loaded(self) -> list[ResidentInfo]:
         return self.residency.loaded()

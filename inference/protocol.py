@@ -296,6 +296,35 @@ class CompletionRequest(SamplingFields):
         return self.max_tokens
 
 
+class EmbeddingRequest(Schema):
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    @field_validator("input")
+    @classmethod
+    def non_empty_input(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("input must not be an empty list")
+        if isinstance(value, str) and not value:
+            raise ValueError("input must not be an empty string")
+        if isinstance(value, list) and any(v == "" or v == [] for v in value):
+            raise ValueError("input must not hold empty strings or empty token lists")
+        if isinstance(value, list) and len(value) > 2048:
+            raise ValueError("input holds at most 2048 items")
+        return value
+
+    def inputs(self) -> list[str | list[int]]:
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        if all(isinstance(v, int) for v in value):
+            return [list(value)]
+        return list(value)
+
+
 # --- responses -------------------------------------------------------------------------------
 
 

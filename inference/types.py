@@ -14,6 +14,9 @@ class ModelSpec:
     name: str
     path: str
     backend: str = "auto"
+    kind: str = "chat"  # "chat" | "embedding"
+    pooling: str = "mean"  # embedding models: mean | cls | max | last
+    normalize: bool = False  # embedding models: unit-length vectors
     max_batch_size: int = 16
     context_length: int | None = None
     chat_template: str | None = None
@@ -37,10 +40,11 @@ class ModelSpec:
         """A model is reloaded when this changes (its files, its engine), not when a sampling
         default does. vLLM fixes its context length and batch size when its engine starts."""
         if self.backend != "vllm":
-            return (self.path, self.backend)
+            return (self.path, self.backend, self.kind)
         return (
             self.path,
             self.backend,
+            self.kind,
             self.context_length,
             self.max_batch_size,
             self.dtype,

@@ -12,6 +12,7 @@ class LLMModelAdmin(admin.ModelAdmin):
 
     list_display = [
         "name",
+        "kind",
         "is_default",
         "status",
         "enabled",
@@ -20,7 +21,7 @@ class LLMModelAdmin(admin.ModelAdmin):
         "size",
         "updated_at",
     ]
-    list_filter = ["status", "enabled", "source", "pinned"]
+    list_filter = ["kind", "status", "enabled", "source", "pinned"]
     search_fields = ["name", "source_ref"]
     readonly_fields = [
         "source",
@@ -36,6 +37,7 @@ class LLMModelAdmin(admin.ModelAdmin):
     ]
     fieldsets = [
         (None, {"fields": ["name", "aliases", "enabled", "is_default", "status"]}),
+        ("Embedding model", {"fields": ["kind", "pooling", "normalize"]}),
         (
             "Generation defaults (used when a request leaves them out)",
             {
@@ -112,7 +114,11 @@ class LLMModelAdmin(admin.ModelAdmin):
             self.message_user(request, "Select exactly one model to make default.", messages.ERROR)
             return
         row = queryset.get()
-        row.make_default()
+        try:
+            row.make_default()
+        except ValueError as exc:
+            self.message_user(request, str(exc), messages.ERROR)
+            return
         self.message_user(request, f"{row.name} is now the default model (alias `default`).")
 
     @admin.action(description="Enable the selected models")

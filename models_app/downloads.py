@@ -54,7 +54,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers, filter_repo_objects, validate_repo_id
 
-from models_app.importing import folder_size, model_dir
+from models_app.importing import embedding_config, folder_size, model_dir
 from models_app.models import Download, LLMModel, model_name_validator
 
 logger = logging.getLogger(__name__)
@@ -650,8 +650,12 @@ def _register(
             format=LLMModel.Format.MLX,
             size_bytes=total,
             status=LLMModel.Status.AVAILABLE,
+            **(embedding_config(target) or {}),
         )
-        if not LLMModel.objects.filter(is_default=True).exists():
+        if (
+            model.kind == LLMModel.Kind.CHAT
+            and not LLMModel.objects.filter(is_default=True).exists()
+        ):
             model.make_default()
         completed = (
             _ours(row, task_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -14,6 +15,32 @@ from models_app.models import LLMModel
 
 class ImportError_(ValueError):
     """A user-facing reason an import cannot happen."""
+
+
+def embedding_config(folder: Path) -> dict | None:
+    """A sentence-transformers folder's pooling and normalisation (modules.json, 1_Pooling,
+    Normalize), as registry fields; None for any other folder."""
+    modules = folder / "modules.json"
+    if not modules.is_file():
+        return None
+    fields = {"kind": LLMModel.Kind.EMBEDDING, "pooling": "mean", "normalize": False}
+    for module in json.loads(modules.read_text()):
+        kind = str(module.get("type", ""))
+        if kind.endswith(".Pooling"):
+            config_file = folder / module.get("path", "") / "config.json"
+            config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+            for mode, name in (
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_max_tokens", "max"),
+                ("pooling_mode_lasttoken", "last"),
+                ("pooling_mode_mean_tokens", "mean"),
+            ):
+                if config.get(mode):
+                    fields["pooling"] = name
+                    break
+        elif kind.endswith(".Normalize"):
+            fields["normalize"] = True
+    return fields
 
 
 def model_dir(name: str) -> Path:
@@ -44,6 +71,8 @@ def import_model(
     if not source.exists():
         raise ImportError_(f"{source} does not exist")
     name = name or default_name(source)
+    if make_default and source.is_dir() and embedding_config(source) is not None:
+        raise ImportError_(f"{source} is an embedding model; the default is a chat model")
     if LLMModel.objects.filter(name=name).exists():
         raise ImportError_(f"a model named {name!r} is already registered")
 
@@ -55,6 +84,7 @@ def import_model(
         if not any(source.glob("*.safetensors")):
             raise ImportError_(f"{source} has no .safetensors weights")
         target, kind = source, LLMModel.Source.LOCAL
+        embedding = embedding_config(source)
     elif source.suffix.lower() == ".gguf":
         from models_app.gguf import GGUFError, convert_gguf
 
@@ -67,6 +97,7 @@ def import_model(
         except GGUFError as exc:
             raise ImportError_(str(exc)) from exc
         kind = LLMModel.Source.GGUF
+        embedding = None
     else:
         raise ImportError_(f"{source} is neither a model folder nor a .gguf file")
 
@@ -80,8 +111,11 @@ def import_model(
                 backend=backend,
                 format=LLMModel.Format.MLX,
                 size_bytes=folder_size(target),
+                **(embedding or {}),
             )
-            if make_default or not LLMModel.objects.filter(is_default=True).exists():
+            # The default model is the one chats get: never an embedding model.
+            first_chat = embedding is None and not LLMModel.objects.filter(is_default=True).exists()
+            if make_default or first_chat:
                 row.make_default()
     except Exception:
         if kind == LLMModel.Source.GGUF:

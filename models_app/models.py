@@ -76,6 +76,10 @@ class LLMModel(models.Model):
         MLX = "mlx", "mlx-lm / safetensors"
         GGUF = "gguf", "GGUF"
 
+    class Kind(models.TextChoices):
+        CHAT = "chat", "Chat"
+        EMBEDDING = "embedding", "Embedding"
+
     class Status(models.TextChoices):
         AVAILABLE = "available", "Available"
         DOWNLOADING = "downloading", "Downloading"
@@ -100,6 +104,19 @@ class LLMModel(models.Model):
         max_length=10, default="auto", choices=[("auto", "auto"), ("mlx", "mlx"), ("vllm", "vllm")]
     )
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.AVAILABLE)
+    kind = models.CharField(
+        max_length=10,
+        choices=Kind.choices,
+        default=Kind.CHAT,
+        help_text="Chat models answer chat and completions; embedding models /v1/embeddings.",
+    )
+    # Embedding models: how token vectors become one (a sentence-transformers folder says)
+    pooling = models.CharField(
+        max_length=10,
+        blank=True,
+        choices=[("mean", "mean"), ("cls", "cls"), ("max", "max"), ("last", "last token")],
+    )
+    normalize = models.BooleanField(default=False, help_text="Embeddings scaled to unit length.")
     is_default = models.BooleanField(default=False, verbose_name="default")
     aliases = models.JSONField(default=list, blank=True, help_text="Other names clients may use.")
 
@@ -261,6 +278,8 @@ class LLMModel(models.Model):
 
     @transaction.atomic
     def make_default(self) -> None:
+        if self.kind != LLMModel.Kind.CHAT:
+            raise ValueError(f"{self.name!r} is an embedding model; the default is a chat model")
         LLMModel.objects.filter(is_default=True).exclude(pk=self.pk).update(is_default=False)
         self.is_default = True
         self.save(update_fields=["is_default", "updated_at"])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE, Server, demo_gguf_path
+from tests.helpers import CACHE, Server, demo_gguf_path, minilm_path
 
 
 def _build_once(target: Path, build) -> Path:
@@ -143,11 +143,15 @@ VLLM = {"backend": "vllm", "kv_cache_gb": VLLM_TEST_KV_GB, "context_length": 204
 
 @pytest.fixture(scope="session")
 def mlx_server(tmp_path_factory, tiny_dir: Path, tiny_special_dir: Path) -> Server:
-    """One daphne server with the tiny model as `tiny` (the default) on mlx, and its twin whose
-    vocabulary has special markers as `tiny-special`."""
+    """One daphne server with the tiny model as `tiny` (the default) on mlx, its twin whose
+    vocabulary has special markers as `tiny-special`, and all-MiniLM-L6-v2 as `minilm`."""
     with Server(
         tmp_path_factory.mktemp("server"),
-        models=[("tiny", tiny_dir, True), ("tiny-special", tiny_special_dir, False)],
+        models=[
+            ("tiny", tiny_dir, True),
+            ("tiny-special", tiny_special_dir, False),
+            ("minilm", minilm_path(), False),
+        ],
     ) as srv:
         yield srv
 
@@ -157,16 +161,17 @@ def vllm_server(
     tmp_path_factory, tiny_vllm_dir: Path, smollm_dir: Path, tiny_vllm_special_dir: Path
 ) -> Server:
     """One server whose models run on vLLM's engine (its CPU build here): the tiny model as
-    `tiny` (the default), the real SmolLM2 and `tiny-special`. Each engine takes most of a
-    minute to start, so every vLLM test shares these."""
+    `tiny` (the default), the real SmolLM2, `tiny-special` and all-MiniLM-L6-v2 as `minilm`.
+    Each engine takes most of a minute to start, so every vLLM test shares these."""
     with Server(
         tmp_path_factory.mktemp("vllm-server"),
         models=[
             ("tiny", tiny_vllm_dir, True, VLLM),
             ("smollm2", smollm_dir, False, VLLM),
             ("tiny-special", tiny_vllm_special_dir, False, VLLM),
+            ("minilm", minilm_path(), False, {"backend": "vllm", "kv_cache_gb": VLLM_TEST_KV_GB}),
         ],
-        env={"LLM_SERVICE_MAX_LOADED_MODELS": "4"},  # room for one more that fails to load
+        env={"LLM_SERVICE_MAX_LOADED_MODELS": "5"},  # room for one more that fails to load
         ready_timeout=600,
     ) as srv:
         yield srv

@@ -34,6 +34,15 @@ def demo_gguf_path() -> Path:
     )
 
 
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as a sentence-transformers folder (`make test` unpacks it from PyPI)."""
+    configured = os.environ.get("LLM_SERVICE_MINILM")
+    path = Path(configured) if configured else ROOT / ".cache/all-minilm-l6-v2"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make test` (it fetches all-MiniLM-L6-v2)")
+    return path
+
+
 def llama_cpp_sdist() -> Path:
     """llama-cpp-python's source distribution from PyPI (`make test` fetches it)."""
     configured = os.environ.get("LLM_SERVICE_LLAMA_CPP_SDIST")

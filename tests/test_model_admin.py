@@ -22,6 +22,8 @@ def settings_form(row: LLMModel, **changes) -> dict:
         "aliases": "[]",
         "enabled": "on",
         "backend": "auto",
+        "kind": "chat",
+        "pooling": "",
         "system_prompt": "",
         "chat_template": "",
         "tool_parser": "",

@@ -78,6 +78,23 @@ class LoadedModel(ABC):
         """Free what the model holds (weights, KV cache, engine processes)."""
 
 
+class EmbeddingModel(LoadedModel):
+    """A resident embedding model: `embed` turns token lists into vectors; concurrent calls are
+    batched by the backend. It generates nothing."""
+
+    dimensions: int
+
+    @abstractmethod
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        """One vector per input, pooled and (if the model says so) normalised."""
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        raise TypeError(f"{self.spec.name!r} is an embedding model; it does not generate")
+
+    def abort(self, request_id: str) -> None:
+        return None
+
+
 class Backend(ABC):
     name: str
 

@@ -278,6 +278,10 @@ class MLXBackend(Backend):
 
     def load(self, spec: ModelSpec) -> LoadedModel:
         log.info("loading %s from %s", spec.name, spec.path)
+        if spec.kind == "embedding":  # its own thread batches requests (no step loop)
+            from inference.backends.mlx_embeddings import MLXEmbeddingModel
+
+            return MLXEmbeddingModel(spec)
         # Created on the loop's thread: mlx streams are per thread, and that thread steps it.
         return self.loop.call(
             lambda: SteppedModel(

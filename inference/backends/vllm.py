@@ -41,6 +41,7 @@ from inference.backends.base import (
     Backend,
     BackendUnavailable,
     Capabilities,
+    EmbeddingModel,
     LoadedModel,
     QueueFull,
 )
@@ -93,6 +94,11 @@ def engine_kwargs(spec: ModelSpec, device: str) -> dict[str, Any]:
         "enforce_eager": (not on_cuda) if spec.enforce_eager is None else spec.enforce_eager,
         "disable_log_stats": True,
     }
+    if spec.kind == "embedding":
+        # vLLM's pooling runner: its pooler reads the sentence-transformers pooling and
+        # normalisation from the model folder, as sentence-transformers does.
+        kwargs["runner"] = "pooling"
+        kwargs["enable_prefix_caching"] = False
     if spec.context_length:
         kwargs["max_model_len"] = spec.context_length
     if spec.quantization:
@@ -533,6 +539,80 @@ class VLLMLoadedModel(LoadedModel):
             self._backend._forget(self)
 
 
+class VLLMEmbeddingModel(EmbeddingModel):
+    """An embedding model on vLLM's pooling runner: each input is an `encode` request, and
+    vLLM's scheduler batches the ones that arrive together."""
+
+    backend_name = "vllm"
+
+    def __init__(
+        self,
+        backend: VLLMBackend,
+        spec: ModelSpec,
+        engine: Any,
+        tokenizer: Any,
+        *,
+        context_length: int,
+        memory_bytes: int,
+    ) -> None:
+        self._backend = backend
+        self.spec = spec
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.memory_bytes = memory_bytes
+        self.eos_token_ids = frozenset()
+        self.dimensions = int(engine.model_config.get_hidden_size())
+        self._inflight = 0
+        self._ids = 0
+        self._lock = threading.Lock()
+
+    @property
+    def running(self) -> int:
+        return self._inflight
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        thread = self._backend._loop_thread()
+        future = thread.submit(self._encode_all(inputs))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.cancel()  # the client left: vLLM aborts requests whose task is cancelled
+            raise
+
+    async def _encode_all(self, inputs: list[list[int]]) -> list[list[float]]:
+        return list(await asyncio.gather(*(self._encode(tokens) for tokens in inputs)))
+
+    async def _encode(self, tokens: list[int]) -> list[float]:
+        from vllm import PoolingParams
+
+        with self._lock:
+            self._ids += 1
+            rid = f"embed-{id(self)}-{self._ids}"
+            self._inflight += 1
+        try:
+            final = None
+            async for out in self.engine.encode(
+                {"prompt_token_ids": tokens}, PoolingParams(task="embed"), rid
+            ):
+                final = out
+            if final is None or final.error is not None:
+                raise RuntimeError(f"vLLM could not embed: {getattr(final, 'error', None)}")
+            return final.outputs.data.tolist()
+        finally:
+            with self._lock:
+                self._inflight -= 1
+
+    def close(self) -> None:
+        if self.engine is None:
+            return
+        try:
+            _shutdown_engine(self.engine, self._backend._thread)
+        finally:
+            self.engine = None
+            self._backend._forget(self)
+
+
 def _shutdown_engine(engine: Any, thread: _LoopThread | None) -> None:
     """Stop AsyncLLM's output handler on its loop first (else it logs the engine's death as an
     error), then shut the engine down: the engine core process and its workers end."""
@@ -596,7 +676,7 @@ class VLLMBackend(Backend):
         self._device = "cuda:0" if current_platform.is_cuda() else current_platform.device_type
         self._lock = threading.Lock()
         self._thread: _LoopThread | None = None
-        self._models: list[VLLMLoadedModel] = []
+        self._models: list[LoadedModel] = []
         self._tokens = 0
 
     @property
@@ -617,12 +697,12 @@ class VLLMBackend(Backend):
                 self._thread = _LoopThread("vllm-backend-loop")
             return self._thread
 
-    def _forget(self, model: VLLMLoadedModel) -> None:
+    def _forget(self, model: LoadedModel) -> None:
         with self._lock:
             if model in self._models:
                 self._models.remove(model)
 
-    def load(self, spec: ModelSpec) -> VLLMLoadedModel:
+    def load(self, spec: ModelSpec) -> VLLMLoadedModel | VLLMEmbeddingModel:
         """Start an engine for `spec` and run one token through it; raises with vLLM's reason
         when the model cannot load (never returns a model that fails its first request)."""
         _require_vllm()
@@ -641,16 +721,28 @@ class VLLMBackend(Backend):
                 vllm_config, disable_log_stats=engine_args.disable_log_stats
             )
         try:
-            model = VLLMLoadedModel(
-                self,
-                spec,
-                engine,
-                tokenizer,
-                context_length=int(engine.model_config.max_model_len),
-                memory_bytes=_weights_bytes(path) + _kv_cache_bytes(engine.vllm_config),
-                eos_token_ids=_eos_token_ids(path, tokenizer),
-            )
-            thread.submit(_warm_up(model)).result(WARMUP_TIMEOUT)
+            if spec.kind == "embedding":
+                model = VLLMEmbeddingModel(
+                    self,
+                    spec,
+                    engine,
+                    tokenizer,
+                    context_length=int(engine.model_config.max_model_len),
+                    memory_bytes=_weights_bytes(path) + _kv_cache_bytes(engine.vllm_config),
+                )
+                warm_up = model._encode([tokenizer.cls_token_id or 0])
+            else:
+                model = VLLMLoadedModel(
+                    self,
+                    spec,
+                    engine,
+                    tokenizer,
+                    context_length=int(engine.model_config.max_model_len),
+                    memory_bytes=_weights_bytes(path) + _kv_cache_bytes(engine.vllm_config),
+                    eos_token_ids=_eos_token_ids(path, tokenizer),
+                )
+                warm_up = _warm_up(model)
+            thread.submit(warm_up).result(WARMUP_TIMEOUT)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 _shutdown_engine(engine, thread)

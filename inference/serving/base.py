@@ -79,6 +79,9 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
         name=row.name,
         path=row.path,
         backend=row.backend,
+        kind=row.kind,
+        pooling=row.pooling or "mean",
+        normalize=row.normalize,
         max_batch_size=row.max_batch_size or settings.MAX_BATCH_SIZE,
         context_length=row.context_length,
         chat_template=row.chat_template or None,
@@ -115,8 +118,13 @@ def defaults_from_row(row: LLMModel) -> ModelDefaults:
 
 
 async def resolve_model(
-    name: str, stats: RequestStats | None = None, allowed: tuple[str, ...] = ()
+    name: str,
+    stats: RequestStats | None = None,
+    allowed: tuple[str, ...] = (),
+    kind: str = "chat",
 ) -> tuple[ModelSpec, ModelDefaults]:
+    """The registry row `name` means, as plain values; 404 when there is none the caller may
+    use, 400 when it is of another kind (an embedding model asked to chat, or the reverse)."""
     row = await shared_query(("model", name), lambda: LLMModel.objects.servable().find(name))
     if row is None:
         running = current_engine()
@@ -128,6 +136,15 @@ async def resolve_model(
         raise model_not_found(name)
     if stats is not None:
         stats.model = row.name
+    if row.kind != kind:
+        wanted = "/v1/embeddings" if row.kind == "embedding" else "chat and completions"
+        raise APIError(
+            400,
+            f"Model `{row.name}` is {'an embedding' if row.kind == 'embedding' else 'a chat'} "
+            f"model: use it with {wanted}.",
+            param="model",
+            code="wrong_model_kind",
+        )
     return spec_from_row(row), defaults_from_row(row)
 
 

@@ -98,10 +98,15 @@ def model_action(request, site, pk: int, action: str):
             else:
                 messages.info(request, f"Model {row.name} was not loaded.")
         elif action == "default":
-            row.make_default()
-            messages.success(
-                request, f'Model {row.name} is now the default (what `model: "default"` means).'
-            )
+            try:
+                row.make_default()
+            except ValueError as exc:
+                messages.error(request, str(exc))
+            else:
+                messages.success(
+                    request,
+                    f'Model {row.name} is now the default (what `model: "default"` means).',
+                )
         else:
             raise Http404(f"unknown action {action}")
     except actions.ActionError as exc:
@@ -164,7 +169,8 @@ def download_action(request, site, pk: int, action: str):
 
 
 def playground_page(request, site):
-    models = list(LLMModel.objects.servable().values_list("name", "is_default"))
+    chat_models = LLMModel.objects.servable().filter(kind=LLMModel.Kind.CHAT)  # no embedders
+    models = list(chat_models.values_list("name", "is_default"))
     default = next((name for name, is_default in models if is_default), None)
     return _page(
         request,
