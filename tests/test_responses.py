@@ -221,3 +221,24 @@ def test_a_whole_conversation_can_be_sent_as_items_without_storing(client):
         max_output_tokens=4,
     )
     assert response.output[0].type in ("message", "function_call")
+
+
+def test_the_new_endpoints_are_counted_under_their_own_names(server, client):
+    import anthropic
+    import httpx
+
+    from tests.helpers import API_KEY, wait_until
+
+    respond(client, max_output_tokens=1)
+    anthropic.Anthropic(base_url=server.url, api_key=API_KEY, max_retries=0).messages.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    client.embeddings.create(model="minilm", input="hi")
+
+    def counted() -> bool:
+        metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        return all(
+            f'endpoint="{name}"' in metrics for name in ("responses", "messages", "embeddings")
+        )
+
+    wait_until(counted, timeout=60)
