@@ -65,6 +65,11 @@ def start(backend: str, model: Path, data_dir: Path, log: Path) -> tuple[subproc
             f"r=LLMModel.objects.get(name='bench'); {fields}; r.full_clean(); r.save()"
         )
         subprocess.run([python, "manage.py", "shell", "--no-imports", "-c", code], **run)
+    return launch(backend, env, log)
+
+
+def launch(backend: str, env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str]:
+    """`llm-service serve` on a free port with `env`, once /ready answers."""
     port = sb.free_port()
     proc = subprocess.Popen(
         [str(sb.VENV_BIN / "llm-service"), "serve", "--host", "127.0.0.1", "--port", str(port)]

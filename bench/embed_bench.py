@@ -58,27 +58,7 @@ def start(backend: str, data_dir: Path, log: Path) -> tuple[subprocess.Popen, st
             "r.kv_cache_gb=0.5; r.full_clean(); r.save()"
         )
         subprocess.run([python, "manage.py", "shell", "--no-imports", "-c", code], **run)
-    port = sb.free_port()
-    proc = subprocess.Popen(
-        [str(sb.VENV_BIN / "llm-service"), "serve", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--no-demo", "--no-worker"],
-        env=env,
-        cwd=sb.REPO,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + sb.STARTUP_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{backend} server exited; see {log}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
+    proc, url = cb.launch(backend, env, log)
     # The first request loads the model.
     embed_once(url, ["warm-up"])
     return proc, url

@@ -562,3 +562,15 @@ def test_the_admin_queues_a_download_and_cancels_and_retries_it(admin_client, se
     finally:
         for message in sent:
             message.unlink(missing_ok=True)
+
+
+def test_a_sentence_transformers_repo_is_registered_as_an_embedding_model(install, fresh_hub):
+    from tests.helpers import minilm_path
+
+    fresh_hub.add_repo("test-org/minilm", minilm_path())
+    install.start_worker()
+    result, pk = install.pull("test-org/minilm", "--name", "minilm", "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (row,) = install.models()
+    assert (row["kind"], row["pooling"], row["normalize"]) == ("embedding", "mean", 1)
+    assert not row["is_default"]  # the default is a chat model

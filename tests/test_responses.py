@@ -242,3 +242,16 @@ def test_the_new_endpoints_are_counted_under_their_own_names(server, client):
         )
 
     wait_until(counted, timeout=60)
+
+
+def test_a_stored_response_past_its_time_is_gone(client, server):
+    response = respond(client, max_output_tokens=1)
+    server.manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        "from django.utils import timezone; from inference.models import StoredResponse; "
+        f"StoredResponse.objects.filter(id={response.id!r}).update(expires_at=timezone.now())",
+    )
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(response.id)

@@ -9,8 +9,9 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
@@ -41,6 +42,7 @@ from llmservice.lookups import shared_query
 from models_app.models import LLMModel
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FINGERPRINT = "fp_llm_service"
 
@@ -435,23 +437,40 @@ class Job:
         ]
 
 
+async def while_resident(
+    spec: ModelSpec,
+    action: Callable[[], Awaitable[T]],
+    reloaded: Callable[[LoadedModel], None] = lambda model: None,
+) -> T:
+    """`action()` on `spec`'s resident model, loading it again (and telling `reloaded`) if it
+    was unloaded to make room since this request loaded it: a few times, then 503."""
+    for _ in range(3):
+        try:
+            return await action()
+        except NotResident:
+            reloaded(await load_model(spec))
+    raise APIError(
+        503,
+        f"Model `{spec.name}` keeps being unloaded to make room for others.",
+        type="server_error",
+        code="model_busy",
+        headers={"Retry-After": "5"},
+    )
+
+
 async def submit(job: Job) -> GenerationGroup:
     if job.stats is not None:
         job.stats.prompt_tokens = job.prompt_tokens  # as usage reports it: once, whatever n is
+
+    async def start() -> GenerationGroup:
+        job.group = engine().submit(job.spec, job.requests())
+        return job.group
+
+    def reloaded(model: LoadedModel) -> None:
+        job.model = model
+
     try:
-        for _ in range(3):
-            try:
-                job.group = engine().submit(job.spec, job.requests())
-                return job.group
-            except NotResident:  # unloaded to make room since this request loaded it
-                job.model = await load_model(job.spec)
-        raise APIError(
-            503,
-            f"Model `{job.spec.name}` keeps being unloaded to make room for others.",
-            type="server_error",
-            code="model_busy",
-            headers={"Retry-After": "5"},
-        )
+        return await while_resident(job.spec, start, reloaded)
     except QueueFull:
         raise APIError(
             429,

@@ -7,8 +7,7 @@ import base64
 import numpy as np
 
 from inference import protocol
-from inference.engine import NotResident
-from inference.serving.base import engine, load_model, resolve_model
+from inference.serving.base import engine, load_model, resolve_model, while_resident
 from inference.types import RequestStats
 from llmservice.errors import APIError
 
@@ -50,20 +49,7 @@ async def create_embeddings(
     prompt_tokens = sum(len(t) for t in inputs)
     if stats is not None:
         stats.prompt_tokens = prompt_tokens
-    for _ in range(3):
-        try:
-            vectors = await engine().embed(spec, inputs)
-            break
-        except NotResident:  # unloaded to make room since this request loaded it
-            await load_model(spec)
-    else:
-        raise APIError(
-            503,
-            f"Model `{spec.name}` keeps being unloaded to make room for others.",
-            type="server_error",
-            code="model_busy",
-            headers={"Retry-After": "5"},
-        )
+    vectors = await while_resident(spec, lambda: engine().embed(spec, inputs))
     return {
         "object": "list",
         "data": [
