@@ -159,6 +159,8 @@ class SamplingFields(Schema):
     @field_validator("logit_bias")
     @classmethod
     def token_id_keys(cls, value):
+        if value and len(value) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
         if value:
             for key in value:
                 if not key.lstrip("-").isdigit() or int(key) < 0:

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
@@ -188,27 +189,89 @@ def render_chat(
     template_kwargs: dict | None = None,
 ) -> list[int]:
     """The prompt's tokens: messages (and tools, for a template that renders them) through the
-    model's chat template; `template_kwargs` reach templates that read them."""
+    model's chat template; `template_kwargs` reach templates that read them.
+
+    Message contents are data: text in them that spells a special token (`<|im_end|>`, ...) is
+    tokenized as text, never as the control token, so a message cannot close its turn or open a
+    system one. Such contents go through the template as placeholders and are tokenized apart."""
     tokenizer = model.tokenizer
-    template = chat_template(model, spec)
-    if template:
-        try:
-            text = tokenizer.apply_chat_template(
-                messages,
-                tools=tools,
-                add_generation_prompt=True,
-                tokenize=False,
-                chat_template=template,
-                **(template_kwargs or {}),
+    markers = _special_texts(tokenizer)
+    risky = {
+        i: f"\ue000{i}\ue001"
+        for i, m in enumerate(messages)
+        if isinstance(m.get("content"), str) and any(s in m["content"] for s in markers)
+    }
+    if not risky:
+        return tokenizer.encode(
+            _render(model, spec, messages, tools, template_kwargs), add_special_tokens=False
+        )
+    masked = [dict(m, content=risky[i]) if i in risky else m for i, m in enumerate(messages)]
+    text = _render(model, spec, masked, tools, template_kwargs)
+    if any(text.count(placeholder) != 1 for placeholder in risky.values()):
+        # The template rewrote the content (stripped, split it): break the markers up instead.
+        defused = [
+            dict(m, content=_defuse(m["content"], markers)) if i in risky else m
+            for i, m in enumerate(messages)
+        ]
+        text = _render(model, spec, defused, tools, template_kwargs)
+        return tokenizer.encode(text, add_special_tokens=False)
+    contents = {risky[i]: messages[i]["content"] for i in risky}
+    ids: list[int] = []
+    for piece in re.split("(" + "|".join(map(re.escape, contents)) + ")", text):
+        if piece in contents:
+            ids += tokenizer.encode(
+                contents[piece], add_special_tokens=False, split_special_tokens=True
             )
-        except Exception as exc:
-            raise APIError(
-                400, f"The chat template could not render these messages: {exc}", param="messages"
-            ) from exc
-    else:
+        elif piece:
+            ids += tokenizer.encode(piece, add_special_tokens=False)
+    return ids
+
+
+def _render(
+    model: LoadedModel,
+    spec: ModelSpec,
+    messages: list[dict],
+    tools: list[dict] | None,
+    template_kwargs: dict | None,
+) -> str:
+    template = chat_template(model, spec)
+    if not template:
         # A base model without a template: a plain transcript it can continue.
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return tokenizer.encode(text, add_special_tokens=False)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    try:
+        return model.tokenizer.apply_chat_template(
+            messages,
+            tools=tools,
+            add_generation_prompt=True,
+            tokenize=False,
+            chat_template=template,
+            **(template_kwargs or {}),
+        )
+    except Exception as exc:
+        raise APIError(
+            400, f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
+
+
+# Per tokenizer: the texts of its special tokens.
+_specials: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _special_texts(tokenizer: Any) -> tuple[str, ...]:
+    if tokenizer not in _specials:
+        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        texts = {t.content for t in added.values() if getattr(t, "special", False)}
+        texts |= set(getattr(tokenizer, "all_special_tokens", ()) or ())
+        _specials[tokenizer] = tuple(sorted(t for t in texts if t))
+    return _specials[tokenizer]
+
+
+def _defuse(content: str, markers: tuple[str, ...]) -> str:
+    """Markers with a zero-width space after their first character: read alike, tokenized as
+    text."""
+    for marker in markers:
+        content = content.replace(marker, marker[0] + "\u200b" + marker[1:])
+    return content
 
 
 def encode_prompt(model: LoadedModel, prompt: str | list[int]) -> list[int]:
