@@ -55,6 +55,13 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = int(MAX_REQUEST_MB * 1024 * 1024)
 ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
 # Bearer token required by GET /metrics when set.
 METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Behind a proxy that terminates TLS (and sets X-Forwarded-Proto): HTTP Strict Transport Security
+# for this many seconds on HTTPS responses. 0: no HSTS, and X-Forwarded-Proto is not trusted.
+HSTS_SECONDS = env_int("HSTS_SECONDS", 0, minimum=0)
+SECURE_HSTS_SECONDS = HSTS_SECONDS
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HSTS_SECONDS else None
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
 # Request rows older than this are pruned (daily task / manage.py prune_analytics).
 ANALYTICS_RETENTION_DAYS = env_int("ANALYTICS_RETENTION_DAYS", 30, minimum=1)
 # Stored /v1/responses (store: true) are kept this long, for previous_response_id and GET.

@@ -255,3 +255,20 @@ def test_a_stored_response_past_its_time_is_gone(client, server):
     )
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(response.id)
+
+
+def test_a_keys_allow_list_holds_on_the_new_endpoints(server):
+    import anthropic
+
+    key = make_key(server, "tiny-only", allowed_models=["tiny"])
+    narrow = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+    assert respond(narrow, max_output_tokens=1).model == "tiny"
+    with pytest.raises(openai.NotFoundError):
+        narrow.embeddings.create(model="minilm", input="hi")
+    with pytest.raises(openai.NotFoundError):
+        narrow.responses.create(model="tiny-special", input="hi", max_output_tokens=1)
+    claude = anthropic.Anthropic(base_url=server.url, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.NotFoundError):
+        claude.messages.create(
+            model="tiny-special", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+        )

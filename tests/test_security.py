@@ -1,4 +1,4 @@
-"""Dashboard login throttling (django-axes)."""
+"""Security: dashboard login throttling (django-axes), security headers and HSTS."""
 
 from __future__ import annotations
 
@@ -34,3 +34,18 @@ def test_a_right_password_before_the_limit_logs_in_and_resets_the_count(settings
     for _ in range(settings.LOGIN_FAILURE_LIMIT - 1):
         login(client, "operator", "wrong")
     assert login(client, "operator", "right-password").status_code == 302
+
+
+def test_responses_carry_nosniff_and_frame_deny():
+    response = Client().get("/admin/login/")
+    assert response["X-Content-Type-Options"] == "nosniff"
+    assert response["X-Frame-Options"] == "DENY"
+    assert Client().get("/health")["X-Content-Type-Options"] == "nosniff"
+
+
+def test_hsts_is_sent_on_https_behind_a_tls_proxy_when_set(settings):
+    settings.SECURE_HSTS_SECONDS = 3600
+    settings.SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    secure = Client().get("/health", HTTP_X_FORWARDED_PROTO="https")
+    assert secure["Strict-Transport-Security"] == "max-age=3600"
+    assert "Strict-Transport-Security" not in Client().get("/health")  # plain HTTP: never

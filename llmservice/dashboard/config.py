@@ -106,6 +106,11 @@ def effective() -> list[tuple[str, str, str]]:
         ),
         ("LLM_SERVICE_API_KEY", "extra accepted API key", _set(s.API_KEY)),
         (
+            "LLM_SERVICE_HSTS_SECONDS",
+            "HSTS on HTTPS responses behind a TLS proxy",
+            f"{s.HSTS_SECONDS} s" if s.HSTS_SECONDS else "0 (off)",
+        ),
+        (
             "LLM_SERVICE_SECRET_KEY",
             "Django's signing key",
             _set(env_raw("SECRET_KEY") or "", "not set (generated once, kept in the data dir)"),
