@@ -55,6 +55,8 @@ def on_validation_error(request: HttpRequest, exc: ValidationError):
         # A check across fields (a model validator) names the field its message is about.
         param = named.group(1)
         message = msg.removeprefix("Value error, ")
+    elif first.get("type") == "missing" and param is None:
+        message = "The request has no body: send a JSON object (Content-Type: application/json)."
     elif first.get("type") == "missing":
         message = f"Missing required parameter: '{param}'."
     elif first.get("type") == "json_invalid" or param is None:

@@ -62,6 +62,18 @@ def test_invalid_json_gets_400(server):
     assert_openai_error(response, 400)
 
 
+@pytest.mark.parametrize(
+    "body", [b"", b"[" * 50_000 + b"]" * 50_000, b'{"model":"tiny","messages":"\xff\xfe"}']
+)
+def test_no_body_deep_nesting_and_invalid_utf8_get_a_clear_400(server, body):
+    with server.http() as http:
+        response = http.post(
+            "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+        )
+    error = assert_openai_error(response, 400)
+    assert "None" not in error["message"]
+
+
 def test_a_missing_field_is_named_in_param(server):
     with server.http() as http:
         response = http.post("/v1/chat/completions", json={"model": "tiny"})
