@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.http import HttpRequest
 from ninja import Router
 
-from llmservice.errors import model_not_found
+from llmservice.errors import documented, model_not_found
 from models_app.models import LLMModel
 
 router = Router(tags=["models"])
@@ -20,7 +20,7 @@ def model_object(row: LLMModel) -> dict:
     }
 
 
-@router.get("/models")
+@router.get("/models", openapi_extra=documented())
 async def list_models(request: HttpRequest):
     allowed = getattr(request.auth, "allowed_models", ())
     rows = [
@@ -31,7 +31,7 @@ async def list_models(request: HttpRequest):
     return {"object": "list", "data": [model_object(r) for r in rows]}
 
 
-@router.get("/models/{path:model_id}")
+@router.get("/models/{path:model_id}", openapi_extra=documented())
 async def retrieve_model(request: HttpRequest, model_id: str):
     row = await LLMModel.objects.servable().afind(model_id)
     allowed = getattr(request.auth, "allowed_models", ())
