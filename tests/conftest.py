@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE, Server, demo_gguf_path, minilm_path
+from tests.helpers import CACHE, Server, demo_gguf_path, free_port, minilm_path, wait_until
 
 
 def _build_once(target: Path, build) -> Path:
@@ -194,6 +196,39 @@ def real_server(request) -> Server:
 def server(request) -> Server:
     """The API tests' server, once per backend: the same behaviour on every engine."""
     return request.getfixturevalue(f"{request.param}_server")
+
+
+@pytest.fixture
+def redis_url():
+    binary = Path("/usr/bin/redis-server")
+    if not binary.exists():
+        pytest.fail("redis-server is not installed: `make test` installs it (.ci/sysdeps)")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+
+    def accepting() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    try:
+        wait_until(accepting, timeout=10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture

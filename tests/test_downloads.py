@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import API_KEY, BIN, ROOT, Server, free_port, wait_until
+from tests.helpers import API_KEY, BIN, ROOT, Server, wait_until
 from tests.hub_server import HubServer
 
 REPO = "test-org/tiny"
@@ -174,39 +173,6 @@ def install(tmp_path: Path, fresh_hub: HubServer):
     assert inst.manage("migrate", "-v0").returncode == 0
     yield inst
     inst.stop()
-
-
-@pytest.fixture
-def redis_url():
-    binary = Path("/usr/bin/redis-server")
-    if not binary.exists():
-        pytest.fail("redis-server is not installed: `make test` installs it (.ci/sysdeps)")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            str(binary),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-
-    def accepting() -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", port)) == 0
-
-    try:
-        wait_until(accepting, timeout=10)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_pull_with_wait_downloads_and_registers_a_model_that_then_answers_a_chat(
