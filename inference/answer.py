@@ -9,7 +9,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from inference.tools import ParsedCall, ToolCallReader, partial_suffix
+from inference.text import partial_suffix
+from inference.tools import ParsedCall, ToolCallReader
 
 THINK = ("<think>", "</think>")
 

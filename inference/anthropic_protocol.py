@@ -78,11 +78,7 @@ class InputMessage(Schema):
     @field_validator("content")
     @classmethod
     def text_only(cls, value):
-        if isinstance(value, list):
-            for block in value:
-                if isinstance(block, ImageBlock):
-                    raise ValueError(f"content blocks of type '{block.type}' are not supported")
-        return value
+        return protocol.text_only(value, ImageBlock)
 
 
 class ToolDefinition(CacheControlled):

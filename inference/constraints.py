@@ -35,27 +35,30 @@ def json_constraint(schema: dict | None) -> Constraint:
 
 @lru_cache(maxsize=512)
 def _compile(schema_json: str) -> Constraint:
-    try:
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_json, defaults=COMPACT)
-    except (ValueError, TypeError) as exc:
-        raise ConstraintError(f"the JSON schema is invalid: {exc}") from exc
-    error = llguidance.LLMatcher.validate_grammar(grammar)
-    if error:
-        raise ConstraintError(f"the JSON schema cannot be enforced: {error}")
-    return Constraint("json_schema", schema_json, grammar)
+    return _checked(
+        "json_schema",
+        schema_json,
+        lambda text: llguidance.LLMatcher.grammar_from_json_schema(text, defaults=COMPACT),
+        "the JSON schema",
+    )
 
 
 @lru_cache(maxsize=512)
 def lark_constraint(lark: str) -> Constraint:
-    """The constraint for an llguidance lark grammar (tool calls: inference/tools.py)."""
+    """The constraint for an llguidance lark grammar (tool calls and answers after reasoning:
+    inference/tools.py)."""
+    return _checked("lark", lark, llguidance.LLMatcher.grammar_from_lark, "the output's schemas")
+
+
+def _checked(kind: str, source: str, compile_: Any, what: str) -> Constraint:
     try:
-        grammar = llguidance.LLMatcher.grammar_from_lark(lark)
+        grammar = compile_(source)
     except (ValueError, TypeError) as exc:
-        raise ConstraintError(f"the grammar is invalid: {exc}") from exc
+        raise ConstraintError(f"{what} is invalid: {exc}") from exc
     error = llguidance.LLMatcher.validate_grammar(grammar)
     if error:
-        raise ConstraintError(f"the tools' schemas cannot be enforced: {error}")
-    return Constraint("lark", lark, grammar)
+        raise ConstraintError(f"{what} cannot be enforced: {error}")
+    return Constraint(kind, source, grammar)
 
 
 def tokenizer_for(hf_tokenizer: Any, eos_token_ids: frozenset[int]) -> llguidance.LLTokenizer:

@@ -36,6 +36,16 @@ class ToolCall(Schema):
     function: FunctionCall
 
 
+def text_only(content: Any, other: type) -> Any:
+    """A content field's value, or a ValueError naming the first part of a kind (`other`:
+    images, audio, files) that this server does not take."""
+    if isinstance(content, list):
+        for part in content:
+            if isinstance(part, other):
+                raise ValueError(f"content parts of type '{part.type}' are not supported; use text")
+    return content
+
+
 class Message(Schema):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
@@ -54,13 +64,7 @@ class Message(Schema):
     @field_validator("content")
     @classmethod
     def only_text_parts(cls, value):
-        if isinstance(value, list):
-            for part in value:
-                if isinstance(part, ImagePart):
-                    raise ValueError(
-                        f"content parts of type '{part.type}' are not supported; use text"
-                    )
-        return value
+        return text_only(value, ImagePart)
 
     def text(self) -> str:
         if self.content is None:

@@ -36,11 +36,7 @@ class MessageItem(Schema):
     @field_validator("content")
     @classmethod
     def text_only(cls, value):
-        if isinstance(value, list):
-            for part in value:
-                if isinstance(part, InputOther):
-                    raise ValueError(f"content parts of type '{part.type}' are not supported")
-        return value
+        return protocol.text_only(value, InputOther)
 
     def text(self) -> str:
         if isinstance(self.content, str):

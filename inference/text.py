@@ -51,6 +51,14 @@ class Detokenizer:
         return ""
 
 
+def partial_suffix(text: str, marker: str) -> int:
+    """The length of the longest end of `text` that could begin `marker` (text to hold back)."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
+
+
 class StopFilter:
     """Finds stop strings across token boundaries; holds back text that may begin one."""
 
@@ -68,12 +76,7 @@ class StopFilter:
             at, self.matched = min(hits)
             self._held = ""
             return buffer[:at], True
-        hold = 0
-        for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buffer)), hold, -1):
-                if buffer.endswith(stop[:k]):
-                    hold = k
-                    break
+        hold = max(partial_suffix(buffer, stop) for stop in self.stops)
         self._held = buffer[len(buffer) - hold :] if hold else ""
         return buffer[: len(buffer) - hold], False
 

@@ -15,11 +15,14 @@ import importlib
 import json
 import re
 import uuid
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from jinja2 import Environment, meta
+
+from inference.text import partial_suffix
 
 ANY_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -47,13 +50,14 @@ class ParsedCall:
     name: str
     arguments: str  # JSON text
 
-    def wire(self, index: int, id_: str | None = None) -> dict[str, Any]:
-        return {
-            "index": index,
-            "id": id_ or new_call_id(),
+    def wire(self, index: int | None = None) -> dict[str, Any]:
+        """OpenAI's tool call, with a new id (and its `index` in a streamed delta)."""
+        call = {
+            "id": new_call_id(),
             "type": "function",
             "function": {"name": self.name, "arguments": self.arguments},
         }
+        return call if index is None else {"index": index, **call}
 
 
 def new_call_id() -> str:
@@ -84,6 +88,11 @@ def _lit(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _regex_text(text: str) -> str:
+    """Text matched literally inside a lark /regex/."""
+    return re.escape(text).replace("/", "\\/")
+
+
 Special = dict[str, int]  # marker text -> its token id, for markers that are added tokens
 
 
@@ -104,13 +113,30 @@ def lark_text(text: str, special: Special | None = None) -> str:
     return " ".join(pieces)
 
 
+# Per tokenizer: its added tokens by text, as (id, special). Hugging Face builds
+# `added_tokens_decoder` anew on every access; this is read on every chat request.
+_added: weakref.WeakKeyDictionary[Any, dict[str, tuple[int, bool]]] = weakref.WeakKeyDictionary()
+
+
+def added_tokens(tokenizer: Any) -> dict[str, tuple[int, bool]]:
+    if tokenizer not in _added:
+        decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+        _added[tokenizer] = {t.content: (i, bool(t.special)) for i, t in decoder.items()}
+    return _added[tokenizer]
+
+
 def special_markers(tokenizer: Any, texts: list[str | None]) -> Special:
     """Which of these marker texts are single added tokens of the tokenizer: special ones
     (Mistral's [TOOL_CALLS], LFM2's <|tool_call_start|>) and plain ones alike (Qwen's
     <tool_call>, <think>), since llguidance treats every added token as special."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-    by_text = {t.content: i for i, t in added.items()}
-    return {text: by_text[text] for text in texts if text and text in by_text}
+    added = added_tokens(tokenizer)
+    return {text: added[text][0] for text in texts if text and text in added}
+
+
+def any_skipped(tokenizer: Any, special: Special) -> bool:
+    """Whether one of these markers is a special token, which detokenizing would leave out."""
+    added = added_tokens(tokenizer)
+    return any(added[text][1] for text in special)
 
 
 class ToolFormat:
@@ -162,18 +188,35 @@ class ToolFormat:
     constrainable = True
 
 
-class HermesFormat(ToolFormat):
+class LibraryFormat(ToolFormat):
+    """A family mlx-lm's tool parsers read (`mlx_lm.tool_parsers.<module>`): its markers and
+    its parser are the library's. Used as is for the families we read but do not write or
+    constrain yet (Qwen3-Coder, GLM, Kimi, MiniMax, Gemma, ...): `required` and named choices
+    are refused for them."""
+
+    module = ""
+    constrainable = False
+
+    def __init__(self, module: str | None = None) -> None:
+        if module is not None:
+            self.module = self.name = module
+        self._parser = importlib.import_module(f"mlx_lm.tool_parsers.{self.module}")
+        self.start, self.end = self._parser.tool_call_start, self._parser.tool_call_end
+
+    def _library_parse(self, segment: str) -> Any:
+        return self._parser.parse_tool_call(segment)
+
+    def render(self, calls: list[tuple[str, Any]]) -> str:
+        raise ValueError(f"writing {self.name} tool calls is not supported")
+
+
+class HermesFormat(LibraryFormat):
     """`<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>`: Hermes, Qwen 2.5/3,
     SmolLM3 and most templates that render `tools`."""
 
     name = "hermes"
-    start = "<tool_call>"
-    end = "</tool_call>"
-
-    def _library_parse(self, segment: str) -> Any:
-        from mlx_lm.tool_parsers import json_tools
-
-        return json_tools.parse_tool_call(segment)
+    module = "json_tools"
+    constrainable = True
 
     def render(self, calls: list[tuple[str, Any]]) -> str:
         return "\n".join(
@@ -216,12 +259,11 @@ class Llama3JSONFormat(ToolFormat):
         return f"body: {_json(self.call_schema(tools))}\n"
 
 
-class MistralFormat(ToolFormat):
+class MistralFormat(LibraryFormat):
     """`[TOOL_CALLS][{"name": ..., "arguments": {...}}, ...]`: Mistral's models."""
 
-    name = "mistral"
-    start = "[TOOL_CALLS]"
-    end = ""
+    name = module = "mistral"
+    constrainable = True
 
     @staticmethod
     def call_id(id_: str) -> str:
@@ -232,9 +274,7 @@ class MistralFormat(ToolFormat):
         return hashlib.sha256(id_.encode()).hexdigest()[:9]
 
     def _library_parse(self, segment: str) -> Any:
-        from mlx_lm.tool_parsers import mistral
-
-        return mistral.parse_tool_call(segment.strip())
+        return super()._library_parse(segment.strip())
 
     def render(self, calls: list[tuple[str, Any]]) -> str:
         return self.start + _compact([{"name": n, "arguments": a} for n, a in calls])
@@ -246,21 +286,12 @@ class MistralFormat(ToolFormat):
         return f"body: {_json(array)}\n"
 
 
-class PythonicFormat(ToolFormat):
+class PythonicFormat(LibraryFormat):
     """`<|tool_call_start|>[get_weather(city="Paris"), ...]<|tool_call_end|>`: LFM2 and other
     models that call tools as Python."""
 
-    name = "pythonic"
-
-    def __init__(self) -> None:
-        from mlx_lm.tool_parsers import pythonic
-
-        self.start, self.end = pythonic.tool_call_start, pythonic.tool_call_end
-
-    def _library_parse(self, segment: str) -> Any:
-        from mlx_lm.tool_parsers import pythonic
-
-        return pythonic.parse_tool_call(segment)
+    name = module = "pythonic"
+    constrainable = True
 
     def render(self, calls: list[tuple[str, Any]]) -> str:
         def call(name: str, arguments: Any) -> str:
@@ -302,24 +333,6 @@ class PythonicFormat(ToolFormat):
             f"body: {_lit('[')} {calls} {lark_text(']' + self.end, special)}\n"
             f"pycall: {' | '.join(alternatives)}\n" + "\n".join(rules) + "\n"
         )
-
-
-class LibraryFormat(ToolFormat):
-    """Another family mlx-lm's tool parsers read (Qwen3-Coder, GLM, Kimi, MiniMax, Gemma, ...):
-    read back, not yet constrained, so `required` and named choices are refused for it."""
-
-    constrainable = False
-
-    def __init__(self, module: str) -> None:
-        self.name = module
-        self._module = importlib.import_module(f"mlx_lm.tool_parsers.{module}")
-        self.start, self.end = self._module.tool_call_start, self._module.tool_call_end
-
-    def _library_parse(self, segment: str) -> Any:
-        return self._module.parse_tool_call(segment)
-
-    def render(self, calls: list[tuple[str, Any]]) -> str:
-        raise ValueError(f"writing {self.name} tool calls is not supported")
 
 
 FORMATS: dict[str, Callable[[], ToolFormat]] = {
@@ -425,7 +438,7 @@ def tool_grammar(
         # Free text never holds an added token: the trigger token itself starts the calls.
         lines += [f"start: TEXT | TEXT <[{special[trigger]}]> body", "TEXT: /(.|\\n)*/"]
     elif trigger:
-        escaped = re.escape(trigger).replace("/", "\\/")
+        escaped = _regex_text(trigger)
         lines += [
             "start: TEXT | text_then_trigger body",
             f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{escaped}(.|\\n)*/",
@@ -525,14 +538,6 @@ class ToolCallReader:
         return body
 
 
-def partial_suffix(text: str, marker: str) -> int:
-    """The length of the longest end of `text` that could begin `marker`."""
-    for n in range(min(len(marker) - 1, len(text)), 0, -1):
-        if marker.startswith(text[-n:]):
-            return n
-    return 0
-
-
 def json_grammar(schema: dict[str, Any]) -> str:
     """The lark grammar for a JSON answer (so that it can follow the reasoning)."""
     return f"%llguidance {{}}\nstart: {_json(schema)}\n"
@@ -549,8 +554,7 @@ def after_reasoning(
     if end in special:  # free text never holds an added token: the end token closes it
         thought = f"thought: THOUGHT <[{special[end]}]>\nTHOUGHT: /(.|\\n)*/\n"
     else:
-        escaped = re.escape(end).replace("/", "\\/")
-        thought = f"thought[lazy]: /(.|\\n)*{escaped}/\n"
+        thought = f"thought[lazy]: /(.|\\n)*{_regex_text(end)}/\n"
     # Templates put a blank line after the reasoning; bounded, as a small model can loop in them.
     thought += "NEWLINES: /\\n{1,2}/\n"
     if opened:

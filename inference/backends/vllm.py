@@ -290,9 +290,10 @@ class _Request:
 # --- the loaded model -----------------------------------------------------------------------
 
 
-class VLLMLoadedModel(LoadedModel):
+class _VLLMModel:
+    """What both kinds of vLLM model hold: an AsyncLLM on the backend's loop thread."""
+
     backend_name = "vllm"
-    capabilities = CAPABILITIES
 
     def __init__(
         self,
@@ -303,7 +304,7 @@ class VLLMLoadedModel(LoadedModel):
         *,
         context_length: int,
         memory_bytes: int,
-        eos_token_ids: frozenset[int],
+        eos_token_ids: frozenset[int] = frozenset(),
     ) -> None:
         self._backend = backend
         self.spec = spec
@@ -313,6 +314,21 @@ class VLLMLoadedModel(LoadedModel):
         self.memory_bytes = memory_bytes
         self.eos_token_ids = eos_token_ids
         self._lock = threading.Lock()
+
+    def _shut_down(self) -> None:
+        """Stop the engine (its core process and workers) and leave the backend's list."""
+        try:
+            _shutdown_engine(self.engine, self._backend._thread)
+        finally:
+            self.engine = None
+            self._backend._forget(self)
+
+
+class VLLMLoadedModel(_VLLMModel, LoadedModel):
+    capabilities = CAPABILITIES
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._inflight: dict[str, _Request] = {}
         self._closed = False
 
@@ -532,40 +548,18 @@ class VLLMLoadedModel(LoadedModel):
             req.aborted = True
             if req.future is not None:
                 req.future.cancel()
-        try:
-            _shutdown_engine(self.engine, self._backend._thread)
-        finally:
-            self.engine = None
-            self._backend._forget(self)
+        self._shut_down()
 
 
-class VLLMEmbeddingModel(EmbeddingModel):
+class VLLMEmbeddingModel(_VLLMModel, EmbeddingModel):
     """An embedding model on vLLM's pooling runner: each input is an `encode` request, and
     vLLM's scheduler batches the ones that arrive together."""
 
-    backend_name = "vllm"
-
-    def __init__(
-        self,
-        backend: VLLMBackend,
-        spec: ModelSpec,
-        engine: Any,
-        tokenizer: Any,
-        *,
-        context_length: int,
-        memory_bytes: int,
-    ) -> None:
-        self._backend = backend
-        self.spec = spec
-        self.engine = engine
-        self.tokenizer = tokenizer
-        self.context_length = context_length
-        self.memory_bytes = memory_bytes
-        self.eos_token_ids = frozenset()
-        self.dimensions = int(engine.model_config.get_hidden_size())
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.dimensions = int(self.engine.model_config.get_hidden_size())
         self._inflight = 0
         self._ids = 0
-        self._lock = threading.Lock()
 
     @property
     def running(self) -> int:
@@ -604,13 +598,8 @@ class VLLMEmbeddingModel(EmbeddingModel):
                 self._inflight -= 1
 
     def close(self) -> None:
-        if self.engine is None:
-            return
-        try:
-            _shutdown_engine(self.engine, self._backend._thread)
-        finally:
-            self.engine = None
-            self._backend._forget(self)
+        if self.engine is not None:
+            self._shut_down()
 
 
 def _shutdown_engine(engine: Any, thread: _LoopThread | None) -> None:

@@ -30,6 +30,7 @@ from inference.engine import (
     get_engine,
 )
 from inference.text import Detokenizer, StopFilter, TokenTexts
+from inference.tools import added_tokens
 from inference.types import (
     Constraint,
     GenerationRequest,
@@ -259,8 +260,7 @@ _specials: weakref.WeakKeyDictionary[Any, tuple[str, ...]] = weakref.WeakKeyDict
 
 def _special_texts(tokenizer: Any) -> tuple[str, ...]:
     if tokenizer not in _specials:
-        added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        texts = {t.content for t in added.values() if getattr(t, "special", False)}
+        texts = {text for text, (_, special) in added_tokens(tokenizer).items() if special}
         texts |= set(getattr(tokenizer, "all_special_tokens", ()) or ())
         _specials[tokenizer] = tuple(sorted(t for t in texts if t))
     return _specials[tokenizer]
@@ -445,9 +445,15 @@ class Job:
     reader: Callable[[], AnswerReader] | None = None  # chat: reads reasoning and tool calls
     skip_special_tokens: bool = True
 
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the prefix cache (once submitted)."""
+        return min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
+
     def usage(self, completion_tokens: int, reasoning_tokens: int | None = None) -> dict:
-        cached = min(self.group.cached_tokens, self.prompt_tokens) if self.group else 0
-        return protocol.usage(self.prompt_tokens, completion_tokens, cached, reasoning_tokens)
+        return protocol.usage(
+            self.prompt_tokens, completion_tokens, self.cached_tokens, reasoning_tokens
+        )
 
     def note(self, group: GenerationGroup, choices: list[Choice]) -> None:
         """Copy what analytics wants into the request's stats (plain attribute writes)."""

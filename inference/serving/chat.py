@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import pydantic
 from django.http import StreamingHttpResponse
 
 from inference import protocol, tools
@@ -183,11 +185,29 @@ def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | N
     return {"content": content, "refusal": None}
 
 
+def translated(
+    build: Callable[[], protocol.ChatCompletionRequest],
+) -> protocol.ChatCompletionRequest:
+    """The chat request another API's request becomes (`build()`), or a 400 saying why not."""
+    try:
+        return build()
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        raise APIError(400, f"{where}: {first.get('msg')}" if where else first["msg"]) from exc
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from exc
+
+
 async def prepare_chat(
     request: protocol.ChatCompletionRequest,
     stats: RequestStats | None = None,
     allowed: tuple[str, ...] = (),
+    *,
+    read_answer: bool = False,
 ) -> Job:
+    """`read_answer`: read every answer into reasoning, content and calls (the other APIs build
+    their blocks and items from the reader), not only those with tools or reasoning."""
     spec, defaults = await resolve_model(request.model, stats, allowed)
     model = await load_model(spec)
     template = chat_template(model, spec)
@@ -214,7 +234,7 @@ async def prepare_chat(
         model.tokenizer, [fmt.start if fmt else None, fmt.end if fmt else None, *(markers or ())]
     )
     reader = None
-    if markers or reads_calls:
+    if markers or reads_calls or read_answer:
         reader = partial(_answer_reader, markers, opened, fmt)
     return Job(
         kind="chat",
@@ -231,14 +251,8 @@ async def prepare_chat(
         stats=stats,
         constraint=output_constraint(request, model, plan, markers, opened, special),
         reader=reader,
-        skip_special_tokens=not _any_skipped(model, special),
+        skip_special_tokens=not tools.any_skipped(model.tokenizer, special),
     )
-
-
-def _any_skipped(model: LoadedModel, special: tools.Special) -> bool:
-    """Whether a marker is a special token, which detokenizing would leave out of the text."""
-    added = getattr(model.tokenizer, "added_tokens_decoder", {}) or {}
-    return any(getattr(added.get(token), "special", False) for token in special.values())
 
 
 def _answer_reader(
@@ -302,36 +316,36 @@ def output_constraint(
         raise APIError(400, f"{param}: {exc}", param=param) from exc
 
 
-def _message(job: Job, choice: Choice) -> tuple[dict, str | None]:
+def _finish_reason(choice: Choice) -> str | None:
+    if choice.finish_reason == "stop" and choice.reader is not None and choice.reader.calls:
+        return "tool_calls"
+    return choice.finish_reason
+
+
+def _message(choice: Choice) -> dict:
     message: dict = {"role": "assistant", "content": choice.text, "refusal": None}
-    finish = choice.finish_reason
     reader = choice.reader
     if reader is None:
-        return message, finish
+        return message
     # No content beside reasoning or calls is null, as OpenAI's and vLLM's answers have it.
     message["content"] = reader.content or (None if reader.reasoning_text or reader.calls else "")
     if reader.reasoning is not None:
         message["reasoning_content"] = reader.reasoning_text or None
-    if reader.tools is not None and reader.calls:
-        message["tool_calls"] = [call.wire(i) for i, call in enumerate(reader.calls)]
-        for call in message["tool_calls"]:
-            del call["index"]
-        if finish == "stop":
-            finish = "tool_calls"
-    return message, finish
+    if reader.calls:
+        message["tool_calls"] = [call.wire() for call in reader.calls]
+    return message
 
 
 async def chat_full(job: Job) -> dict:
     choices = await run_to_end(job)
     body = []
     for c in choices:
-        message, finish = _message(job, c)
         body.append(
             {
                 "index": c.index,
-                "message": message,
+                "message": _message(c),
                 "logprobs": chat_logprobs(job, c.logprobs),
-                "finish_reason": finish,
+                "finish_reason": _finish_reason(c),
             }
         )
     return protocol.chat_completion(
@@ -380,13 +394,12 @@ async def chat_stream(job: Job) -> StreamingHttpResponse:
         for call in calls:
             i = calls_sent.get(choice.index, 0)
             calls_sent[choice.index] = i + 1
-            wire = call.wire(i)
-            head = wire | {"function": {"name": call.name, "arguments": ""}}
+            head = call.wire(i) | {"function": {"name": call.name, "arguments": ""}}
             frames.append(frame(choice.index, {"tool_calls": [head]}))
             tail = {"index": i, "function": {"arguments": call.arguments}}
             frames.append(frame(choice.index, {"tool_calls": [tail]}))
         if final:
-            frames.append(frame(choice.index, {}, None, _message(job, choice)[1]))
+            frames.append(frame(choice.index, {}, None, _finish_reason(choice)))
         return frames
 
     group = await submit(job)

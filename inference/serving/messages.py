@@ -3,13 +3,12 @@ with Anthropic's request, response, event and error shapes."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
-import pydantic
 from django.http import StreamingHttpResponse
 
 from inference import anthropic_protocol as ap
-from inference.answer import AnswerReader
 from inference.serving.base import (
     Choice,
     Job,
@@ -17,37 +16,24 @@ from inference.serving.base import (
     streaming_response,
     submit,
 )
-from inference.serving.chat import prepare_chat
+from inference.serving.chat import prepare_chat, translated
 from inference.tools import ParsedCall
 from inference.types import RequestStats
-from llmservice.errors import APIError
-
-
-def _chat_request(payload: ap.CountTokensRequest, **extra):
-    try:
-        return payload.chat_request(**extra)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg')}" if where else first["msg"]) from exc
-    except ValueError as exc:
-        raise APIError(400, str(exc)) from exc
 
 
 async def prepare_messages(
     payload: ap.MessagesRequest, stats: RequestStats | None = None, allowed: tuple[str, ...] = ()
 ) -> Job:
-    job = await prepare_chat(_chat_request(payload), stats, allowed)
+    job = await prepare_chat(translated(payload.chat_request), stats, allowed, read_answer=True)
     job.id = ap.new_id("msg")
-    if job.reader is None:  # every answer is read into blocks, reasoning and calls or not
-        job.reader = AnswerReader
     return job
 
 
 async def count_tokens(
     payload: ap.CountTokensRequest, stats: RequestStats | None = None, allowed: tuple[str, ...] = ()
 ) -> dict:
-    job = await prepare_chat(_chat_request(payload, max_tokens=1), stats, allowed)
+    chat = translated(lambda: payload.chat_request(max_tokens=1))
+    job = await prepare_chat(chat, stats, allowed)
     return {"input_tokens": job.prompt_tokens}
 
 
@@ -62,8 +48,6 @@ def _stop(choice: Choice, calls: list[ParsedCall]) -> tuple[str, str | None]:
 
 
 def _tool_use(call: ParsedCall) -> dict:
-    import json
-
     return {
         "type": "tool_use",
         "id": ap.new_id("toolu"),
@@ -73,8 +57,7 @@ def _tool_use(call: ParsedCall) -> dict:
 
 
 def _usage(job: Job, output_tokens: int) -> dict:
-    cached = min(job.group.cached_tokens, job.prompt_tokens) if job.group else 0
-    return ap.usage(job.prompt_tokens, cached, output_tokens)
+    return ap.usage(job.prompt_tokens, job.cached_tokens, output_tokens)
 
 
 async def messages_full(job: Job) -> dict:

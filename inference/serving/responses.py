@@ -7,16 +7,14 @@ import itertools
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
-import pydantic
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.utils import timezone
 
 from inference import responses_protocol as rp
-from inference.answer import AnswerReader
 from inference.models import StoredResponse
 from inference.serving.base import Choice, Job, run_to_end, streaming_response, submit
-from inference.serving.chat import chat_logprobs, prepare_chat
+from inference.serving.chat import chat_logprobs, prepare_chat, translated
 from inference.tools import ParsedCall, new_call_id
 from inference.types import RequestStats
 from llmservice.errors import APIError, not_found
@@ -43,16 +41,9 @@ async def prepare_response(
     if payload.previous_response_id:
         row = await _stored(payload.previous_response_id, key_id, "previous_response_id")
         history = list(row.conversation)
-    try:
-        chat = payload.chat_request(history)
-    except pydantic.ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise APIError(400, f"{where}: {first.get('msg')}" if where else first["msg"]) from exc
-    job = await prepare_chat(chat, stats, allowed)
+    chat = translated(lambda: payload.chat_request(history))
+    job = await prepare_chat(chat, stats, allowed, read_answer=True)
     job.id = rp.new_id("resp")
-    if job.reader is None:  # every answer is read into items, reasoning and calls or not
-        job.reader = AnswerReader
     return job, history
 
 
@@ -63,8 +54,9 @@ def _status(choice: Choice) -> tuple[str, str | None]:
 
 
 def _usage(job: Job, choice: Choice) -> dict:
-    cached = min(job.group.cached_tokens, job.prompt_tokens) if job.group else 0
-    return rp.usage(job.prompt_tokens, cached, choice.tokens, choice.reader.reasoning_tokens)
+    return rp.usage(
+        job.prompt_tokens, job.cached_tokens, choice.tokens, choice.reader.reasoning_tokens
+    )
 
 
 def _call_item(call: ParsedCall, status: str, arguments: str | None = None) -> dict:
