@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from tests.helpers import API_KEY
 from tests.test_reasoning import THINKING_TEMPLATE
-from tests.test_tools import SCHEMAS, TOOLS
+from tests.test_tools import SCHEMAS, TOOLS, model_settings
 
 ANTHROPIC_TOOLS = [
     {
@@ -150,8 +150,7 @@ def test_count_tokens_counts_what_create_reads(claude):
 
 
 def test_thinking_comes_back_as_thinking_blocks(server, claude):
-    server.set_model("tiny-special", chat_template=THINKING_TEMPLATE)
-    try:
+    with model_settings(server, "tiny-special", chat_template=THINKING_TEMPLATE):
         message = claude.messages.create(
             model="tiny-special",
             messages=[{"role": "user", "content": "Think."}],
@@ -168,8 +167,6 @@ def test_thinking_comes_back_as_thinking_blocks(server, claude):
         ) as stream:
             kinds = {event.type for event in stream}
             streamed = stream.get_final_message()
-    finally:
-        server.set_model("tiny-special", chat_template="")
     # A random-weight model never closes its thinking: all of it is a thinking block.
     assert [b.type for b in message.content] == ["thinking"]
     assert message.content[0].thinking

@@ -116,8 +116,7 @@ def test_thinking_tokens_in_the_vocabulary_turn_the_parser_on_and_json_follows(s
         "required": ["n"],
         "additionalProperties": False,
     }
-    server.set_model("tiny-special", chat_template=THINKING_TEMPLATE)
-    try:
+    with model_settings(server, "tiny-special", chat_template=THINKING_TEMPLATE):
         reply = client.chat.completions.create(
             model="tiny-special",
             messages=[{"role": "user", "content": "A digit, please."}],
@@ -126,8 +125,6 @@ def test_thinking_tokens_in_the_vocabulary_turn_the_parser_on_and_json_follows(s
             response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
             logit_bias={str(special_ids["</think>"]): 100},
         )
-    finally:
-        server.set_model("tiny-special", chat_template="")
     message = reply.choices[0].message
     assert reply.choices[0].finish_reason == "stop", (message.content, message.reasoning_content)
     assert message.reasoning_content is None  # closed before any thought

@@ -83,13 +83,13 @@ DEFAULTS = {"chat_template": "", "tool_parser": "", "reasoning_parser": "auto"}
 
 
 @contextlib.contextmanager
-def model_settings(server, **fields):
-    """The tiny model's registry row changed for one test, as an operator would change it."""
-    server.set_model("tiny", **fields)
+def model_settings(server, model="tiny", **fields):
+    """A model's registry row changed for one test, as an operator would change it."""
+    server.set_model(model, **fields)
     try:
         yield
     finally:
-        server.set_model("tiny", **DEFAULTS)
+        server.set_model(model, **DEFAULTS)
 
 
 def call(client, tool_choice="required", *, tools=TOOLS, content="Weather in Paris?", **kwargs):
@@ -427,15 +427,6 @@ def test_real_templates_get_forced_calls_and_a_whole_agent_loop(client, server, 
     assert message.content or message.tool_calls, answer
 
 
-@contextlib.contextmanager
-def special_model_settings(server, **fields):
-    server.set_model("tiny-special", **fields)
-    try:
-        yield
-    finally:
-        server.set_model("tiny-special", **DEFAULTS)
-
-
 @pytest.mark.parametrize(
     "parser, trigger",
     [
@@ -446,7 +437,7 @@ def special_model_settings(server, **fields):
 )
 def test_auto_reads_a_call_its_trigger_token_opens(server, special_ids, parser, trigger):
     client = server.openai()
-    with special_model_settings(server, tool_parser=parser):
+    with model_settings(server, "tiny-special", tool_parser=parser):
         reply = client.chat.completions.create(
             model="tiny-special",
             messages=[{"role": "user", "content": "Weather in Paris?"}],
