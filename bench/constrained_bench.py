@@ -145,52 +145,38 @@ async def level(url: str, c: int, constrained: bool) -> tuple[float, int, int]:
     return tokens / wall, tokens, lengths
 
 
+def timed(action, repeat: int = 1) -> tuple[object, float]:
+    """`action()`'s result and its seconds (the mean of `repeat` runs)."""
+    started = time.perf_counter()
+    for _ in range(repeat):
+        result = action()
+    return result, (time.perf_counter() - started) / repeat
+
+
 def compile_times() -> dict[str, float]:
     from transformers import AutoTokenizer
 
-    from inference import constraints
+    from inference import constraints, tools
 
-    schema = {**LONG_SCHEMA, "description": f"fresh {time.time_ns()}"}
-    started = time.perf_counter()
-    compiled = constraints.json_constraint(schema)
-    first = time.perf_counter() - started
-    started = time.perf_counter()
-    constraints.json_constraint(schema)
-    cached = time.perf_counter() - started
     tokenizer = AutoTokenizer.from_pretrained(str(sb.ensure_model(None)))
-    started = time.perf_counter()
-    ll_tokenizer = constraints.tokenizer_for(tokenizer, frozenset([2]))
-    per_model = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(20):
-        constraints.GrammarProcessor(ll_tokenizer, compiled)
-    per_request = (time.perf_counter() - started) / 20
-    # Tool calling: twenty tools, the Hermes format, tool_choice auto.
-    from inference import tools
-
+    ll_tokenizer, per_model = timed(lambda: constraints.tokenizer_for(tokenizer, frozenset([2])))
+    times = {"per_model": per_model}
+    # A new JSON schema; and twenty tools in the Hermes format, tool_choice auto.
+    schema = {**LONG_SCHEMA, "description": f"fresh {time.time_ns()}"}
     offered = [
         tools.ToolDef(f"tool_{i}_{time.time_ns()}", "A tool.", LONG_SCHEMA) for i in range(20)
     ]
     lark = tools.tool_grammar(tools.get_format("hermes"), offered, required=False, parallel=True)
-    started = time.perf_counter()
-    tool_grammar = constraints.lark_constraint(lark)
-    tools_first = time.perf_counter() - started
-    started = time.perf_counter()
-    constraints.lark_constraint(lark)
-    tools_cached = time.perf_counter() - started
-    started = time.perf_counter()
-    for _ in range(20):
-        constraints.GrammarProcessor(ll_tokenizer, tool_grammar)
-    tools_per_request = (time.perf_counter() - started) / 20
-    return {
-        "first": first,
-        "cached": cached,
-        "per_model": per_model,
-        "per_request": per_request,
-        "tools_first": tools_first,
-        "tools_cached": tools_cached,
-        "tools_per_request": tools_per_request,
-    }
+    for prefix, compile_ in (
+        ("", lambda: constraints.json_constraint(schema)),
+        ("tools_", lambda: constraints.lark_constraint(lark)),
+    ):
+        compiled, times[prefix + "first"] = timed(compile_)
+        _, times[prefix + "cached"] = timed(compile_)
+        _, times[prefix + "per_request"] = timed(
+            lambda c=compiled: constraints.GrammarProcessor(ll_tokenizer, c), repeat=20
+        )
+    return times
 
 
 def main() -> None:
