@@ -14,6 +14,7 @@ from django.conf import settings  # noqa: E402
 
 from inference.engine import announced  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
+from llmservice.server import lifecycle  # noqa: E402
 
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
@@ -21,13 +22,18 @@ GENERATION_PATHS = frozenset(
 
 
 async def http_app(scope, receive, send):
-    """Django, with generation requests announced to the engine the moment they arrive: parsing
-    and authenticating a burst takes a few ms per request, and the batch should not start
-    without the rest of it (inference/backends/step_loop.py, _gather_burst)."""
-    if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
-        with announced():
-            return await django_asgi_app(scope, receive, send)
-    return await django_asgi_app(scope, receive, send)
+    """Django, with requests counted (a stop waits for them: llmservice/server.py) and generation
+    requests announced to the engine the moment they arrive: parsing and authenticating a burst
+    takes a few ms per request, and the batch should not start without the rest of it
+    (inference/backends/step_loop.py, _gather_burst)."""
+    lifecycle.in_flight += 1
+    try:
+        if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
+            with announced():
+                return await django_asgi_app(scope, receive, send)
+        return await django_asgi_app(scope, receive, send)
+    finally:
+        lifecycle.in_flight -= 1
 
 
 application = ProtocolTypeRouter(

@@ -203,7 +203,7 @@ def serve(args: argparse.Namespace) -> None:
                 flush=True,
             )
 
-    from daphne.cli import CommandLineInterface
+    from llmservice.server import run_daphne
 
     daphne_args = ["-b", host, "-p", str(port), "--proxy-headers", "llmservice.asgi:application"]
     try:
@@ -211,9 +211,11 @@ def serve(args: argparse.Namespace) -> None:
             from django.utils import autoreload
 
             os.environ["_LLM_SERVICE_RELOADER_CHILD"] = "1"
-            autoreload.run_with_reloader(lambda: CommandLineInterface().run(daphne_args))
+            autoreload.run_with_reloader(
+                lambda: run_daphne(daphne_args, settings.SHUTDOWN_GRACE_SECONDS)
+            )
         else:
-            CommandLineInterface().run(daphne_args)
+            run_daphne(daphne_args, settings.SHUTDOWN_GRACE_SECONDS)
     finally:
         if worker is not None:
             from llmservice.celery import stop_worker_subprocess

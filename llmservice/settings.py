@@ -51,6 +51,8 @@ MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
 # long-context models fit, a runaway client does not.
 MAX_REQUEST_MB = env_float("MAX_REQUEST_MB", 32.0, minimum=0.01)
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(MAX_REQUEST_MB * 1024 * 1024)
+# On SIGTERM or SIGINT, requests in flight get this long to finish before they are cut.
+SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0)
 # Password of the `admin` user that the first `serve` creates when there is no superuser yet.
 ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
 # Bearer token required by GET /metrics when set.

@@ -8,6 +8,7 @@ from django.http import JsonResponse
 
 from inference.engine import current_engine
 from inference.serving.base import preload
+from llmservice.server import lifecycle
 
 
 async def health(request):
@@ -21,6 +22,8 @@ def _db_ok() -> bool:
 
 
 async def ready(request):
+    if lifecycle.draining:  # stopping: a load balancer should send new requests elsewhere
+        return JsonResponse({"status": "draining"}, status=503)
     try:
         await sync_to_async(_db_ok)()
     except Exception as exc:

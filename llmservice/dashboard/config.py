@@ -47,6 +47,11 @@ def effective() -> list[tuple[str, str, str]]:
             f"{s.MAX_REQUEST_MB:g} MB",
         ),
         (
+            "LLM_SERVICE_SHUTDOWN_GRACE_SECONDS",
+            "on SIGTERM/SIGINT, time for requests in flight to finish",
+            f"{s.SHUTDOWN_GRACE_SECONDS:g} s",
+        ),
+        (
             "LLM_SERVICE_LOGIN_FAILURE_LIMIT",
             "wrong dashboard passwords before a user is locked out from an address",
             str(s.LOGIN_FAILURE_LIMIT),
