@@ -183,12 +183,18 @@ class Engine:
             return self._backends[name]
 
     async def load(self, spec: ModelSpec) -> LoadedModel:
-        """Make `spec` resident (loading it if needed) and return it; waits, never times out."""
+        """Make `spec` resident (loading it if needed) for a request about to start on it, and
+        return it; waits, never times out."""
         spec = self._resolved(spec)
-        model = self.residency.resident(spec)
+        # Held for the request until it starts on the model (submit / embed).
+        model = self.residency.resident(spec, hold=True)
         if model is not None:  # the request path: no hop through a future when loaded
             return model
-        return await asyncio.wrap_future(self.residency.load(spec))
+        return await asyncio.wrap_future(self.residency.load(spec, hold=True))
+
+    def unhold(self, spec: ModelSpec) -> None:
+        """The request `load` held the model for ends without starting on it."""
+        self.residency.unhold(self._resolved(spec))
 
     def load_in_background(self, spec: ModelSpec):
         """A concurrent Future of the load, for threads without an event loop."""

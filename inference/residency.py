@@ -23,12 +23,16 @@ from inference.types import ModelSpec
 log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL = 0.5  # seconds between keep-alive checks
+# A model loaded for a request is held for it until it starts (checkout); a request that never
+# starts (its input refused after the load, say) holds it this long at most.
+HOLD_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
 class Load:
     spec: ModelSpec
     future: Future
+    hold: bool = False
 
 
 @dataclass(frozen=True)
@@ -48,10 +52,16 @@ class Resident:
     model: LoadedModel
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
+    held: int = 0  # requests it was loaded or found for that have not started yet
+    held_until: float = 0.0
 
     @property
     def idle(self) -> bool:
-        return self.in_flight == 0
+        return self.in_flight == 0 and (self.held == 0 or time.monotonic() >= self.held_until)
+
+    def hold(self) -> None:
+        self.held += 1
+        self.held_until = time.monotonic() + HOLD_SECONDS
 
 
 @dataclass(frozen=True)
@@ -91,18 +101,22 @@ class ResidencyManager:
         self._models: OrderedDict[tuple, Resident] = OrderedDict()
         self._cond = threading.Condition()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.waiting_for_room: str | None = None  # the model whose load waits for busy ones
         self._thread = threading.Thread(target=self._run, name="llm-residency", daemon=True)
         self._thread.start()
 
     # --- any thread ------------------------------------------------------------------------
 
-    def resident(self, spec: ModelSpec) -> LoadedModel | None:
-        """The loaded model for `spec` if resident now (its settings refreshed), without waiting."""
+    def resident(self, spec: ModelSpec, *, hold: bool = False) -> LoadedModel | None:
+        """The loaded model for `spec` if resident now (its settings refreshed), without waiting;
+        `hold`: kept from unloading until a request starts on it (`checkout`)."""
         with self._cond:
             entry = self._models.get(_key(spec))
             if entry is None:
                 return None
             self._refresh(entry, spec)
+            if hold:
+                entry.hold()
             return entry.model
 
     def checkout(self, spec: ModelSpec) -> LoadedModel | None:
@@ -114,7 +128,15 @@ class ResidencyManager:
                 return None
             self._refresh(entry, spec)
             entry.in_flight += 1
+            entry.held = max(0, entry.held - 1)
             return entry.model
+
+    def unhold(self, spec: ModelSpec) -> None:
+        with self._cond:
+            entry = self._models.get(_key(spec))
+            if entry is not None:
+                entry.held = max(0, entry.held - 1)
+            self._cond.notify_all()
 
     def release(self, model: LoadedModel) -> None:
         with self._cond:
@@ -125,15 +147,17 @@ class ResidencyManager:
                     break
             self._cond.notify_all()
 
-    def load(self, spec: ModelSpec) -> Future:
+    def load(self, spec: ModelSpec, *, hold: bool = False) -> Future:
         """Make `spec` resident; the future resolves to its LoadedModel (or ModelBusy, or the
-        backend's load error)."""
+        backend's load error). `hold`, for a request about to start on it: without it, the load
+        of another model for another request could unload this one before it starts, and two
+        such requests would unload each other's model in turn."""
         future: Future = Future()
-        model = self.resident(spec)
+        model = self.resident(spec, hold=hold)
         if model is not None:
             future.set_result(model)
         else:
-            self._commands.put(Load(spec, future))
+            self._commands.put(Load(spec, future, hold))
         return future
 
     def unload(self, name: str) -> Future:
@@ -203,15 +227,21 @@ class ResidencyManager:
         if not future.set_running_or_notify_cancel():
             return
         try:
-            model = self.resident(spec)
+            model = self.resident(spec, hold=command.hold)
             if model is None:
                 self._drop_superseded(spec)
-                self._make_room(spec)
+                try:
+                    self._make_room(spec)
+                finally:
+                    self.waiting_for_room = None
                 started = time.monotonic()
                 model = self._backend_for(spec).load(spec)
                 log.info("loaded %s in %.1f s", spec.name, time.monotonic() - started)
+                entry = Resident(spec=spec, model=model)
+                if command.hold:
+                    entry.hold()
                 with self._cond:
-                    self._models[_key(spec)] = Resident(spec=spec, model=model)
+                    self._models[_key(spec)] = entry
         except Exception as exc:
             future.set_exception(exc)
         else:
@@ -279,6 +309,7 @@ class ResidencyManager:
                             f"every resident model is busy; {spec.name} waited "
                             f"{self.load_wait:.0f} s"
                         )
+                    self.waiting_for_room = spec.name
                     self._cond.wait(min(remaining, EXPIRY_INTERVAL))
                     continue
                 entry = self._models.pop(victim)

@@ -269,6 +269,44 @@ def test_a_submit_to_a_model_unloaded_meanwhile_asks_for_a_new_load(tokenizer):
         engine.shutdown()
 
 
+def test_a_model_loaded_for_a_request_is_not_unloaded_for_another_before_it_starts(tokenizer):
+    # Two requests for two models with room for one: each load used to unload the model just
+    # loaded for the other request before it started, in turn, until both got 503 model_busy.
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=1)
+    try:
+        a, b = ModelSpec(name="a", path="/a"), ModelSpec(name="b", path="/b")
+
+        async def main():
+            model_a = await engine.load(a)  # for a request that has not started yet
+            loading_b = asyncio.wrap_future(engine.residency.load(b, hold=True))
+            while not loading_b.done() and engine.residency.waiting_for_room != "b":
+                await asyncio.sleep(0.01)
+            group = engine.submit(
+                a, [GenerationRequest("r", a, (1, 2), SamplingParams(max_tokens=20))]
+            )
+            assert group.model is model_a and not loading_b.done()
+            tokens = [delta.token async for _, delta in group]
+            await loading_b
+            return tokens
+
+        assert len(asyncio.run(main())) == 20
+        assert [m.name for m in engine.loaded()] == ["b"]
+    finally:
+        engine.shutdown()
+
+
+def test_counting_tokens_does_not_keep_a_model_from_being_unloaded(tokenizer):
+    engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=1)
+    try:
+        a, b = ModelSpec(name="a", path="/a"), ModelSpec(name="b", path="/b")
+        asyncio.run(engine.load(a))
+        engine.unhold(a)  # what count_tokens does: nothing will start on it
+        engine.load_in_background(b).result(5)
+        assert [m.name for m in engine.loaded()] == ["b"]
+    finally:
+        engine.shutdown()
+
+
 def test_a_model_bigger_than_the_memory_budget_is_refused_clearly(tokenizer):
     engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), memory_budget_bytes=1_000_000)
     try:
