@@ -7,6 +7,7 @@ a message naming the variable, instead of surfacing as a confusing failure later
 
 from __future__ import annotations
 
+import logging
 import secrets
 from pathlib import Path
 
@@ -214,6 +215,8 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         "daphne": {"level": "WARNING"},
+        # Off (above CRITICAL) unless enabled: prompts and answers are the users' data.
+        "llmservice.prompts": {"level": "INFO" if LOG_PROMPTS else logging.CRITICAL + 1},
     },
 }
 

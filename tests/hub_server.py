@@ -175,7 +175,14 @@ class _Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         if len(parts) >= 4 and parts[0] == "api" and parts[1] == "models":
             repo_id, rest = f"{parts[2]}/{parts[3]}", parts[4:]
-            hub.record(method=self.command, path=url.path, repo=repo_id, file=None, range=None)
+            hub.record(
+                method=self.command,
+                path=url.path,
+                repo=repo_id,
+                file=None,
+                range=None,
+                authorization=self.headers.get("Authorization"),
+            )
             repo = hub.repos.get(repo_id)
             if repo is None:
                 return self._error(404, "RepoNotFound", "Repository not found")

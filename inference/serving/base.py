@@ -44,6 +44,9 @@ from llmservice.lookups import shared_query
 from models_app.models import LLMModel
 
 log = logging.getLogger(__name__)
+# Prompts and answers are the users' data: this logger is off unless LLM_SERVICE_LOG_PROMPTS is
+# set (llmservice/settings.py, LOGGING), whatever the log level.
+prompt_log = logging.getLogger("llmservice.prompts")
 T = TypeVar("T")
 
 FINGERPRINT = "fp_llm_service"
@@ -456,7 +459,19 @@ class Job:
         )
 
     def note(self, group: GenerationGroup, choices: list[Choice]) -> None:
-        """Copy what analytics wants into the request's stats (plain attribute writes)."""
+        """Copy what analytics wants into the request's stats (plain attribute writes), and log
+        the prompt and answers where that is enabled."""
+        if prompt_log.isEnabledFor(logging.INFO):
+            prompt_log.info(
+                "%s %s %s prompt=%s answers=%s",
+                self.id,
+                self.kind,
+                self.spec.name,
+                json.dumps(
+                    [self.model.tokenizer.decode(p) for p in self.prompts], ensure_ascii=False
+                ),
+                json.dumps([c.text for c in choices], ensure_ascii=False),
+            )
         if self.stats is None:
             return
         self.stats.completion_tokens = sum(c.tokens for c in choices)
