@@ -71,13 +71,26 @@ class EngineCollector:
         loaded = GaugeMetricFamily("llm_loaded_models", "Models resident in memory")
         memory = GaugeMetricFamily("llm_model_memory_bytes", "Weights in memory", labels=["model"])
         tokens = CounterMetricFamily("llm_generated_tokens", "Tokens generated since start")
+        in_engine = GaugeMetricFamily(
+            "llm_engine_requests",
+            "Requests the model's engine still holds, by its own count",
+            labels=["model"],
+        )
+        caches = GaugeMetricFamily(
+            "llm_cache_memory_bytes",
+            "Caches that grow with use: kv (running sequences), prompt (prefix reuse)",
+            labels=["model", "cache"],
+        )
         running.add_metric([], stats.running if stats else 0)
         queued.add_metric([], stats.queued if stats else 0)
         loaded.add_metric([], len(stats.loaded_models) if stats else 0)
         for m in stats.loaded_models if stats else []:
             memory.add_metric([m.name], m.memory_bytes)
+            in_engine.add_metric([m.name], m.engine_requests)
+            for cache, size in m.cache_bytes.items():
+                caches.add_metric([m.name, cache], size)
         tokens.add_metric([], stats.tokens_generated if stats else 0)
-        yield from (running, queued, loaded, memory, tokens)
+        yield from (running, queued, loaded, memory, tokens, in_engine, caches)
 
 
 class DownloadCollector:

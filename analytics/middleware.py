@@ -9,6 +9,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 from analytics.recorder import recorder
 from inference.types import RequestStats
+from llmservice.auth import identify, presented_key
 
 
 def endpoint_name(path: str) -> str:
@@ -28,6 +29,27 @@ def _error_type(response) -> str:
         return "http_error"
 
 
+SCOPE_KEY = "llm_service.stats"
+
+
+async def record_unserved(scope: dict, status: int | None) -> None:
+    """A `/v1` request that ended without a row: its client left before Django served it (before
+    the view started, or before a stream's first byte), or Django answered it before this
+    middleware (`status`). Recorded all the same, once: cancelled when no answer was sent."""
+    stats = scope.get(SCOPE_KEY)
+    if stats is None:
+        stats = RequestStats(endpoint=endpoint_name(scope["path"]), status_code=status or 499)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        token = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        caller = await identify(token)
+        if caller is not None:
+            stats.key_id, stats.key_name = caller.key_id, caller.name
+        stats.cancelled = status is None
+    else:  # seen by the middleware, so a stream whose body never started: its client left
+        stats.cancelled = True
+    recorder.record(stats)
+
+
 class RequestAnalyticsMiddleware:
     async_capable = True
     sync_capable = False
@@ -42,16 +64,17 @@ class RequestAnalyticsMiddleware:
             return await self.get_response(request)
         stats = RequestStats(endpoint=endpoint_name(request.path))
         request.llm_stats = stats
+        request.scope[SCOPE_KEY] = stats
         try:
             response = await self.get_response(request)
         except asyncio.CancelledError:
             # The client left before the answer: Django cancels the view.
             stats.cancelled, stats.status_code = True, 499
-            self._identify(request, stats)
+            await self._identify(request, stats)
             recorder.record(stats)
             raise
         stats.status_code = response.status_code
-        self._identify(request, stats)
+        await self._identify(request, stats)
         if response.status_code >= 400 and not response.streaming:
             stats.error_type = _error_type(response)
         if response.streaming:
@@ -61,8 +84,14 @@ class RequestAnalyticsMiddleware:
         return response
 
     @staticmethod
-    def _identify(request, stats: RequestStats) -> None:
+    async def _identify(request, stats: RequestStats) -> None:
         caller = getattr(request, "auth", None)
+        if caller is None and stats.status_code in (429, 499):
+            # Ended before authentication finished: still the presented key's request.
+            headers = request.headers
+            caller = await identify(
+                presented_key(headers.get("Authorization"), headers.get("x-api-key"))
+            )
         if caller is not None:
             stats.key_id, stats.key_name = caller.key_id, caller.name
 

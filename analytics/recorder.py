@@ -34,6 +34,9 @@ class Recorder:
         self._start_lock = threading.Lock()
 
     def record(self, stats: RequestStats) -> None:
+        if stats.recorded:
+            return
+        stats.recorded = True
         ended = time.monotonic()
         latency = ended - stats.started
         ttft = (stats.first_token_at - stats.started) if stats.first_token_at else None

@@ -76,6 +76,8 @@ class ResidentInfo:
     in_flight: int
     pinned: bool
     idle_seconds: float
+    engine_requests: int = 0
+    cache_bytes: dict[str, int] = field(default_factory=dict)
 
 
 def _key(spec: ModelSpec) -> tuple:
@@ -182,6 +184,8 @@ class ResidencyManager:
                 in_flight=e.in_flight,
                 pinned=e.spec.pinned,
                 idle_seconds=round(now - e.last_used, 1) if e.idle else 0.0,
+                engine_requests=e.model.engine_requests,
+                cache_bytes=e.model.cache_bytes(),
             )
             for e in entries
         ]

@@ -153,6 +153,7 @@ class RequestStats:
     status_code: int = 200
     error_type: str = ""
     cancelled: bool = False
+    recorded: bool = False  # its row is written (or buffered): once per request
 
     def outcome(self) -> str:
         if self.cancelled:

@@ -12,6 +12,7 @@ from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 
+from analytics.middleware import SCOPE_KEY, record_unserved  # noqa: E402
 from inference.engine import announced  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
 from llmservice.server import lifecycle  # noqa: E402
@@ -22,18 +23,31 @@ GENERATION_PATHS = frozenset(
 
 
 async def http_app(scope, receive, send):
-    """Django, with requests counted (a stop waits for them: llmservice/server.py) and generation
+    """Django, with every `/v1` request recorded once in analytics (the middleware records those
+    it sees end; this, those that ended before or around it), requests counted (a stop waits for them: llmservice/server.py) and generation
     requests announced to the engine the moment they arrive: parsing and authenticating a burst
     takes a few ms per request, and the batch should not start without the rest of it
     (inference/backends/step_loop.py, _gather_burst)."""
     lifecycle.in_flight += 1
+    status = None
+
+    async def sending(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
     try:
         if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
             with announced():
-                return await django_asgi_app(scope, receive, send)
-        return await django_asgi_app(scope, receive, send)
+                return await django_asgi_app(scope, receive, sending)
+        return await django_asgi_app(scope, receive, sending)
     finally:
         lifecycle.in_flight -= 1
+        if scope["path"].startswith("/v1/"):
+            stats = scope.get(SCOPE_KEY)
+            if stats is None or not stats.recorded:
+                await record_unserved(scope, status)
 
 
 application = ProtocolTypeRouter(

@@ -30,14 +30,41 @@ class AuthError(APIError):
         super().__init__(401, message, type="invalid_request_error", code="invalid_api_key")
 
 
+def _is_env_key(token: str) -> bool:
+    return bool(settings.API_KEY) and hmac.compare_digest(token.encode(), settings.API_KEY.encode())
+
+
+async def _key_row(token: str) -> ApiKey | None:
+    digest = hash_key(token)
+    return await shared_query(
+        ("api-key", digest), lambda: ApiKey.objects.active().filter(hashed_key=digest).first()
+    )
+
+
+def presented_key(authorization: str | None, x_api_key: str | None) -> str:
+    """The key in a request's headers (Bearer, or Anthropic's x-api-key), or ""."""
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return (x_api_key or "").strip()
+
+
+async def identify(token: str) -> Caller | None:
+    """Whose key `token` is, without checking it further: analytics' owner for requests that
+    ended before authentication did (the client left, the key's rate limit said no)."""
+    if not token:
+        return None
+    if _is_env_key(token):
+        return Caller(None, "env")
+    key = await _key_row(token)
+    return Caller(key.pk, key.name) if key is not None else None
+
+
 class BearerKey(HttpBearer):
     async def authenticate(self, request: HttpRequest, token: str) -> Caller:
-        if settings.API_KEY and hmac.compare_digest(token.encode(), settings.API_KEY.encode()):
+        if _is_env_key(token):
             return Caller(None, "env")
-        digest = hash_key(token)
-        key = await shared_query(
-            ("api-key", digest), lambda: ApiKey.objects.active().filter(hashed_key=digest).first()
-        )
+        key = await _key_row(token)
         if key is not None and not key.is_active:
             raise AuthError("This API key has expired. Create a new one in the dashboard.")
         if key is None:

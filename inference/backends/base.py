@@ -74,6 +74,17 @@ class LoadedModel(ABC):
     def queued(self) -> int:
         return 0
 
+    @property
+    def engine_requests(self) -> int:
+        """Requests the engine itself still holds (for vLLM, as its own bookkeeping says): after
+        every client left, this must reach 0."""
+        return self.running + self.queued
+
+    def cache_bytes(self) -> dict[str, int]:
+        """Memory of the caches that grow with use, by kind ("kv": running sequences', "prompt":
+        finished ones kept for prefix reuse); {} where the engine preallocates them (vLLM)."""
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free what the model holds (weights, KV cache, engine processes)."""
 

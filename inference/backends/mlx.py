@@ -233,6 +233,20 @@ class MLXBatch(StepBatch):
                 self._top_logprobs.pop(r.uid, None)
         return out
 
+    def cache_bytes(self) -> dict[str, int]:
+        # Read from another thread while the step loop works: sizes only, nothing evaluated.
+        kv = 0
+        for batch in (
+            getattr(self._gen, "_prompt_batch", None),
+            getattr(self._gen, "_generation_batch", None),
+        ):
+            for layer in getattr(batch, "prompt_cache", None) or ():
+                try:
+                    kv += layer.nbytes
+                except (AttributeError, TypeError):  # a layer cache not filled yet
+                    pass
+        return {"kv": kv, "prompt": self._prompt_cache.nbytes}
+
     def reset(self) -> None:
         self._prompt_cache = LRUPromptCache(max_size=self.spec.prompt_cache_entries)
         self._uid_to_seq.clear()

@@ -67,6 +67,9 @@ class StepBatch(ABC):
     def reset(self) -> None:
         """Drop every sequence (after an error), keeping the weights."""
 
+    def cache_bytes(self) -> dict[str, int]:
+        return {}
+
     def set_max_batch_size(self, size: int) -> None:  # noqa: B027 - optional hook
         """Change how many sequences decode together, if the batch supports it."""
 
@@ -459,6 +462,9 @@ class SteppedModel(LoadedModel):
     @property
     def queued(self) -> int:
         return len(self._slot.waiting)
+
+    def cache_bytes(self) -> dict[str, int]:
+        return self._batch.cache_bytes()
 
     def close(self) -> None:
         def teardown() -> None:

@@ -533,6 +533,11 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
         with self._lock:
             return sum(1 for r in self._inflight.values() if not r.started)
 
+    @property
+    def engine_requests(self) -> int:
+        engine = self.engine
+        return engine.get_num_unfinished_requests() if engine is not None else 0
+
     def update_spec(self, spec: ModelSpec) -> None:
         """Admission follows the new max_batch_size at once; vLLM's max_num_seqs and the other
         engine settings change only with a reload."""
