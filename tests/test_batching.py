@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
 from tests.conftest import BACKENDS, VLLM
-from tests.helpers import Server, sse_events, wait_until
+from tests.helpers import API_KEY, Server, sse_events, wait_until
 from tests.test_chat_completions import NO_EOS
 
 
@@ -217,3 +220,88 @@ def test_ttft_is_not_blocked_by_a_slow_reader(server):
             extra_body=NO_EOS,
         )
         assert reply.usage.completion_tokens == 20
+
+
+async def _one_of_a_burst(http: httpx.AsyncClient, stream: bool) -> tuple[int, str | None, bool]:
+    """(status, Retry-After, whether a 200 came whole) for one request of an overload burst."""
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Count"}],
+        "max_tokens": 8,
+        "stream": stream,
+        **NO_EOS,
+    }
+    async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+        text = (await response.aread()).decode()
+        whole = (text.rstrip().endswith("data: [DONE]")) if stream else '"choices"' in text
+        return response.status_code, response.headers.get("Retry-After"), whole
+
+
+def test_ten_times_the_queue_at_once_gets_answers_or_429s_and_the_server_recovers(small_server):
+    # small_server admits one running and one waiting request: twenty at once is ten times that.
+    async def burst():
+        async with httpx.AsyncClient(
+            base_url=small_server.url,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=600,
+            limits=httpx.Limits(max_connections=40),
+        ) as http:
+            return await asyncio.gather(*(_one_of_a_burst(http, i % 2 == 0) for i in range(20)))
+
+    results = asyncio.run(burst())  # a dropped connection or a hang would raise here
+    statuses = sorted({status for status, _, _ in results})
+    assert set(statuses) <= {200, 429, 503}, statuses
+    assert 200 in statuses and 429 in statuses
+    assert all(whole for status, _, whole in results if status == 200)
+    assert all(retry for status, retry, _ in results if status != 200)
+    # At once, without waiting for Retry-After: nothing is left over from the burst.
+    assert small_server.metric("llm_running_sequences") == 0
+    assert small_server.metric("llm_queued_requests") == 0
+    reply = small_server.openai().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
+    assert reply.choices[0].finish_reason in ("length", "stop")
+
+
+def test_idle_slow_and_never_reading_clients_do_not_starve_others(server):
+    """Slowloris (headers that never end), bodies that never arrive, and streams that are never
+    read hold sockets, not the server: a normal request beside them answers."""
+    idle, streams = [], []
+    try:
+        for i in range(300):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            if i % 2:  # headers done, a body promised and never sent
+                s.sendall(b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+            idle.append(s)
+        payload = json.dumps(
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "never read"}],
+                "max_tokens": 400,
+                "stream": True,
+                **NO_EOS,
+            }
+        ).encode()
+        for _ in range(20):
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                + f"Authorization: Bearer {API_KEY}\r\nContent-Type: application/json\r\n".encode()
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
+            streams.append(s)  # never read from
+        reply = server.openai().chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "I am here too"}],
+            max_tokens=20,
+            extra_body=NO_EOS,
+        )
+        assert reply.usage.completion_tokens == 20
+        assert httpx.get(server.url + "/health", timeout=30).status_code == 200
+    finally:
+        for s in idle + streams:
+            s.close()
+    wait_until(lambda: server.metric("llm_running_sequences") == 0, timeout=120)
