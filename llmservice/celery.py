@@ -58,12 +58,16 @@ def worker_command(*, queue: str | None = None, loglevel: str = "INFO") -> list[
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: have the kernel SIGTERM the worker if `serve` dies without cleaning up (SIGKILL)."""
+    """Linux: have the kernel SIGKILL the worker if `serve` dies without cleaning up (SIGKILL,
+    the OOM killer). Not SIGTERM, Celery's warm shutdown: it would first finish the download in
+    progress, however long that takes, orphaned meanwhile; nor SIGQUIT, whose cold shutdown
+    fails the download with the solo pool. Killed, it leaves the row running, and the next
+    worker resumes it from the bytes on disk."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
         pass
 

@@ -1,8 +1,11 @@
 """Stopping the server: SIGTERM and SIGINT close the door, let the answers in flight finish (up to
-a grace period), write their analytics rows and stop the download worker; exit 0."""
+a grace period), write their analytics rows and stop the download worker; exit 0. And crashing
+it: after SIGKILL its worker ends too, and a restart finds a sound database and resumes the
+download."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import sqlite3
@@ -12,7 +15,9 @@ import psutil
 import pytest
 
 from tests.helpers import Server, wait_until
+from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
+from tests.test_downloads import REPO, hub_env
 
 TOKENS = 120
 
@@ -99,3 +104,69 @@ def test_a_server_that_is_draining_says_so_on_ready(tmp_path, smollm_dir):
     finally:
         server.stop()
     assert draining.status_code == 503 and draining.json() == {"status": "draining"}
+
+
+@pytest.fixture(scope="module")
+def hub(tiny_dir):
+    server = HubServer({REPO: tiny_dir}).start()
+    yield server
+    server.stop()
+
+
+def query(server: Server, sql: str) -> list[tuple]:
+    with sqlite3.connect(server.data_dir / "db.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_after_kill_9_mid_traffic_and_mid_download_a_restart_is_consistent_and_resumes(
+    tmp_path, tiny_dir, hub
+):
+    hub.reset()
+    hub.throttle = 1_000_000
+    env = hub_env(hub)
+    first = Server(tmp_path, models=[("tiny", tiny_dir, True)], env=env).start()
+    processes = process_tree(first)  # the server and its download worker
+    try:
+        pulled = first.manage("pull_model", REPO, "--name", "pulled")
+        [(download,)] = query(first, "SELECT id FROM models_app_download")
+        for _ in range(5):
+            first.openai().chat.completions.create(
+                model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+            )
+        # Answered requests reach the database within about a second (the recorder's flush).
+        wait_until(lambda: len(request_rows(first)) == 5, timeout=60)
+        wait_until(
+            lambda: query(first, "SELECT bytes_done FROM models_app_download")[0][0] > 3_000_000,
+            timeout=60,
+        )
+        hub.throttle = 20_000  # nearly stalled: still mid-file at the kill, however slow we are
+        with first.chat_stream("Count slowly", 1500, **NO_EOS) as events:
+            next(events)
+            first.proc.kill()  # SIGKILL mid-answer and mid-download: no cleanup at all
+            first.proc.wait(30)
+        wait_until(lambda: gone(processes), timeout=30)  # the worker did not outlive it
+    finally:
+        first.stop()
+    assert "queued" in pulled.stdout
+
+    assert query(first, "PRAGMA integrity_check") == [("ok",)]
+    assert request_rows(first)[:5] == [("ok", "length", 4)] * 5
+    on_disk = query(first, "SELECT bytes_done, status FROM models_app_download")[0]
+    assert on_disk[1] == "running"
+
+    hub.throttle = None
+    with Server(tmp_path, env=env) as second:  # the same data dir, database and models
+        wait_until(
+            lambda: (
+                query(second, f"SELECT status FROM models_app_download WHERE id={download}")
+                == [("completed",)]
+            ),
+            timeout=120,
+        )
+        reply = second.openai().chat.completions.create(
+            model="pulled", messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+        )
+        assert reply.choices[0].message.content is not None
+    ranges = hub.ranges("model.safetensors")
+    assert len(ranges) == 2 and ranges[0] is None, (ranges, hub.requests)
+    assert re.fullmatch(r"bytes=\d+-", ranges[1]) and ranges[1] != "bytes=0-"  # resumed
