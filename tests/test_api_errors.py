@@ -163,3 +163,71 @@ def test_a_body_over_the_size_limit_gets_a_413_before_parsing(server):
             },
         )
         assert ok.status_code == 200
+
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+HOSTILE = [
+    ("/v1/chat/completions", {**CHAT, "stop": [f"s{i}" for i in range(5000)]}, "stop"),
+    ("/v1/chat/completions", {**CHAT, "n": 10**9}, "n"),
+    # OpenAI's own answer to this one: context_length_exceeded, about the messages.
+    ("/v1/chat/completions", {**CHAT, "max_tokens": 10**12}, "maximum context length"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": -1}, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "logprobs": True, "top_logprobs": 10**6}, "top_logprobs"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"28": 1e9}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "logit_bias": {"999999999": 5}}, "logit_bias"),
+    ("/v1/chat/completions", {**CHAT, "temperature": -1}, "temperature"),
+    ("/v1/chat/completions", {**CHAT, "presence_penalty": 1e300}, "presence_penalty"),
+    ("/v1/completions", {"model": "tiny", "prompt": [999999999], "max_tokens": 4}, "prompt"),
+    ("/v1/completions", {"model": "tiny", "prompt": [[1, -5]], "max_tokens": 4}, "prompt"),
+]
+
+
+@pytest.mark.parametrize(
+    "path, body, param", HOSTILE, ids=[f"{p[4:]}-{param.split()[0]}" for p, _, param in HOSTILE]
+)
+def test_hostile_parameters_get_a_400_naming_them(server, path, body, param):
+    with server.http() as http:
+        response = http.post(path, json=body)
+    error = assert_openai_error(response, 400)
+    assert param in (error.get("param") or "") + error["message"], error
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity", b"1e999"])
+def test_nan_and_infinite_numbers_get_a_400(server, literal):
+    body = b'{"model":"tiny","messages":[{"role":"user","content":"Hi"}],"temperature":' + literal
+    with server.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            content=body + b"}",
+            headers={"Content-Type": "application/json"},
+        )
+    assert_openai_error(response, 400)
+
+
+def test_raw_nul_bytes_get_a_400_and_escaped_ones_are_data(server):
+    with server.http() as http:
+        raw = http.post(
+            "/v1/chat/completions",
+            content=b'{"model":"tiny","messages":[{"role":"user","content":"a\x00b"}]}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert_openai_error(raw, 400)
+        escaped = http.post(
+            "/v1/chat/completions",
+            json={**CHAT, "messages": [{"role": "user", "content": "a\u0000b"}]},
+        )
+    assert escaped.status_code == 200, escaped.text
+
+
+def test_after_hostile_input_the_engine_answers_as_before(server):
+    def answer() -> str:
+        with server.http() as http:
+            reply = http.post("/v1/chat/completions", json={**CHAT, "temperature": 0})
+        return reply.json()["choices"][0]["message"]["content"]
+
+    before = answer()
+    with server.http() as http:
+        for path, body, _ in HOSTILE:
+            http.post(path, json=body)
+    assert answer() == before
+    assert server.metric("llm_running_sequences") == 0
