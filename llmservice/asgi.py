@@ -9,7 +9,7 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from channels.security.websocket import WebsocketDenier  # noqa: E402
 from django.conf import settings  # noqa: E402
 
 from analytics.middleware import SCOPE_KEY, record_unserved  # noqa: E402
@@ -50,13 +50,28 @@ async def http_app(scope, receive, send):
                 await record_unserved(scope, status)
 
 
+def same_origin(app):
+    """Websockets from the page's own origin only (or LLM_SERVICE_CSRF_TRUSTED_ORIGINS). Channels'
+    AllowedHostsOriginValidator lets any origin in under ALLOWED_HOSTS "*" (the default here), so
+    another site open in the operator's browser could read the status with their session."""
+
+    async def validated(scope, receive, send):
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        host = headers.get(b"host", b"").decode("latin-1")
+        _, _, netloc = origin.partition("://")
+        if (host and netloc == host) or origin in settings.CSRF_TRUSTED_ORIGINS:
+            return await app(scope, receive, send)
+        return await WebsocketDenier()(scope, receive, send)
+
+    return validated
+
+
 application = ProtocolTypeRouter(
     {
         "http": http_app,
-        # The dashboard's live status: staff sessions only (the consumer checks the user).
-        "websocket": AllowedHostsOriginValidator(
-            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-        ),
+        # The dashboard's live status: staff sessions (the consumer checks) of its own pages.
+        "websocket": same_origin(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
 

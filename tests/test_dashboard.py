@@ -7,6 +7,7 @@ of each page go to docs/screenshots/.
 
 from __future__ import annotations
 
+import http.server
 import json
 import threading
 import time
@@ -482,3 +483,70 @@ def test_a_request_appears_in_analytics_with_charts_drawn(page, dash):
         ".data.labels.length <= 25"
     )
     assert "window=day" in page.url
+
+
+OPEN_STATUS_SOCKET = """(url) => new Promise((resolve) => {
+    const ws = new WebSocket(url);
+    ws.onopen = () => { ws.close(); resolve("open"); };
+    ws.onclose = () => resolve("closed");
+})"""
+
+
+def test_the_status_websocket_refuses_other_origins_and_non_staff_sessions(
+    browser, login_state, dash
+):
+    socket_url = dash.url.replace("http://", "ws://") + "/ws/admin/status/"
+    # Another site on this host (another port: same site, so the staff session cookie goes along).
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    context = browser.new_context(storage_state=login_state)
+    try:
+        page = context.new_page()
+        page.goto(dash.url + "/admin/")
+        assert page.evaluate(OPEN_STATUS_SOCKET, socket_url) == "open"
+        page.goto(f"http://127.0.0.1:{other.server_address[1]}/")
+        assert page.evaluate(OPEN_STATUS_SOCKET, socket_url) == "closed"
+    finally:
+        context.close()
+        other.shutdown()
+
+    # A logged-in user who is not staff (a session made directly: the admin login refuses them).
+    session = dash.manage(
+        "shell",
+        "--no-imports",
+        "-c",
+        "from django.contrib.auth import get_user_model, SESSION_KEY, BACKEND_SESSION_KEY, "
+        "HASH_SESSION_KEY; from django.contrib.sessions.backends.db import SessionStore; "
+        "u = get_user_model().objects.create_user('visitor', password='visitor-pw-1'); "
+        "s = SessionStore(); s[SESSION_KEY] = str(u.pk); "
+        "s[BACKEND_SESSION_KEY] = 'django.contrib.auth.backends.ModelBackend'; "
+        "s[HASH_SESSION_KEY] = u.get_session_auth_hash(); s.create(); print(s.session_key)",
+    ).stdout.strip()
+    context = browser.new_context()
+    try:
+        context.add_cookies([{"name": "sessionid", "value": session, "url": dash.url}])
+        page = context.new_page()
+        page.goto(dash.url + "/health")
+        assert page.evaluate(OPEN_STATUS_SOCKET, socket_url) == "closed"
+    finally:
+        context.close()
+
+
+def test_every_dashboard_action_needs_a_csrf_token(login_state, dash):
+    cookies = {c["name"]: c["value"] for c in login_state["cookies"]}
+    actions = [
+        "/admin/dashboard/models/1/load",
+        "/admin/dashboard/models/1/unload",
+        "/admin/dashboard/downloads/",
+        "/admin/dashboard/downloads/1/cancel",
+        "/admin/dashboard/settings/",
+        "/admin/dashboard/keys/1/revoke",
+        "/admin/models_app/llmmodel/1/change/",
+        "/admin/llmservice/apikey/add/",
+        "/admin/logout/",
+    ]
+    with httpx.Client(base_url=dash.url, cookies={"sessionid": cookies["sessionid"]}) as client:
+        assert client.get("/admin/").status_code == 200  # the session itself is good
+        for path in actions:
+            response = client.post(path, data={"name": "x"})
+            assert response.status_code == 403 and "CSRF" in response.text, path
