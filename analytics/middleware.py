@@ -9,7 +9,7 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 
 from analytics.recorder import recorder
 from inference.types import RequestStats
-from llmservice.auth import identify, presented_key
+from llmservice.auth import identify
 
 
 def endpoint_name(path: str) -> str:
@@ -40,11 +40,10 @@ async def record_unserved(scope: dict, status: int | None) -> None:
     if stats is None:
         stats = RequestStats(endpoint=endpoint_name(scope["path"]), status_code=status or 499)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        token = presented_key(headers.get("authorization"), headers.get("x-api-key"))
-        caller = await identify(token)
-        if caller is not None:
-            stats.key_id, stats.key_name = caller.key_id, caller.name
+        _owned(stats, await identify(headers.get("authorization"), headers.get("x-api-key")))
         stats.cancelled = status is None
+        if status is not None and status >= 400:
+            stats.error_type = "http_error"
     else:  # seen by the middleware, so a stream whose body never started: its client left
         stats.cancelled = True
     recorder.record(stats)
@@ -85,15 +84,18 @@ class RequestAnalyticsMiddleware:
 
     @staticmethod
     async def _identify(request, stats: RequestStats) -> None:
-        caller = getattr(request, "auth", None)
-        if caller is None and stats.status_code in (429, 499):
+        caller = getattr(request, "auth", None) or getattr(request, "llm_caller", None)
+        if caller is None and stats.status_code == 499:
             # Ended before authentication finished: still the presented key's request.
-            headers = request.headers
             caller = await identify(
-                presented_key(headers.get("Authorization"), headers.get("x-api-key"))
+                request.headers.get("Authorization"), request.headers.get("x-api-key")
             )
-        if caller is not None:
-            stats.key_id, stats.key_name = caller.key_id, caller.name
+        _owned(stats, caller)
+
+
+def _owned(stats: RequestStats, caller) -> None:
+    if caller is not None:
+        stats.key_id, stats.key_name = caller.key_id, caller.name
 
 
 async def _recorded(content, stats: RequestStats):

@@ -23,8 +23,8 @@ from inference.types import ModelSpec
 log = logging.getLogger(__name__)
 
 EXPIRY_INTERVAL = 0.5  # seconds between keep-alive checks
-# A model loaded for a request is held for it until it starts (checkout); a request that never
-# starts (its input refused after the load, say) holds it this long at most.
+# A model loaded for a request is held for it until it starts (checkout), or until the request
+# ends without starting (serving.base.holds_released); should neither happen, this long at most.
 HOLD_SECONDS = 30.0
 
 
@@ -52,16 +52,22 @@ class Resident:
     model: LoadedModel
     in_flight: int = 0
     last_used: float = field(default_factory=time.monotonic)
-    held: int = 0  # requests it was loaded or found for that have not started yet
-    held_until: float = 0.0
+    # Deadlines of the holds of requests it was loaded or found for that have not started yet.
+    holds: list[float] = field(default_factory=list)
 
     @property
     def idle(self) -> bool:
-        return self.in_flight == 0 and (self.held == 0 or time.monotonic() >= self.held_until)
+        now = time.monotonic()
+        return self.in_flight == 0 and not any(deadline > now for deadline in self.holds)
 
-    def hold(self) -> None:
-        self.held += 1
-        self.held_until = time.monotonic() + HOLD_SECONDS
+    def hold(self) -> None:  # under the manager's lock, as unhold
+        now = time.monotonic()
+        self.holds = [deadline for deadline in self.holds if deadline > now]
+        self.holds.append(now + HOLD_SECONDS)
+
+    def unhold(self) -> None:
+        if self.holds:
+            self.holds.pop(0)
 
 
 @dataclass(frozen=True)
@@ -130,14 +136,14 @@ class ResidencyManager:
                 return None
             self._refresh(entry, spec)
             entry.in_flight += 1
-            entry.held = max(0, entry.held - 1)
+            entry.unhold()  # the request's own hold, if it had one, is now its checkout
             return entry.model
 
     def unhold(self, spec: ModelSpec) -> None:
         with self._cond:
             entry = self._models.get(_key(spec))
             if entry is not None:
-                entry.held = max(0, entry.held - 1)
+                entry.unhold()
             self._cond.notify_all()
 
     def release(self, model: LoadedModel) -> None:

@@ -14,8 +14,9 @@ from django.conf import settings  # noqa: E402
 
 from analytics.middleware import SCOPE_KEY, record_unserved  # noqa: E402
 from inference.engine import announced  # noqa: E402
+from inference.serving.base import holds_released  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
-from llmservice.server import lifecycle  # noqa: E402
+from llmservice.lifecycle import lifecycle  # noqa: E402
 
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
@@ -23,11 +24,14 @@ GENERATION_PATHS = frozenset(
 
 
 async def http_app(scope, receive, send):
-    """Django, with every `/v1` request recorded once in analytics (the middleware records those
-    it sees end; this, those that ended before or around it), requests counted (a stop waits for them: llmservice/server.py) and generation
-    requests announced to the engine the moment they arrive: parsing and authenticating a burst
-    takes a few ms per request, and the batch should not start without the rest of it
-    (inference/backends/step_loop.py, _gather_burst)."""
+    """Django, with:
+    - requests counted, because a stop waits for them (llmservice/server.py);
+    - models loaded for the request let go when it ends, if it never started on them;
+    - a row for every `/v1` request, even one that ended before the analytics middleware saw it
+      (its client left while Django read the body, say);
+    - generation requests announced to the engine the moment they arrive: parsing and
+      authenticating a burst takes a few ms per request, and the batch should not start without
+      the rest of it (inference/backends/step_loop.py, _gather_burst)."""
     lifecycle.in_flight += 1
     status = None
 
@@ -38,16 +42,19 @@ async def http_app(scope, receive, send):
         await send(message)
 
     try:
-        if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
-            with announced():
-                return await django_asgi_app(scope, receive, sending)
-        return await django_asgi_app(scope, receive, sending)
+        with holds_released():
+            if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
+                with announced():
+                    return await django_asgi_app(scope, receive, sending)
+            return await django_asgi_app(scope, receive, sending)
     finally:
-        lifecycle.in_flight -= 1
-        if scope["path"].startswith("/v1/"):
-            stats = scope.get(SCOPE_KEY)
-            if stats is None or not stats.recorded:
-                await record_unserved(scope, status)
+        try:
+            if scope["path"].startswith("/v1/"):
+                stats = scope.get(SCOPE_KEY)
+                if stats is None or not stats.recorded:
+                    await record_unserved(scope, status)
+        finally:
+            lifecycle.in_flight -= 1  # after its row: a stop waits for that too
 
 
 def same_origin(app):

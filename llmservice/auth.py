@@ -41,17 +41,12 @@ async def _key_row(token: str) -> ApiKey | None:
     )
 
 
-def presented_key(authorization: str | None, x_api_key: str | None) -> str:
-    """The key in a request's headers (Bearer, or Anthropic's x-api-key), or ""."""
+async def identify(authorization: str | None, x_api_key: str | None) -> Caller | None:
+    """Whose key a request's headers present (Bearer, or Anthropic's x-api-key), without checking
+    it further: analytics' owner for requests that ended before authentication did."""
     scheme, _, token = (authorization or "").partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return (x_api_key or "").strip()
-
-
-async def identify(token: str) -> Caller | None:
-    """Whose key `token` is, without checking it further: analytics' owner for requests that
-    ended before authentication did (the client left, the key's rate limit said no)."""
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    token = token or (x_api_key or "").strip()
     if not token:
         return None
     if _is_env_key(token):
@@ -73,6 +68,8 @@ class BearerKey(HttpBearer):
                 f"Incorrect API key provided: {shown}. You can create a key in the dashboard "
                 "or with `manage.py create_api_key`."
             )
+        # Whose request it is, for analytics, even when the limit below refuses it.
+        request.llm_caller = Caller(key.pk, key.name)
         hit = limiter.check(key.pk, key.rpm_limit, key.tpm_limit)
         if hit is not None:
             kind, wait = hit

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 from celery import Celery
+from celery.signals import beat_embedded_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llmservice.settings")
 
@@ -57,7 +58,7 @@ def worker_command(*, queue: str | None = None, loglevel: str = "INFO") -> list[
     ]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def _die_with_parent(parent: int | None = None) -> None:
     """Linux: have the kernel SIGKILL the worker if `serve` dies without cleaning up (SIGKILL,
     the OOM killer). Not SIGTERM, Celery's warm shutdown: it would first finish the download in
     progress, however long that takes, orphaned meanwhile; nor SIGQUIT, whose cold shutdown
@@ -69,7 +70,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except Exception:
-        pass
+        return
+    if parent is not None and os.getppid() != parent:  # it died before the line above
+        os._exit(1)
+
+
+@beat_embedded_init.connect
+def _beat_dies_with_worker(**kwargs) -> None:
+    # The worker's embedded beat is its own child process; the kernel clears a parent-death
+    # signal for children, and a worker killed outright would leave beat running.
+    if sys.platform.startswith("linux"):
+        _die_with_parent(os.getppid())
 
 
 def start_worker_subprocess(**kwargs) -> subprocess.Popen:

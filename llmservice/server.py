@@ -16,22 +16,13 @@ from daphne.cli import CommandLineInterface
 from daphne.server import Server
 from twisted.internet import reactor
 
+from llmservice.lifecycle import lifecycle
+
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 # How long requests cut at the end of the grace period get to record themselves.
 CUT_SECONDS = 10.0
-
-
-class Lifecycle:
-    """What the app and the server share: HTTP requests in flight, and whether we are draining."""
-
-    def __init__(self) -> None:
-        self.in_flight = 0
-        self.draining = False
-
-
-lifecycle = Lifecycle()
 
 
 class GracefulServer(Server):

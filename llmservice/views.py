@@ -8,7 +8,7 @@ from django.http import JsonResponse
 
 from inference.engine import current_engine
 from inference.serving.base import preload
-from llmservice.server import lifecycle
+from llmservice.lifecycle import lifecycle
 
 
 async def health(request):

@@ -92,3 +92,8 @@ def test_a_value_out_of_range_stops_serve_naming_it(tmp_path, variable, value, m
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_readme_documents_every_variable_of_the_table():
+    readme = (ROOT / "README.md").read_text()
+    assert [v.env for v in env.VARIABLES if f"`{v.env}`" not in readme] == []

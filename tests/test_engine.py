@@ -18,6 +18,7 @@ from inference.backends.step_loop import StepBatch, StepLoop, SteppedModel
 from inference.engine import Engine, EngineConfig, announced
 from inference.serving import base as serving
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
+from llmservice.errors import APIError
 
 
 class FlakyModel(StepBatch):
@@ -295,12 +296,22 @@ def test_a_model_loaded_for_a_request_is_not_unloaded_for_another_before_it_star
         engine.shutdown()
 
 
-def test_counting_tokens_does_not_keep_a_model_from_being_unloaded(tokenizer):
+def test_a_request_refused_after_its_model_loaded_lets_go_of_it(tokenizer, monkeypatch):
+    # Its prompt too long, its client gone, or count_tokens: nothing ever starts on the model.
     engine = make_engine(FlakyBackend(tokenizer, fail_at=-1), max_loaded_models=1)
+    monkeypatch.setattr(serving, "engine", lambda: engine)
+    monkeypatch.setattr(serving, "current_engine", lambda: engine)
     try:
         a, b = ModelSpec(name="a", path="/a"), ModelSpec(name="b", path="/b")
-        asyncio.run(engine.load(a))
-        engine.unhold(a)  # what count_tokens does: nothing will start on it
+
+        async def refused_after_the_load():
+            with serving.holds_released():
+                await serving.load_model(a)
+                raise APIError(400, "This model's maximum context length is ...")
+
+        with pytest.raises(APIError):
+            asyncio.run(refused_after_the_load())
+        # Without the release, b's load would wait for a's hold to time out.
         engine.load_in_background(b).result(5)
         assert [m.name for m in engine.loaded()] == ["b"]
     finally:

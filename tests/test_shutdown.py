@@ -125,7 +125,6 @@ def test_after_kill_9_mid_traffic_and_mid_download_a_restart_is_consistent_and_r
     hub.throttle = 1_000_000
     env = hub_env(hub)
     first = Server(tmp_path, models=[("tiny", tiny_dir, True)], env=env).start()
-    processes = process_tree(first)  # the server and its download worker
     try:
         pulled = first.manage("pull_model", REPO, "--name", "pulled")
         [(download,)] = query(first, "SELECT id FROM models_app_download")
@@ -135,11 +134,10 @@ def test_after_kill_9_mid_traffic_and_mid_download_a_restart_is_consistent_and_r
             )
         # Answered requests reach the database within about a second (the recorder's flush).
         wait_until(lambda: len(request_rows(first)) == 5, timeout=60)
-        wait_until(
-            lambda: query(first, "SELECT bytes_done FROM models_app_download")[0][0] > 3_000_000,
-            timeout=60,
-        )
+        wait_until(lambda: hub.bytes_served("model.safetensors") > 1_000_000, timeout=60)
         hub.throttle = 20_000  # nearly stalled: still mid-file at the kill, however slow we are
+        # The server, its download worker and the worker's embedded beat process.
+        processes = wait_until(lambda: (tree := process_tree(first)) and len(tree) >= 3 and tree)
         with first.chat_stream("Count slowly", 1500, **NO_EOS) as events:
             next(events)
             first.proc.kill()  # SIGKILL mid-answer and mid-download: no cleanup at all

@@ -5,12 +5,14 @@ preload. One module per API sits beside it (chat, completions), as in vLLM's ent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -155,9 +157,39 @@ async def resolve_model(
     return spec_from_row(row), defaults_from_row(row)
 
 
+# Models loaded (and so held) for the current request that it has not started on yet: let go
+# when the request ends (llmservice/asgi.py), so one refused after the load (its prompt too long,
+# its client gone) does not keep its model from being unloaded.
+_unstarted: ContextVar[list[ModelSpec] | None] = ContextVar("unstarted_models", default=None)
+
+
+@contextlib.contextmanager
+def holds_released() -> Iterator[None]:
+    token = _unstarted.set([])
+    try:
+        yield
+    finally:
+        pending = _unstarted.get()
+        _unstarted.reset(token)
+        running = current_engine()
+        for spec in pending or ():
+            if running is not None:
+                running.unhold(spec)
+
+
+def _started(spec: ModelSpec) -> None:
+    pending = _unstarted.get()
+    if pending and spec in pending:
+        pending.remove(spec)
+
+
 async def load_model(spec: ModelSpec) -> LoadedModel:
     try:
-        return await engine().load(spec)
+        model = await engine().load(spec)
+        pending = _unstarted.get()
+        if pending is not None:
+            pending.append(spec)
+        return model
     except ModelBusy as exc:
         raise APIError(
             503,
@@ -530,9 +562,12 @@ async def while_resident(
     was unloaded to make room since this request loaded it: a few times, then 503."""
     for _ in range(3):
         try:
-            return await action()
+            result = await action()
         except NotResident:
             reloaded(await load_model(spec))
+        else:
+            _started(spec)  # its checkout took the hold over
+            return result
     raise APIError(
         503,
         f"Model `{spec.name}` keeps being unloaded to make room for others.",

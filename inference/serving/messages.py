@@ -12,7 +12,6 @@ from inference import anthropic_protocol as ap
 from inference.serving.base import (
     Choice,
     Job,
-    engine,
     run_to_end,
     streaming_response,
     submit,
@@ -35,7 +34,6 @@ async def count_tokens(
 ) -> dict:
     chat = translated(lambda: payload.chat_request(max_tokens=1))
     job = await prepare_chat(chat, stats, allowed)
-    engine().unhold(job.spec)  # nothing will start on the model
     return {"input_tokens": job.prompt_tokens}
 
 
