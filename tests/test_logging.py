@@ -3,6 +3,8 @@ metrics token), and the users' prompts and answers only when LLM_SERVICE_LOG_PRO
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -84,5 +86,6 @@ def test_prompts_and_answers_are_logged_when_enabled(tmp_path, tiny_dir):
     logged = [line for line in server.log().splitlines() if "llmservice.prompts" in line]
     assert len(logged) == 2  # the full answer and the stream; not the refused request
     assert all(PROMPT in line for line in logged)
-    assert any(answer.strip()[:20] in line for line in logged)
+    written = json.dumps(answer.strip(), ensure_ascii=False)[1:-1][:20]  # as the log escapes it
+    assert any(written in line for line in logged)
     assert API_KEY not in server.log()
