@@ -1180,18 +1180,19 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
     return "\n".join(parts)
 
 
-def write_docs(section: str, start: str, end: str) -> None:
-    """Put the section between its markers in docs/benchmarks.md, keeping the rest of the file."""
+def write_docs(section: str, start: str, end: str, docs: Path = DOCS) -> None:
+    """Put the section between its markers in `docs` (docs/benchmarks.md), keeping the rest of the
+    file."""
     block = f"{start}\n{section}\n{end}"
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    text = docs.read_text() if docs.exists() else f"# {docs.stem.capitalize()}\n"
     if start in text and end in text:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
+    docs.parent.mkdir(parents=True, exist_ok=True)
+    docs.write_text(text)
 
 
 def dump_json(

@@ -883,8 +883,8 @@ def expected_rows(results: list[Result]) -> tuple[Counter, Counter]:
         if r.status is None:
             unknown[name] += 1
             continue
-        # Refused before the caller is known: a wrong key, and the rate limiter's 429.
-        if r.status == 401 or (r.kind == "limited" and r.status == 429):
+        # A wrong key has no owner; the rate limiter's 429 is its key's.
+        if r.status == 401:
             name = ""
         if r.outcome == "dropped":
             outcome = "cancelled"
@@ -1211,20 +1211,6 @@ def server_section(log: dict[str, Any], context: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_docs(section: str) -> None:
-    """The section between its markers in docs/reliability.md, the rest of the file kept."""
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
-    text = DOCS.read_text() if DOCS.exists() else "# Reliability\n"
-    if MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    DOCS.write_text(text)
-
-
 def dump_json(
     path: str, soak: Soak, analytics: Analytics, log: dict[str, Any], context: dict[str, Any]
 ) -> None:
@@ -1341,7 +1327,7 @@ def main(argv: list[str] | None = None) -> int:
     text = report(soak, analytics, log, context)
     print("\n" + text, flush=True)
     if not args.no_docs:
-        write_docs(text)
+        sb.write_docs(text, MARK_START, MARK_END, DOCS)
         print(f"\nWrote {DOCS} (between {MARK_START} and {MARK_END})", flush=True)
     if args.json:
         dump_json(args.json, soak, analytics, log, context)
