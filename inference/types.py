@@ -39,6 +39,15 @@ class ModelSpec:
     def load_key(self) -> tuple:
         """A model is reloaded when this changes (its files, its engine), not when a sampling
         default does. vLLM fixes its context length and batch size when its engine starts."""
+        if self.backend == "llamacpp":  # llama-server sizes its slots when it starts
+            return (
+                self.path,
+                self.backend,
+                self.kind,
+                self.context_length,
+                self.max_batch_size,
+                self.prefill_batch_size,
+            )
         if self.backend != "vllm":
             return (self.path, self.backend, self.kind)
         return (

@@ -99,7 +99,13 @@ VARIABLES: tuple[Variable, ...] = (
     V("PORT", "int", 8321, "port", minimum=1, maximum=65535),
     V("DATA_DIR", "path", Path("~/.llm-service").expanduser(), "database, secret key, state"),
     V("MODELS_DIR", "path", None, "imported and downloaded models (default: DATA_DIR/models)"),
-    V("BACKEND", "choice", "auto", "inference backend", choices=("auto", "mlx", "vllm")),
+    V(
+        "BACKEND",
+        "choice",
+        "auto",
+        "inference backend for model folders (GGUF files: llamacpp where it is built)",
+        choices=("auto", "mlx", "vllm", "llamacpp"),
+    ),
     V("DATABASE_URL", "str", None, "database URL (default: SQLite in DATA_DIR)", secret=True),
     V(
         "REDIS_URL",
@@ -227,6 +233,20 @@ VARIABLES: tuple[Variable, ...] = (
         False,
         "log each request's messages and answer (INFO, llmservice.prompts)",
     ),
+    V(
+        "LLAMA_SERVER",
+        "path",
+        None,
+        "llama.cpp's llama-server for the llamacpp backend (default: the one make setup builds)",
+    ),
+    V(
+        "LLAMACPP_THREADS",
+        "int",
+        0,
+        "threads of each llama-server (0: the online CPUs)",
+        minimum=0,
+        maximum=1024,
+    ),
     V("DEBUG", "bool", False, "Django debug mode"),
     V("OPENBLAS", "bool", True, "preload OpenBLAS for mlx on Linux (several times faster)"),
     V("SGEMM", "bool", True, "preload llm-service's sgemm too (x86-64 with AVX2, with OpenBLAS)"),
@@ -240,6 +260,16 @@ VARIABLES: tuple[Variable, ...] = (
     ),
 )
 TABLE: dict[str, Variable] = {v.name: v for v in VARIABLES}
+
+
+# Where `make setup` builds llama.cpp's llama-server (.ci/llama-server): outside the checkout, so
+# that a fresh clone reuses the build. The version is the llama-cpp-python sdist's it comes from.
+LLAMA_CPP_VERSION = "0.3.36"
+
+
+def llama_server_build() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "llm-service" / f"llama-server-{LLAMA_CPP_VERSION}" / "bin" / "llama-server"
 
 
 def read(name: str) -> Any:

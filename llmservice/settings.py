@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import shutil
 from pathlib import Path
 
 from django.core.exceptions import ImproperlyConfigured
@@ -57,6 +58,16 @@ LOG_PROMPTS = CONFIG["LOG_PROMPTS"]
 OPENBLAS = CONFIG["OPENBLAS"]
 SGEMM = CONFIG["SGEMM"]
 SGEMM_THREADS = CONFIG["SGEMM_THREADS"]
+LLAMACPP_THREADS = CONFIG["LLAMACPP_THREADS"]
+# llama.cpp's llama-server: the configured one must exist; else the build of `make setup`, else
+# PATH's; None when there is none (then GGUF files are converted for mlx, as before).
+LLAMA_SERVER = CONFIG["LLAMA_SERVER"]
+if LLAMA_SERVER is not None and not LLAMA_SERVER.is_file():
+    raise ImproperlyConfigured(f"LLM_SERVICE_LLAMA_SERVER: {LLAMA_SERVER} does not exist")
+if LLAMA_SERVER is None and env.llama_server_build().is_file():
+    LLAMA_SERVER = env.llama_server_build()
+if LLAMA_SERVER is None and shutil.which("llama-server"):
+    LLAMA_SERVER = Path(shutil.which("llama-server"))
 DEBUG = CONFIG["DEBUG"]
 ALLOWED_HOSTS = CONFIG["ALLOWED_HOSTS"]
 CSRF_TRUSTED_ORIGINS = CONFIG["CSRF_TRUSTED_ORIGINS"]

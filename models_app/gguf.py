@@ -156,6 +156,25 @@ def _problem(meta: dict, tensors: list, data_start: int, size: int, name: str) -
     return None
 
 
+def gguf_truncation(path: str | os.PathLike) -> str | None:
+    """Why llama.cpp could not read this file as a whole (a bad header, a tensor past its end),
+    whatever its tensor types; None when it is complete."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    path = Path(path)
+    meta, _, tensors, data_start, size = _scan(path)
+    if not meta.get("general.architecture"):
+        return f"{path.name} names no architecture (general.architecture)"
+    for tname, dims, ttype, offset in tensors:
+        try:
+            per, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[ttype]]
+        except KeyError:
+            return f"{path.name}: unknown tensor type {ttype} in {tname}"
+        if data_start + offset + math.prod(dims) // per * nbytes > size:
+            return f"{path.name} is truncated at tensor {tname} (incomplete download?)"
+    return None
+
+
 def read_gguf_info(path: str | os.PathLike) -> dict:
     """Summarise a GGUF file without loading tensors; `problem` says why it can't be imported."""
     path = Path(path)

@@ -1,10 +1,13 @@
-"""Registering models from disk: mlx-lm / Hugging Face folders in place, GGUF files by conversion."""
+"""Registering models from disk: mlx-lm / Hugging Face folders in place; GGUF files as they are
+(for llama.cpp) or converted to mlx-lm folders."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 from django.conf import settings
@@ -60,6 +63,44 @@ def default_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._:/@+-]+", "-", stem).strip("-").lower() or "model"
 
 
+def cuda_available() -> bool:
+    return os.path.exists("/dev/nvidia0") or os.path.exists("/dev/nvidiactl")
+
+
+def gguf_backend(path: Path, requested: str = "auto") -> str:
+    """Who serves a GGUF file: llamacpp as shipped, or mlx after conversion. `auto` picks llama.cpp
+    where its server is built and the file cannot be converted or there is no GPU (a CPU serves
+    the quantized file several times faster than mlx its float32 conversion)."""
+    if requested == "vllm":
+        raise ImportError_(
+            "the vllm backend serves model folders; import a GGUF with llamacpp or mlx"
+        )
+    if requested in ("llamacpp", "mlx"):
+        if requested == "llamacpp" and settings.LLAMA_SERVER is None:
+            raise ImportError_(
+                "llama.cpp's llama-server is not built here (`make setup` builds it, or set "
+                "LLM_SERVICE_LLAMA_SERVER)"
+            )
+        return requested
+    if settings.LLAMA_SERVER is None:
+        return "mlx"
+    if sys.platform == "darwin" or cuda_available():
+        from models_app.gguf import read_gguf_info
+
+        return "mlx" if read_gguf_info(path)["problem"] is None else "llamacpp"
+    return "llamacpp"
+
+
+def gguf_file_problem(path: Path) -> str | None:
+    """Why llama.cpp could not read this file (not GGUF, truncated), or None."""
+    from models_app.gguf import GGUFError, gguf_truncation
+
+    try:
+        return gguf_truncation(path)
+    except GGUFError as exc:
+        return str(exc)
+
+
 def import_model(
     path: str | Path,
     *,
@@ -76,6 +117,7 @@ def import_model(
     if LLMModel.objects.filter(name=name).exists():
         raise ImportError_(f"a model named {name!r} is already registered")
 
+    file_format = LLMModel.Format.MLX
     if source.is_dir():
         if not (source / "config.json").is_file():
             raise ImportError_(
@@ -85,6 +127,14 @@ def import_model(
             raise ImportError_(f"{source} has no .safetensors weights")
         target, kind = source, LLMModel.Source.LOCAL
         embedding = embedding_config(source)
+        if backend == "llamacpp":
+            raise ImportError_("the llamacpp backend serves .gguf files, not model folders")
+    elif source.suffix.lower() == ".gguf" and gguf_backend(source, backend) == "llamacpp":
+        problem = gguf_file_problem(source)
+        if problem:
+            raise ImportError_(problem)
+        target, kind, embedding = source, LLMModel.Source.GGUF, None
+        backend, file_format = "llamacpp", LLMModel.Format.GGUF
     elif source.suffix.lower() == ".gguf":
         from models_app.gguf import GGUFError, convert_gguf
 
@@ -109,7 +159,7 @@ def import_model(
                 source_ref=str(source),
                 path=str(target),
                 backend=backend,
-                format=LLMModel.Format.MLX,
+                format=file_format,
                 size_bytes=folder_size(target),
                 **(embedding or {}),
             )
@@ -118,7 +168,7 @@ def import_model(
             if make_default or first_chat:
                 row.make_default()
     except Exception:
-        if kind == LLMModel.Source.GGUF:
+        if kind == LLMModel.Source.GGUF and file_format == LLMModel.Format.MLX:
             shutil.rmtree(target, ignore_errors=True)  # nothing half-registered, nothing orphaned
         raise
     return row

@@ -97,11 +97,16 @@ class LLMModel(models.Model):
         max_length=500, blank=True, help_text="Hugging Face repo id, or the imported path."
     )
     revision = models.CharField(max_length=100, blank=True)
-    path = models.CharField(max_length=1000, help_text="Folder on disk that the backend loads.")
+    path = models.CharField(
+        max_length=1000, help_text="Folder (or GGUF file) on disk that the backend loads."
+    )
     format = models.CharField(max_length=10, choices=Format.choices, default=Format.MLX)
     size_bytes = models.BigIntegerField(default=0)
     backend = models.CharField(
-        max_length=10, default="auto", choices=[("auto", "auto"), ("mlx", "mlx"), ("vllm", "vllm")]
+        max_length=10,
+        default="auto",
+        choices=[("auto", "auto"), ("mlx", "mlx"), ("vllm", "vllm"), ("llamacpp", "llamacpp")],
+        help_text="The engine that serves it; a GGUF file (format GGUF) is always llamacpp's.",
     )
     status = models.CharField(max_length=12, choices=Status.choices, default=Status.AVAILABLE)
     kind = models.CharField(

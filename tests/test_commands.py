@@ -29,9 +29,14 @@ def manage(data_dir: Path, *args: str, **env) -> subprocess.CompletedProcess:
     return run([sys.executable, "manage.py", *args], data_dir, **env)
 
 
-def test_a_gguf_is_converted_into_models_dir_and_registered(tmp_path):
+def test_a_gguf_is_converted_for_mlx_into_models_dir_and_registered(tmp_path):
     manage(tmp_path, "migrate", "-v0")
-    result = manage(tmp_path, "import_model", str(demo_gguf_path()), "--name", "smol", "--default")
+    result = manage(
+        tmp_path,
+        "import_model",
+        str(demo_gguf_path()),
+        *("--name", "smol", "--default", "--backend", "mlx"),
+    )
     assert result.returncode == 0, result.stderr
     target = tmp_path / "models" / "smol"
     assert (target / "config.json").is_file() and (target / "tokenizer.json").is_file()

@@ -12,6 +12,7 @@ from inference.backends.base import Backend, BackendUnavailable
 BACKENDS = {
     "mlx": "inference.backends.mlx.MLXBackend",
     "vllm": "inference.backends.vllm.VLLMBackend",
+    "llamacpp": "inference.backends.llamacpp.LlamaCppBackend",
 }
 
 

@@ -32,7 +32,6 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from inference.backends.base import (
     LoadedModel,
     QueueFull,
 )
+from inference.backends.threads import DeltaStream, LoopThread
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -200,88 +200,10 @@ def _check_head_size(vllm_config: Any, device: str) -> None:
         )
 
 
-# --- the backend loop -----------------------------------------------------------------------
-
-
-class _LoopThread:
-    """A daemon thread running an asyncio loop: vLLM's AsyncLLMs and their output handlers."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        try:
-            self.loop.run_forever()
-        finally:
-            pending = [t for t in asyncio.all_tasks(self.loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self.loop.close()
-
-    def submit(self, coro) -> concurrent.futures.Future:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self.loop.is_closed()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self.alive:
-            with contextlib.suppress(RuntimeError):
-                self.loop.call_soon_threadsafe(self.loop.stop)
-            if threading.current_thread() is not self._thread:
-                self._thread.join(timeout)
-
-
-class _Stream:
-    """Deltas from the backend loop to whichever loop iterates: a deque under a lock, and a
-    future on the consumer's loop resolved through call_soon_threadsafe when it waits."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._items: deque[TokenDelta] = deque()
-        self._waiter: asyncio.Future | None = None
-        self._waiter_loop: asyncio.AbstractEventLoop | None = None
-        self.closed = False  # a final delta has been put
-
-    def put(self, deltas: list[TokenDelta]) -> None:
-        with self._lock:
-            if self.closed:
-                return
-            self._items.extend(deltas)
-            if any(d.finish_reason is not None for d in deltas):
-                self.closed = True
-            waiter, loop = self._waiter, self._waiter_loop
-            self._waiter = self._waiter_loop = None
-        if waiter is not None:
-            with contextlib.suppress(RuntimeError):  # the consumer's loop is gone
-                loop.call_soon_threadsafe(_wake, waiter)
-
-    async def get(self) -> TokenDelta:
-        loop = asyncio.get_running_loop()
-        while True:
-            with self._lock:
-                if self._items:
-                    return self._items.popleft()
-                waiter = loop.create_future()
-                self._waiter, self._waiter_loop = waiter, loop
-            await waiter
-
-
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 @dataclasses.dataclass
 class _Request:
     request_id: str
-    stream: _Stream
+    stream: DeltaStream
     started: bool = False  # vLLM produced its first output (prefill done)
     aborted: bool = False  # we aborted it (the engine or the consumer asked)
     future: concurrent.futures.Future | None = None
@@ -375,7 +297,7 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
                     f"{len(self._inflight)} requests in flight for {self.spec.name!r} "
                     f"(max_batch_size {self.spec.max_batch_size} + queue {self._backend.max_queue})"
                 )
-            req = _Request(rid, _Stream())
+            req = _Request(rid, DeltaStream())
             self._inflight[rid] = req
         try:
             req.future = self._backend._loop_thread().submit(self._pump(request, params, req))
@@ -607,7 +529,7 @@ class VLLMEmbeddingModel(_VLLMModel, EmbeddingModel):
             self._shut_down()
 
 
-def _shutdown_engine(engine: Any, thread: _LoopThread | None) -> None:
+def _shutdown_engine(engine: Any, thread: LoopThread | None) -> None:
     """Stop AsyncLLM's output handler on its loop first (else it logs the engine's death as an
     error), then shut the engine down: the engine core process and its workers end."""
     handler = getattr(engine, "output_handler", None)
@@ -669,7 +591,7 @@ class VLLMBackend(Backend):
 
         self._device = "cuda:0" if current_platform.is_cuda() else current_platform.device_type
         self._lock = threading.Lock()
-        self._thread: _LoopThread | None = None
+        self._thread: LoopThread | None = None
         self._models: list[LoadedModel] = []
         self._tokens = 0
 
@@ -685,10 +607,10 @@ class VLLMBackend(Backend):
         with self._lock:
             self._tokens += count
 
-    def _loop_thread(self) -> _LoopThread:
+    def _loop_thread(self) -> LoopThread:
         with self._lock:
             if self._thread is None or not self._thread.alive:
-                self._thread = _LoopThread("vllm-backend-loop")
+                self._thread = LoopThread("vllm-backend-loop")
             return self._thread
 
     def _forget(self, model: LoadedModel) -> None:

@@ -61,6 +61,9 @@ def engine():
             max_queue=settings.MAX_QUEUE,
             max_loaded_models=settings.MAX_LOADED_MODELS,
             memory_budget_bytes=int(settings.MEMORY_BUDGET_GB * 1e9),
+            llama_server=str(settings.LLAMA_SERVER or ""),
+            llamacpp_threads=settings.LLAMACPP_THREADS,
+            cache_dir=str(settings.DATA_DIR / "cache"),
         )
     )
 
@@ -87,7 +90,8 @@ def spec_from_row(row: LLMModel) -> ModelSpec:
     return ModelSpec(
         name=row.name,
         path=row.path,
-        backend=row.backend,
+        # A GGUF file (not converted) is served by llama.cpp whatever the default backend is.
+        backend="llamacpp" if row.format == LLMModel.Format.GGUF else row.backend,
         kind=row.kind,
         pooling=row.pooling or "mean",
         normalize=row.normalize,

@@ -4,7 +4,10 @@ from models_app.importing import ImportError_, import_model
 
 
 class Command(BaseCommand):
-    help = "Register an mlx-lm/HF model folder, or convert a llama-family .gguf into MODELS_DIR."
+    help = (
+        "Register an mlx-lm/HF model folder, or a .gguf file: as it is for llama.cpp, or "
+        "converted into MODELS_DIR for mlx (llama-family files)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("path")
@@ -15,8 +18,11 @@ class Command(BaseCommand):
         parser.add_argument(
             "--backend",
             default="auto",
-            choices=["auto", "mlx", "vllm"],
-            help="The engine that serves it (default: auto, LLM_SERVICE_BACKEND's choice).",
+            choices=["auto", "mlx", "vllm", "llamacpp"],
+            help=(
+                "The engine that serves it (default: auto: LLM_SERVICE_BACKEND's choice; a .gguf "
+                "file goes to llamacpp where it is built and there is no GPU)."
+            ),
         )
 
     def handle(self, *args, path, name, default, backend, **options):

@@ -1,0 +1,580 @@
+"""llama.cpp backend: each loaded GGUF model is a `llama-server` runner process, as Ollama runs it.
+
+llama.cpp serves GGUF files as shipped (every quantization it reads, K-quants included) and batches
+continuously itself: one slot per sequence (`-np` = the model's max_batch_size), a new request
+takes a free slot at the next step, prefix reuse per slot (`cache_prompt`). We keep that scheduler
+and talk to the runner over a Unix socket with llama.cpp's native `/completion` API, prompts as
+token ids (the chat template is rendered by serving, as for the other backends), streamed, with
+the token ids and log-probabilities of each step. Closing a request's HTTP stream is how it is
+aborted: llama-server notices the closed connection and frees the slot.
+
+Why a runner process rather than llama-cpp-python's in-process bindings: llama-server's own slots
+are llama.cpp's batching, sampling and prefix cache in C++, with no Python in the decode loop;
+llama-cpp-python's server serves one request at a time, and its low-level batch API would have us
+re-implement slots and sampling in Python. Measured figures are in docs/benchmarks.md.
+
+Serving detokenizes and applies stop strings (with the tokenizer transformers builds from the
+GGUF's vocabulary, the same ids as llama.cpp's), so every backend cuts text the same way.
+No Django here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from inference.backends.base import (
+    Backend,
+    BackendUnavailable,
+    Capabilities,
+    LoadedModel,
+    QueueFull,
+)
+from inference.backends.threads import DeltaStream, LoopThread
+from inference.types import GenerationRequest, ModelSpec, TokenDelta
+
+log = logging.getLogger(__name__)
+
+CAPABILITIES = Capabilities(prefix_cache=True)
+
+# llama-server preallocates each slot's KV cache: without a per-model context length, a slot gets
+# the model's own context up to this many tokens (SmolLM2's 8192 x 16 slots would be 3 GB).
+DEFAULT_CONTEXT = 4096
+# Host memory llama-server may use to keep idle slots' prompt caches (its default is 8 GiB).
+CACHE_RAM_MIB = 512
+READY_TIMEOUT = 600.0
+_FINISH = {"eos": "stop", "word": "stop", "limit": "length"}
+
+
+class LlamaServerError(RuntimeError):
+    """llama-server could not load or serve a model; the message carries its own reason."""
+
+
+def find_llama_server(configured: str | os.PathLike | None = None) -> Path | None:
+    """The llama-server binary: the configured one (settings default to the one `make setup`
+    builds), else the one on PATH."""
+    if configured:
+        return Path(configured)
+    found = shutil.which("llama-server")
+    return Path(found) if found else None
+
+
+# --- the GGUF's facts (read once per file, kept beside its tokenizer) --------------------------
+
+
+def _gguf_facts(path: Path, cache_dir: Path) -> tuple[Path, dict]:
+    """The file's tokenizer folder (transformers converts the GGUF vocabulary; about 10-20 s, so
+    it is saved once per file) and the metadata the runner's sizing needs."""
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
+    folder = cache_dir / key[:16]
+    facts_file = folder / "gguf.json"
+    if facts_file.is_file():
+        return folder, json.loads(facts_file.read_text())
+    try:
+        import gguf
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise BackendUnavailable(f"the llamacpp backend needs the gguf package: {exc}") from exc
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:
+        raise LlamaServerError(f"{path.name} is not a readable GGUF file: {exc}") from exc
+
+    def field(name: str, default: Any = None) -> Any:
+        f = reader.fields.get(name)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture", "")
+    heads = field(f"{arch}.attention.head_count", 1)
+    heads = max(heads) if isinstance(heads, list) else heads
+    kv_heads = field(f"{arch}.attention.head_count_kv", heads)
+    kv_heads = max(kv_heads) if isinstance(kv_heads, list) else kv_heads
+    embed = field(f"{arch}.embedding_length", 0)
+    facts = {
+        "architecture": arch,
+        "context_length": field(f"{arch}.context_length", DEFAULT_CONTEXT),
+        "layers": field(f"{arch}.block_count", 0),
+        "kv_width": kv_heads * field(f"{arch}.attention.key_length", embed // max(heads, 1)),
+        "eos": [
+            t
+            for t in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
+            if t is not None
+        ],
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_dir))
+    try:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as exc:
+            raise LlamaServerError(
+                f"cannot build a tokenizer from {path.name}'s vocabulary: {exc}"
+            ) from exc
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "gguf.json").write_text(json.dumps(facts))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder, facts
+
+
+# --- the runner process ----------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    """In the runner, before exec: killed when the server process dies, even by SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+class Runner:
+    """One `llama-server` process serving one GGUF file on a Unix socket in its own folder."""
+
+    def __init__(self, binary: Path, args: list[str]) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="llm-service-llamacpp-"))
+        self.socket = str(self.folder / "llama.sock")
+        self.argv = [str(binary), *args, "--host", self.socket]
+        self.output: deque[str] = deque(maxlen=40)  # its last lines: the reason when it fails
+        self.process = subprocess.Popen(
+            self.argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            # Its own session: a Ctrl-C in the terminal reaches us (to drain), not the runner.
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            # Not mlx's BLAS preloads (llmservice/cli.py): llama.cpp has its own kernels.
+            env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
+        )
+        threading.Thread(target=self._drain, name="llama-server-output", daemon=True).start()
+
+    def _drain(self) -> None:
+        for raw in self.process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.output.append(line)
+            log.debug("llama-server: %s", line)
+
+    def reason(self) -> str:
+        lines = [ln for ln in self.output if "error" in ln.lower() or "failed" in ln.lower()]
+        return "; ".join(lines[-3:]) or "; ".join(list(self.output)[-3:]) or "no output"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        with httpx.Client(transport=httpx.HTTPTransport(uds=self.socket), timeout=5.0) as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    time.sleep(0.1)  # let the output thread read the last lines
+                    raise LlamaServerError(
+                        f"llama-server exited ({self.process.returncode}): {self.reason()}"
+                    )
+                with contextlib.suppress(httpx.HTTPError, OSError):
+                    if client.get("http://llama/health").status_code == 200:
+                        return
+                time.sleep(0.1)
+        self.stop()
+        raise LlamaServerError(f"llama-server was not ready after {timeout:.0f} s")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# --- the loaded model -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Request:
+    request_id: str
+    stream: DeltaStream
+    started: bool = False  # the runner sent its first token (prefill done)
+    aborted: bool = False
+    future: Any = None
+
+
+class LlamaCppModel(LoadedModel):
+    backend_name = "llamacpp"
+    capabilities = CAPABILITIES
+
+    def __init__(
+        self,
+        backend: LlamaCppBackend,
+        spec: ModelSpec,
+        runner: Runner,
+        tokenizer: Any,
+        *,
+        context_length: int,
+        memory_bytes: int,
+        eos_token_ids: frozenset[int],
+    ) -> None:
+        self._backend = backend
+        self.spec = spec
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.context_length = context_length
+        self.memory_bytes = memory_bytes
+        self.eos_token_ids = eos_token_ids
+        self._lock = threading.Lock()
+        self._inflight: dict[str, _Request] = {}
+        self._closed = False
+        self._client: Any = None  # httpx.AsyncClient on the backend loop, made there
+
+    def body(self, request: GenerationRequest) -> dict[str, Any]:
+        """llama-server's /completion request for one sequence. Every sampler is set, since
+        llama.cpp's defaults (top_k 40, top_p 0.95, min_p 0.05, temperature 0.8) are not the
+        APIs' (off, off, off, 1.0)."""
+        p = request.params
+        return {
+            "prompt": list(request.prompt_tokens),
+            "n_predict": p.max_tokens,
+            "temperature": p.temperature,
+            "top_k": p.top_k,
+            "top_p": p.top_p,
+            "min_p": p.min_p,
+            "typical_p": 1.0,
+            "seed": p.seed if p.seed is not None else -1,
+            "presence_penalty": p.presence_penalty,
+            "frequency_penalty": p.frequency_penalty,
+            "repeat_penalty": p.repetition_penalty,
+            "repeat_last_n": self.context_length,  # the whole context, as on vLLM and mlx
+            "logit_bias": [[int(t), float(b)] for t, b in p.logit_bias],
+            "n_probs": max(p.top_logprobs, 1) if p.logprobs else 0,
+            "stream": True,
+            "return_tokens": True,
+            "cache_prompt": True,
+            "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
+        }
+
+    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
+        body = self.body(request)
+        rid = request.request_id
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"model {self.spec.name!r} is closed")
+            if rid in self._inflight:
+                raise ValueError(f"request id {rid!r} is already in flight")
+            limit = self.spec.max_batch_size + self._backend.max_queue
+            if len(self._inflight) >= limit:
+                raise QueueFull(
+                    f"{len(self._inflight)} requests in flight for {self.spec.name!r} "
+                    f"(max_batch_size {self.spec.max_batch_size} + queue {self._backend.max_queue})"
+                )
+            req = _Request(rid, DeltaStream())
+            self._inflight[rid] = req
+        try:
+            req.future = self._backend.loop_thread().submit(self._pump(request, body, req))
+        except BaseException:
+            with self._lock:
+                self._inflight.pop(rid, None)
+            raise
+        req.future.add_done_callback(lambda _f: self._done(req))
+        deltas = self._deltas(req)
+        weakref.finalize(deltas, self._abort_unfinished, req)
+        return deltas
+
+    async def _deltas(self, req: _Request) -> AsyncIterator[TokenDelta]:
+        finished = False
+        try:
+            while not finished:
+                delta = await req.stream.get()
+                finished = delta.finish_reason is not None
+                yield delta
+        finally:
+            if not finished:  # the consumer left early (cancelled, closed)
+                self.abort(req.request_id)
+
+    def _abort_unfinished(self, req: _Request) -> None:
+        if not req.stream.closed:
+            self.abort(req.request_id)
+
+    def _http(self) -> Any:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(uds=self.runner.socket),
+                base_url="http://llama",
+                timeout=httpx.Timeout(None, connect=10.0),
+                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+            )
+        return self._client
+
+    async def _pump(self, request: GenerationRequest, body: dict, req: _Request) -> None:
+        """On the backend loop: llama-server's stream -> TokenDeltas on the request's stream.
+        Cancelling this task closes the connection, which makes llama-server free the slot."""
+        want, top_n = request.params.logprobs, request.params.top_logprobs
+        try:
+            async with self._http().stream("POST", "/completion", json=body) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode("utf-8", "replace")
+                    raise LlamaServerError(
+                        f"llama-server answered {response.status_code}: {detail}"
+                    )
+                held: list[TokenDelta] = []  # an end-of-generation token, until the end says so
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        raise LlamaServerError(str(chunk["error"].get("message", chunk["error"])))
+                    deltas = held + self._convert(chunk, want, top_n)
+                    held = []
+                    if not chunk.get("stop"):
+                        if deltas and deltas[-1].token in self.eos_token_ids:
+                            held = [deltas.pop()]
+                    else:
+                        deltas = self._finish(chunk, deltas)
+                    req.started = True
+                    if deltas:
+                        self._backend.count_tokens(sum(d.token is not None for d in deltas))
+                        req.stream.put(deltas)
+                    if chunk.get("stop"):
+                        break
+            if not req.stream.closed:
+                req.stream.put([TokenDelta(None, finish_reason="stop")])
+        except asyncio.CancelledError:
+            req.stream.put([TokenDelta(None, finish_reason="stop")])
+        except Exception as exc:
+            if req.aborted:
+                req.stream.put([TokenDelta(None, finish_reason="stop")])
+            else:
+                if isinstance(exc, LlamaServerError) or self.runner.process.poll() is None:
+                    reason = f"{type(exc).__name__}: {exc}"
+                else:
+                    reason = f"llama-server exited: {self.runner.reason()}"
+                log.warning("llama.cpp request %s failed: %s", req.request_id, reason)
+                req.stream.put([TokenDelta(None, finish_reason="error", error=reason)])
+
+    @staticmethod
+    def _convert(chunk: dict, want: bool, top_n: int) -> list[TokenDelta]:
+        probs = chunk.get("completion_probabilities") or []
+        deltas = []
+        for i, token in enumerate(chunk.get("tokens") or ()):
+            lp, top = None, ()
+            if want and i < len(probs):
+                lp = probs[i].get("logprob")
+                top = tuple((t["id"], t["logprob"]) for t in probs[i].get("top_logprobs", ()))
+            deltas.append(TokenDelta(token, lp, top[:top_n]))
+        return deltas
+
+    def _finish(self, chunk: dict, deltas: list[TokenDelta]) -> list[TokenDelta]:
+        """The last chunk: its reason and cached prompt tokens on the last delta. The token that
+        ended generation (llama.cpp streams it before the end) is not output, as on the others."""
+        stop_type = chunk.get("stop_type", "")
+        finish = _FINISH.get(stop_type, "stop")
+        if stop_type == "eos" and deltas and deltas[-1].token in self.eos_token_ids:
+            deltas = deltas[:-1]
+        cached = (chunk.get("timings") or {}).get("cache_n")
+        if deltas:
+            deltas[-1] = dataclasses.replace(deltas[-1], finish_reason=finish, cached_tokens=cached)
+        else:
+            deltas.append(TokenDelta(None, finish_reason=finish, cached_tokens=cached))
+        return deltas
+
+    def _done(self, req: _Request) -> None:
+        with self._lock:
+            if self._inflight.get(req.request_id) is req:
+                del self._inflight[req.request_id]
+        if not req.stream.closed:  # cancelled before the task ran
+            req.stream.put([TokenDelta(None, finish_reason="stop")])
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            req = self._inflight.get(request_id)
+        if req is None or req.future is None:
+            return
+        req.aborted = True
+        req.future.cancel()
+
+    # -- facts --
+
+    @property
+    def running(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._inflight.values() if r.started)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return sum(1 for r in self._inflight.values() if not r.started)
+
+    @property
+    def engine_requests(self) -> int:
+        """What llama-server itself still works on: slots processing plus deferred tasks."""
+        import httpx
+
+        try:
+            with httpx.Client(
+                transport=httpx.HTTPTransport(uds=self.runner.socket), timeout=5.0
+            ) as client:
+                text = client.get("http://llama/metrics").text
+        except (httpx.HTTPError, OSError):
+            return self.running + self.queued
+        total = 0.0
+        for line in text.splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("llamacpp:requests_processing", "llamacpp:requests_deferred"):
+                total += float(value)
+        return int(total)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._inflight.values())
+        for req in pending:
+            req.aborted = True
+            if req.future is not None:
+                req.future.cancel()
+        client, self._client = self._client, None
+        if client is not None and self._backend.loop_alive:
+            with contextlib.suppress(Exception):
+                self._backend.loop_thread().submit(client.aclose()).result(5)
+        self.runner.stop()
+        self._backend.forget(self)
+
+
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+
+    def __init__(
+        self,
+        *,
+        max_queue: int = 64,
+        server: str | os.PathLike | None = None,
+        threads: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
+        binary = find_llama_server(server)
+        if binary is None or not binary.is_file():
+            raise BackendUnavailable(
+                "llama.cpp's llama-server was not found: `make setup` builds it, or set "
+                "LLM_SERVICE_LLAMA_SERVER to its path"
+            )
+        self.binary = binary
+        self.max_queue = max_queue
+        self.threads = threads or len(os.sched_getaffinity(0))
+        base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-service"
+        self.cache_dir = base / "llamacpp"
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._thread: LoopThread | None = None
+        self._models: list[LlamaCppModel] = []
+        self._tokens = 0
+
+    @property
+    def device(self) -> str:
+        return f"cpu ({self.threads} threads)"
+
+    @property
+    def tokens_generated(self) -> int:
+        return self._tokens
+
+    def count_tokens(self, count: int) -> None:
+        self._tokens += count
+
+    def loop_thread(self) -> LoopThread:
+        with self._lock:
+            if self._thread is None or not self._thread.alive:
+                self._thread = LoopThread("llamacpp-backend-loop")
+            return self._thread
+
+    @property
+    def loop_alive(self) -> bool:
+        return self._thread is not None and self._thread.alive
+
+    def forget(self, model: LlamaCppModel) -> None:
+        with self._lock:
+            if model in self._models:
+                self._models.remove(model)
+
+    def args(self, spec: ModelSpec, context: int) -> list[str]:
+        slots = spec.max_batch_size
+        batch = max(spec.prefill_batch_size or 512, 32)
+        return [
+            "--model", spec.path,
+            "--alias", spec.name,
+            "--threads", str(self.threads),
+            "--threads-batch", str(self.threads),
+            "--parallel", str(slots),
+            "--ctx-size", str(context * slots),  # each slot gets context tokens
+            "--batch-size", str(max(batch, 2048)),
+            "--ubatch-size", str(batch),
+            "--cache-ram", str(CACHE_RAM_MIB),
+            "--no-webui",
+            "--metrics",
+            "--log-verbosity", "2",
+        ]  # fmt: skip
+
+    def load(self, spec: ModelSpec) -> LlamaCppModel:
+        if spec.kind != "chat":
+            raise BackendUnavailable("the llamacpp backend serves chat models, not embeddings")
+        path = Path(spec.path)
+        if not path.is_file() or path.suffix.lower() != ".gguf":
+            raise LlamaServerError(f"{spec.path} is not a .gguf file: llamacpp serves GGUF files")
+        from transformers import AutoTokenizer
+
+        folder, facts = _gguf_facts(path, self.cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        context = spec.context_length or min(int(facts["context_length"]), DEFAULT_CONTEXT)
+        runner = Runner(self.binary, self.args(spec, context))
+        try:
+            runner.wait_ready()
+        except BaseException:
+            runner.stop()
+            raise
+        eos = set(facts["eos"])
+        if tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        kv = 2 * 2 * facts["layers"] * facts["kv_width"] * context * spec.max_batch_size  # f16
+        model = LlamaCppModel(
+            self,
+            spec,
+            runner,
+            tokenizer,
+            context_length=context,
+            memory_bytes=path.stat().st_size + kv + CACHE_RAM_MIB * (1 << 20),
+            eos_token_ids=frozenset(eos),
+        )
+        with self._lock:
+            self._models.append(model)
+        return model
+
+    def shutdown(self) -> None:
+        with self._lock:
+            models = list(self._models)
+        for model in models:
+            model.close()
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.stop()

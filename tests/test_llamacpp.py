@@ -1,0 +1,254 @@
+"""The llamacpp backend: GGUF files served as shipped by llama.cpp's own llama-server, through the
+openai SDK. The engine is real (built by `make setup`), the model is the real SmolLM2 GGUF."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import struct
+
+import httpx
+import openai
+import pytest
+
+from tests.helpers import API_KEY, Server, demo_gguf_path, wait_until
+from tests.test_disconnects import labelled
+
+PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
+
+
+@pytest.fixture(scope="session")
+def llamacpp_server(tmp_path_factory) -> Server:
+    """SmolLM2's Q4_1 GGUF imported without --backend: on a machine without a GPU where
+    llama-server is built, it is registered as it is and served by llama.cpp."""
+    with Server(
+        tmp_path_factory.mktemp("llamacpp"),
+        models=[("smollm2", demo_gguf_path(), True, {"max_batch_size": 4})],
+        env={"LLM_SERVICE_LLAMACPP_THREADS": "2", "LLM_SERVICE_MAX_QUEUE": "4"},
+    ) as srv:
+        yield srv
+
+
+def rows(server: Server, sql: str) -> list[tuple]:
+    with sqlite3.connect(server.data_dir / "db.sqlite3") as db:
+        return db.execute(sql).fetchall()
+
+
+def test_a_gguf_file_is_registered_as_it_is_and_served_by_llama_cpp(llamacpp_server):
+    [(path, fmt, backend)] = rows(
+        llamacpp_server,
+        "SELECT path, format, backend FROM models_app_llmmodel WHERE name = 'smollm2'",
+    )
+    assert (path, fmt, backend) == (str(demo_gguf_path().resolve()), "gguf", "llamacpp")
+    client = llamacpp_server.openai()
+    reply = client.chat.completions.create(
+        model="smollm2", messages=PARIS, max_tokens=20, temperature=0
+    )
+    text = reply.choices[0].message.content
+    assert "Paris" in text
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage.completion_tokens > 0 and reply.usage.prompt_tokens > 10
+    stream = client.chat.completions.create(
+        model="smollm2", messages=PARIS, max_tokens=20, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    ready = httpx.get(llamacpp_server.url + "/ready", timeout=10).json()
+    assert ready["backends"]["smollm2"] == "llamacpp"
+
+
+def test_sampling_parameters_hold_on_llama_cpp(llamacpp_server):
+    client = llamacpp_server.openai()
+
+    def ask(**kwargs):
+        return client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Tell me a story about a dragon."}],
+            **{"max_tokens": 12, **kwargs},
+        )
+
+    seeded = [ask(temperature=1.0, seed=s).choices[0].message.content for s in (1, 1, 2, 3)]
+    assert seeded[0] == seeded[1]  # the same seed, the same answer
+    assert len(set(seeded[1:])) > 1  # other seeds, other answers
+    cut = ask(temperature=0, max_tokens=5)
+    assert cut.choices[0].finish_reason == "length" and cut.usage.completion_tokens == 5
+    whole = ask(temperature=0, max_tokens=20).choices[0].message.content
+    word = whole.split()[2]
+    stopped = ask(temperature=0, max_tokens=20, stop=[word])
+    assert stopped.choices[0].message.content == whole[: whole.index(word)]
+    assert stopped.choices[0].finish_reason == "stop"
+    two = ask(temperature=1.0, n=2, seed=5)
+    assert [c.index for c in two.choices] == [0, 1]
+    first = ask(temperature=0, max_tokens=1, logprobs=True).choices[0].logprobs.content[0]
+    assert first.top_logprobs == []
+    probed = ask(temperature=0, max_tokens=1, logprobs=True, top_logprobs=3)
+    lp = probed.choices[0].logprobs.content[0]
+    assert lp.token == first.token and lp.logprob == pytest.approx(first.logprob)
+    assert lp.logprob <= 0
+    assert len(lp.top_logprobs) == 3
+    assert lp.top_logprobs[0].token == lp.token
+    assert bytes(lp.bytes).decode() == lp.token
+    assert all(t.logprob <= lp.top_logprobs[0].logprob for t in lp.top_logprobs)
+
+
+def test_logit_bias_and_penalties_change_the_answer(llamacpp_server):
+    client = llamacpp_server.openai()
+    greedy = client.completions.create(
+        model="smollm2", prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logprobs=2
+    )
+    top = greedy.choices[0].logprobs.top_logprobs[0]
+    assert len(top) == 2
+    first = greedy.choices[0].text
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(demo_gguf_path().parent), gguf_file=demo_gguf_path().name
+    )
+    [banned] = tokenizer.encode(first, add_special_tokens=False)
+    biased = client.completions.create(
+        model="smollm2",
+        prompt="1, 2, 3, 4,",
+        max_tokens=1,
+        temperature=0,
+        logit_bias={str(banned): -100},
+    )
+    assert biased.choices[0].text != first
+
+
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(llamacpp_server):
+    client = llamacpp_server.openai()
+    long = [{"role": "user", "content": "Summarise: " + "the cat sat on the mat. " * 40}]
+    client.chat.completions.create(model="smollm2", messages=long, max_tokens=2, temperature=0)
+    again = client.chat.completions.create(
+        model="smollm2", messages=long, max_tokens=2, temperature=0
+    )
+    cached = again.usage.prompt_tokens_details.cached_tokens
+    assert again.usage.prompt_tokens - 2 <= cached < again.usage.prompt_tokens
+
+
+async def _drop_after_first_token(server: Server) -> None:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as http:
+        async with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            json={
+                "model": "smollm2",
+                "messages": [{"role": "user", "content": "Count to a thousand."}],
+                "max_tokens": 2000,
+                "stream": True,
+                "logit_bias": {"2": -100},  # no end of text: it would go on
+            },
+        ) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data: ") and '"content"' in line:
+                    return  # leaving the block closes the connection
+
+
+def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_server):
+    async def four() -> None:
+        await asyncio.gather(*(_drop_after_first_token(llamacpp_server) for _ in range(4)))
+
+    asyncio.run(four())
+    wait_until(
+        lambda: labelled(llamacpp_server, "llm_engine_requests", model="smollm2") == 0,
+        timeout=60,
+    )
+    assert llamacpp_server.metric("llm_running_sequences") == 0
+    reply = llamacpp_server.openai().chat.completions.create(
+        model="smollm2", messages=PARIS, max_tokens=20, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    outcomes = rows(
+        llamacpp_server,
+        "SELECT COUNT(*) FROM analytics_requestlog WHERE outcome = 'cancelled'",
+    )
+    assert outcomes[0][0] >= 4
+
+
+def test_more_requests_than_slots_and_queue_get_429_with_retry_after(llamacpp_server):
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=llamacpp_server.url, timeout=300) as http:
+            body = {"model": "smollm2", "messages": PARIS, "max_tokens": 8, "temperature": 0}
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            return await asyncio.gather(
+                *(http.post("/v1/chat/completions", json=body, headers=headers) for _ in range(20))
+            )
+
+    responses = asyncio.run(burst())
+    statuses = {r.status_code for r in responses}
+    assert statuses <= {200, 429} and 200 in statuses
+    for response in responses:
+        if response.status_code == 429:
+            assert response.headers["Retry-After"]
+        else:
+            assert "Paris" in response.json()["choices"][0]["message"]["content"]
+
+
+def test_structured_output_is_refused_on_llama_cpp_not_ignored(llamacpp_server):
+    with pytest.raises(openai.BadRequestError) as caught:
+        llamacpp_server.openai().chat.completions.create(
+            model="smollm2",
+            messages=PARIS,
+            response_format={"type": "json_object"},
+        )
+    assert caught.value.body["param"] == "response_format"
+
+
+def test_a_truncated_gguf_is_refused_at_import_with_a_clear_error(llamacpp_server, tmp_path):
+    truncated = tmp_path / "half.gguf"
+    truncated.write_bytes(demo_gguf_path().read_bytes()[:40_000_000])
+    result = llamacpp_server.manage(
+        "import_model", str(truncated), "--backend", "llamacpp", check=False
+    )
+    assert result.returncode != 0
+    assert "truncated" in result.stderr and "half.gguf" in result.stderr
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    result = llamacpp_server.manage("import_model", str(not_gguf), check=False)
+    assert result.returncode != 0 and "not a GGUF file" in result.stderr
+
+
+def _gguf_without_weights(path, architecture: str) -> None:
+    """A well-formed GGUF header naming `architecture`, with SmolLM2's vocabulary metadata
+    copied over and no tensors: llama.cpp itself must refuse to load it."""
+    import gguf
+
+    source = gguf.GGUFReader(str(demo_gguf_path()))
+    writer = gguf.GGUFWriter(str(path), architecture)
+    for name, field in source.fields.items():
+        if name.startswith("tokenizer.") and name != "tokenizer.chat_template":
+            value = field.contents()
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                writer.add_array(name, value)
+            elif kind == gguf.GGUFValueType.STRING:
+                writer.add_string(name, value)
+            elif kind == gguf.GGUFValueType.BOOL:
+                writer.add_bool(name, value)
+            else:
+                writer.add_uint32(name, int(value))
+    writer.add_context_length(512)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert struct.unpack("<I", path.read_bytes()[:4])[0] == struct.unpack("<I", b"GGUF")[0]
+
+
+def test_a_gguf_llama_cpp_cannot_load_answers_503_with_its_reason(llamacpp_server, tmp_path):
+    broken = tmp_path / "empty-llama.gguf"
+    _gguf_without_weights(broken, "llama")
+    llamacpp_server.manage("import_model", str(broken), "--name", "broken-gguf")
+    with llamacpp_server.http() as http:
+        response = http.post(
+            "/v1/chat/completions",
+            json={"model": "broken-gguf", "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["code"] == "model_load_failed"
+    assert "llama-server exited" in error["message"]
+    reply = llamacpp_server.openai().chat.completions.create(
+        model="smollm2", messages=PARIS, max_tokens=20, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content  # the others keep working
