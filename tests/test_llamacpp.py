@@ -164,11 +164,13 @@ def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_s
     assert "Paris" in reply.choices[0].message.content
     # one cancelled row each, once the analytics buffer is written
     wait_until(
-        lambda: rows(
-            llamacpp_server,
-            "SELECT COUNT(*) FROM analytics_requestlog WHERE outcome = 'cancelled'",
-        )[0][0]
-        == 4,
+        lambda: (
+            rows(
+                llamacpp_server,
+                "SELECT COUNT(*) FROM analytics_requestlog WHERE outcome = 'cancelled'",
+            )[0][0]
+            == 4
+        ),
         timeout=60,
     )
 
