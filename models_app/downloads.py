@@ -1,5 +1,8 @@
 """Downloading models from the Hugging Face hub into MODELS_DIR: progress, cancel, resume, registration.
 
+A repo gives a model folder (config.json and safetensors weights) or, when the files to fetch are
+GGUF (`--include '*Q4_K_M.gguf'`), one GGUF file, registered as it is for the llamacpp backend.
+
 Plain huggingface_hub + Django, no Celery: models_app/tasks.py wraps `run_download` in a task, and the
 commands and the admin call the other functions here.
 
@@ -30,6 +33,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -38,6 +42,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import httpx2
+from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import Q
@@ -206,7 +211,7 @@ def remove_partial_files(row: Download) -> None:
         state = json.loads((target / WORK_DIR / STATE_FILE).read_text())
     except (OSError, ValueError):
         return
-    if state.get("download_id") != row.pk or LLMModel.objects.filter(path=str(target)).exists():
+    if state.get("download_id") != row.pk or _registered_in(target):
         return
     shutil.rmtree(target, ignore_errors=True)
 
@@ -470,12 +475,15 @@ def _download_and_register(row: Download, task_id: str | None) -> None:
     if not files:
         raise DownloadError(f"no files of {where} match {', '.join(patterns)}")
     names = {f.rfilename for f in files}
-    if "config.json" not in names:
+    gguf = _gguf_entry(names, where)
+    if gguf is not None:
+        pass  # a GGUF file (or a split set) as it is: llama.cpp reads it, no config.json
+    elif "config.json" not in names:
         raise DownloadError(
             f"{where} has no config.json among the files to fetch: not an mlx-lm / "
             "transformers model (or add config.json to --include)"
         )
-    if not any(n.endswith(".safetensors") for n in names):
+    elif not any(n.endswith(".safetensors") for n in names):
         raise DownloadError(
             f"{where} has no .safetensors weights among the files to fetch "
             "(only safetensors models can be served)"
@@ -499,8 +507,8 @@ def _download_and_register(row: Download, task_id: str | None) -> None:
     progress = _Progress(row, task_id, total=total, files_total=len(files))
     for sibling in files:
         _fetch_file(row, endpoint, commit, target, sibling, state, progress)
-    _verify(target, files, where)
-    _register(row, task_id, target, commit, total, len(files))
+    _verify(target, files, where, gguf)
+    _register(row, task_id, target, commit, total, len(files), gguf=gguf)
     shutil.rmtree(target / WORK_DIR, ignore_errors=True)
 
 
@@ -508,7 +516,7 @@ def _prepare_target(target: Path, row: Download, commit: str) -> dict:
     """Make (or reuse) the folder; state.json marks it as a download's and remembers finished files."""
     state_path = target / WORK_DIR / STATE_FILE
     if target.exists():
-        if LLMModel.objects.filter(path=str(target)).exists():
+        if _registered_in(target):
             raise DownloadError(
                 f"{target} is the folder of a registered model; choose another name"
             )
@@ -614,7 +622,7 @@ def _fetch_file(
     progress.finish_file(final.stat().st_size)
 
 
-def _verify(target: Path, files: list, where: str) -> None:
+def _verify(target: Path, files: list, where: str, gguf: str | None = None) -> None:
     problems = []
     for sibling in files:
         path = target / sibling.rfilename
@@ -625,14 +633,55 @@ def _verify(target: Path, files: list, where: str) -> None:
             problems.append(
                 f"{sibling.rfilename} has {path.stat().st_size} bytes, the hub lists {expected}"
             )
-    if not (target / "config.json").is_file() or not any(target.glob("*.safetensors")):
+    if gguf is None and (
+        not (target / "config.json").is_file() or not any(target.glob("*.safetensors"))
+    ):
         problems.append("config.json or *.safetensors missing")
+    if gguf is not None and not problems:
+        from models_app.importing import gguf_file_problem
+
+        if problem := gguf_file_problem(target / gguf):
+            problems.append(problem)
     if problems:
         raise DownloadError(f"{where}: verification failed: {'; '.join(problems)}")
 
 
+def _registered_in(target: Path) -> bool:
+    """A registered model is this folder or a (GGUF) file in it."""
+    inside = Q(path=str(target)) | Q(path__startswith=str(target) + os.sep)
+    return LLMModel.objects.filter(inside).exists()
+
+
+def _gguf_entry(names: set[str], where: str) -> str | None:
+    """The GGUF file to register when the files to fetch are GGUF weights (one file, or the parts
+    of one split file: llama.cpp opens the first), else None."""
+    ggufs = sorted(n for n in names if n.lower().endswith(".gguf"))
+    if not ggufs:
+        return None
+    if any(n.endswith(".safetensors") for n in names):
+        raise DownloadError(f"{where}: pick GGUF or safetensors weights, not both (--include)")
+    stems = {re.sub(r"-\d{5}-of-\d{5}\.gguf$", "", n, flags=re.I) for n in ggufs}
+    if len(stems) > 1:
+        raise DownloadError(
+            f"{where} has {len(ggufs)} GGUF files ({', '.join(ggufs[:4])}...): pick one with "
+            "--include, e.g. --include '*Q4_K_M.gguf'"
+        )
+    if settings.LLAMA_SERVER is None:
+        raise DownloadError(
+            "GGUF files are served by llama.cpp, whose llama-server is not built here "
+            "(`make setup` builds it, or set LLM_SERVICE_LLAMA_SERVER)"
+        )
+    return ggufs[0]
+
+
 def _register(
-    row: Download, task_id: str | None, target: Path, commit: str, total: int, files_total: int
+    row: Download,
+    task_id: str | None,
+    target: Path,
+    commit: str,
+    total: int,
+    files_total: int,
+    gguf: str | None = None,
 ) -> None:
     """Register the model and complete the row in one transaction: never half-registered."""
     now = timezone.now()
@@ -646,11 +695,12 @@ def _register(
             source=LLMModel.Source.HUGGINGFACE,
             source_ref=row.repo_id,
             revision=commit,
-            path=str(target),
-            format=LLMModel.Format.MLX,
+            path=str(target / gguf) if gguf else str(target),
+            format=LLMModel.Format.GGUF if gguf else LLMModel.Format.MLX,
+            backend="llamacpp" if gguf else "auto",
             size_bytes=total,
             status=LLMModel.Status.AVAILABLE,
-            **(embedding_config(target) or {}),
+            **((embedding_config(target) or {}) if not gguf else {}),
         )
         if (
             model.kind == LLMModel.Kind.CHAT

@@ -258,6 +258,18 @@ class LLMModel(models.Model):
 
     def clean(self) -> None:
         self._clean_engine_args()
+        gguf = self.format == LLMModel.Format.GGUF
+        if gguf and self.backend not in ("auto", "llamacpp"):
+            raise ValidationError(
+                {
+                    "backend": "This model is a GGUF file, which llamacpp serves as it is; for "
+                    "mlx, import the file again with `import_model FILE --backend mlx` (converts)."
+                }
+            )
+        if not gguf and self.backend == "llamacpp":
+            raise ValidationError(
+                {"backend": "llamacpp serves GGUF files; this model is a folder of safetensors."}
+            )
         for alias in self.aliases or []:
             if not isinstance(alias, str) or alias == "default":
                 raise ValidationError(

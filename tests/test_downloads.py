@@ -541,3 +541,36 @@ def test_a_sentence_transformers_repo_is_registered_as_an_embedding_model(instal
     (row,) = install.models()
     assert (row["kind"], row["pooling"], row["normalize"]) == ("embedding", "mean", 1)
     assert not row["is_default"]  # the default is a chat model
+
+
+def test_a_gguf_picked_from_a_repo_with_include_is_registered_for_llama_cpp(
+    install, fresh_hub, tmp_path
+):
+    from tests.helpers import demo_gguf_path
+
+    repo = tmp_path / "gguf-repo"
+    repo.mkdir()
+    (repo / "SmolLM2-135M-Instruct.Q4_1.gguf").symlink_to(demo_gguf_path())
+    (repo / "SmolLM2-135M-Instruct.Q8_0.gguf").write_bytes(b"GGUF another quantization")
+    (repo / "README.md").write_text("# SmolLM2 GGUF\n")
+    fresh_hub.add_repo("test-org/smol-gguf", repo)
+    install.start_worker()
+
+    both, pk = install.pull("test-org/smol-gguf", "--name", "both", "--include", "*.gguf", "--wait")
+    assert both.returncode != 0
+    assert "pick one with --include" in install.download(pk)["error"]
+
+    result, pk = install.pull(
+        "test-org/smol-gguf", "--name", "smol", "--include", "*Q4_1.gguf", "--wait"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + install.worker_logs()
+    (row,) = install.models()
+    target = install.models_dir / "smol"
+    assert row["path"] == str(target / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert (row["format"], row["backend"], row["source"]) == ("gguf", "llamacpp", "hf")
+    assert sorted(p.name for p in target.iterdir()) == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
+    assert digest(target / "SmolLM2-135M-Instruct.Q4_1.gguf") == digest(demo_gguf_path())
+
+    removed = install.manage("remove_model", "smol", "--force")
+    assert removed.returncode == 0, removed.stderr
+    assert not target.exists()  # the download's folder goes with its file

@@ -122,6 +122,29 @@ def test_engine_args_that_vllm_lacks_or_other_fields_set_are_refused(
     assert a.engine_args == {}
 
 
+def test_the_backend_of_a_gguf_file_is_shown_and_only_engines_that_read_it_are_accepted(
+    admin_client, models
+):
+    gguf = LLMModel.objects.create(
+        name="g", path="/m.gguf", format=LLMModel.Format.GGUF, backend="llamacpp"
+    )
+    page = admin_client.get(f"/admin/models_app/llmmodel/{gguf.pk}/change/").content.decode()
+    assert '<option value="llamacpp" selected>' in page
+    refused = admin_client.post(
+        f"/admin/models_app/llmmodel/{gguf.pk}/change/", settings_form(gguf, backend="mlx")
+    )
+    assert refused.status_code == 200
+    assert "which llamacpp serves as it is" in refused.content.decode()
+    a, _ = models  # a folder: llamacpp cannot read it
+    refused = admin_client.post(
+        f"/admin/models_app/llmmodel/{a.pk}/change/", settings_form(a, backend="llamacpp")
+    )
+    assert "llamacpp serves GGUF files" in refused.content.decode()
+    gguf.refresh_from_db()
+    a.refresh_from_db()
+    assert (gguf.backend, a.backend) == ("llamacpp", "auto")
+
+
 def test_out_of_range_settings_get_validation_messages(admin_client, models):
     a, _ = models
     response = admin_client.post(

@@ -47,7 +47,6 @@ from inference.backends.base import (
     LoadedModel,
     QueueFull,
 )
-from inference.backends.threads import DeltaStream, LoopThread
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -216,13 +215,62 @@ class Runner:
 # --- the loaded model -------------------------------------------------------------------------
 
 
+async def _events(req: _Request, socket: str, body: dict) -> AsyncIterator[dict]:
+    """POST /completion to a runner and yield its server-sent events as dicts.
+
+    A small HTTP/1.1 reader rather than httpx: on a CPU the runner's threads need every core,
+    and httpx's stream costs about 2.5x the CPU per token of this (docs/benchmarks.md)."""
+    reader, writer = await asyncio.open_unix_connection(socket, limit=1 << 24)
+    req.writer = writer
+    try:
+        if req.aborted:
+            return
+        payload = json.dumps(body).encode()
+        writer.write(
+            b"POST /completion HTTP/1.1\r\nHost: llama\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(payload) + payload
+        )
+        head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ", 2)[1])
+        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:])}
+        chunked = "chunked" in headers.get("transfer-encoding", "")
+        if status != 200:
+            if chunked:
+                text = b"".join([chunk async for chunk in _chunks(reader)])
+            else:
+                text = await reader.readexactly(int(headers.get("content-length", "0")))
+            raise LlamaServerError(
+                f"llama-server answered {status}: {text.decode('utf-8', 'replace')}"
+            )
+        buffer = b""
+        async for data in _chunks(reader) if chunked else _until_closed(reader):
+            buffer += data
+            while b"\n\n" in buffer:
+                event, buffer = buffer.split(b"\n\n", 1)
+                for line in event.split(b"\n"):
+                    if line.startswith(b"data: "):
+                        yield json.loads(line[6:])
+    finally:
+        writer.transport.abort()  # closing the connection is what frees the slot
+
+
+async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
+async def _until_closed(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while data := await reader.read(1 << 16):
+        yield data
+
+
 @dataclasses.dataclass
 class _Request:
     request_id: str
-    stream: DeltaStream
     started: bool = False  # the runner sent its first token (prefill done)
     aborted: bool = False
-    future: Any = None
+    loop: asyncio.AbstractEventLoop | None = None  # the consumer's, where its stream is read
+    writer: asyncio.StreamWriter | None = None
 
 
 class LlamaCppModel(LoadedModel):
@@ -250,7 +298,6 @@ class LlamaCppModel(LoadedModel):
         self._lock = threading.Lock()
         self._inflight: dict[str, _Request] = {}
         self._closed = False
-        self._client: Any = None  # httpx.AsyncClient on the backend loop, made there
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         """llama-server's /completion request for one sequence. Every sampler is set, since
@@ -297,62 +344,30 @@ class LlamaCppModel(LoadedModel):
                     f"{len(self._inflight)} requests in flight for {self.spec.name!r} "
                     f"(max_batch_size {self.spec.max_batch_size} + queue {self._backend.max_queue})"
                 )
-            req = _Request(rid, DeltaStream())
+            req = _Request(rid)
             self._inflight[rid] = req
-        try:
-            req.future = self._backend.loop_thread().submit(self._pump(request, body, req))
-        except BaseException:
-            with self._lock:
-                self._inflight.pop(rid, None)
-            raise
-        req.future.add_done_callback(lambda _f: self._done(req))
-        deltas = self._deltas(req)
-        weakref.finalize(deltas, self._abort_unfinished, req)
+        deltas = self._deltas(request, body, req)
+        # Dropped without being iterated: nothing was sent, but it holds an admission place.
+        weakref.finalize(deltas, self._forget, req)
         return deltas
 
-    async def _deltas(self, req: _Request) -> AsyncIterator[TokenDelta]:
+    def _forget(self, req: _Request) -> None:
+        with self._lock:
+            if self._inflight.get(req.request_id) is req:
+                del self._inflight[req.request_id]
+
+    async def _deltas(
+        self, request: GenerationRequest, body: dict, req: _Request
+    ) -> AsyncIterator[TokenDelta]:
+        """On the consumer's loop: the runner's events -> TokenDeltas. Leaving early (cancelled,
+        closed) or `abort` closes the connection, which makes llama-server free the slot."""
+        req.loop = asyncio.get_running_loop()
+        want, top_n = request.params.logprobs, request.params.top_logprobs
+        held: list[TokenDelta] = []  # an end-of-generation token, until the end says so
         finished = False
         try:
-            while not finished:
-                delta = await req.stream.get()
-                finished = delta.finish_reason is not None
-                yield delta
-        finally:
-            if not finished:  # the consumer left early (cancelled, closed)
-                self.abort(req.request_id)
-
-    def _abort_unfinished(self, req: _Request) -> None:
-        if not req.stream.closed:
-            self.abort(req.request_id)
-
-    def _http(self) -> Any:
-        if self._client is None:
-            import httpx
-
-            self._client = httpx.AsyncClient(
-                transport=httpx.AsyncHTTPTransport(uds=self.runner.socket),
-                base_url="http://llama",
-                timeout=httpx.Timeout(None, connect=10.0),
-                limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-            )
-        return self._client
-
-    async def _pump(self, request: GenerationRequest, body: dict, req: _Request) -> None:
-        """On the backend loop: llama-server's stream -> TokenDeltas on the request's stream.
-        Cancelling this task closes the connection, which makes llama-server free the slot."""
-        want, top_n = request.params.logprobs, request.params.top_logprobs
-        try:
-            async with self._http().stream("POST", "/completion", json=body) as response:
-                if response.status_code != 200:
-                    detail = (await response.aread()).decode("utf-8", "replace")
-                    raise LlamaServerError(
-                        f"llama-server answered {response.status_code}: {detail}"
-                    )
-                held: list[TokenDelta] = []  # an end-of-generation token, until the end says so
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    chunk = json.loads(line[6:])
+            async with contextlib.aclosing(_events(req, self.runner.socket, body)) as events:
+                async for chunk in events:
                     if "error" in chunk:
                         raise LlamaServerError(str(chunk["error"].get("message", chunk["error"])))
                     deltas = held + self._convert(chunk, want, top_n)
@@ -363,25 +378,30 @@ class LlamaCppModel(LoadedModel):
                     else:
                         deltas = self._finish(chunk, deltas)
                     req.started = True
-                    if deltas:
-                        self._backend.count_tokens(sum(d.token is not None for d in deltas))
-                        req.stream.put(deltas)
+                    self._backend.count_tokens(sum(d.token is not None for d in deltas))
+                    for delta in deltas:
+                        finished = delta.finish_reason is not None
+                        yield delta
                     if chunk.get("stop"):
                         break
-            if not req.stream.closed:
-                req.stream.put([TokenDelta(None, finish_reason="stop")])
-        except asyncio.CancelledError:
-            req.stream.put([TokenDelta(None, finish_reason="stop")])
-        except Exception as exc:
+            if not finished:
+                finished = True
+                yield TokenDelta(None, finish_reason="stop")
+        except (OSError, asyncio.IncompleteReadError, LlamaServerError, ValueError) as exc:
+            if finished:
+                return
+            finished = True
             if req.aborted:
-                req.stream.put([TokenDelta(None, finish_reason="stop")])
+                yield TokenDelta(None, finish_reason="stop")
+                return
+            if isinstance(exc, LlamaServerError) or self.runner.process.poll() is None:
+                reason = f"{type(exc).__name__}: {exc}"
             else:
-                if isinstance(exc, LlamaServerError) or self.runner.process.poll() is None:
-                    reason = f"{type(exc).__name__}: {exc}"
-                else:
-                    reason = f"llama-server exited: {self.runner.reason()}"
-                log.warning("llama.cpp request %s failed: %s", req.request_id, reason)
-                req.stream.put([TokenDelta(None, finish_reason="error", error=reason)])
+                reason = f"llama-server exited: {self.runner.reason()}"
+            log.warning("llama.cpp request %s failed: %s", req.request_id, reason)
+            yield TokenDelta(None, finish_reason="error", error=reason)
+        finally:
+            self._forget(req)
 
     @staticmethod
     def _convert(chunk: dict, want: bool, top_n: int) -> list[TokenDelta]:
@@ -409,20 +429,15 @@ class LlamaCppModel(LoadedModel):
             deltas.append(TokenDelta(None, finish_reason=finish, cached_tokens=cached))
         return deltas
 
-    def _done(self, req: _Request) -> None:
-        with self._lock:
-            if self._inflight.get(req.request_id) is req:
-                del self._inflight[req.request_id]
-        if not req.stream.closed:  # cancelled before the task ran
-            req.stream.put([TokenDelta(None, finish_reason="stop")])
-
     def abort(self, request_id: str) -> None:
         with self._lock:
             req = self._inflight.get(request_id)
-        if req is None or req.future is None:
+        if req is None:
             return
         req.aborted = True
-        req.future.cancel()
+        if req.loop is not None and req.writer is not None:
+            with contextlib.suppress(RuntimeError):  # the consumer's loop is gone
+                req.loop.call_soon_threadsafe(req.writer.transport.abort)
 
     # -- facts --
 
@@ -462,13 +477,7 @@ class LlamaCppModel(LoadedModel):
             self._closed = True
             pending = list(self._inflight.values())
         for req in pending:
-            req.aborted = True
-            if req.future is not None:
-                req.future.cancel()
-        client, self._client = self._client, None
-        if client is not None and self._backend.loop_alive:
-            with contextlib.suppress(Exception):
-                self._backend.loop_thread().submit(client.aclose()).result(5)
+            self.abort(req.request_id)
         self.runner.stop()
         self._backend.forget(self)
 
@@ -497,7 +506,6 @@ class LlamaCppBackend(Backend):
         self.cache_dir = base / "llamacpp"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._thread: LoopThread | None = None
         self._models: list[LlamaCppModel] = []
         self._tokens = 0
 
@@ -511,16 +519,6 @@ class LlamaCppBackend(Backend):
 
     def count_tokens(self, count: int) -> None:
         self._tokens += count
-
-    def loop_thread(self) -> LoopThread:
-        with self._lock:
-            if self._thread is None or not self._thread.alive:
-                self._thread = LoopThread("llamacpp-backend-loop")
-            return self._thread
-
-    @property
-    def loop_alive(self) -> bool:
-        return self._thread is not None and self._thread.alive
 
     def forget(self, model: LlamaCppModel) -> None:
         with self._lock:
@@ -543,6 +541,9 @@ class LlamaCppBackend(Backend):
             "--no-webui",
             "--metrics",
             "--log-verbosity", "2",
+            # Its threads sleep between steps instead of spinning: the server process needs a
+            # core for each token it streams (docs/benchmarks.md, the llamacpp section).
+            "--poll", "0",
         ]  # fmt: skip
 
     def load(self, spec: ModelSpec) -> LlamaCppModel:
@@ -586,7 +587,3 @@ class LlamaCppBackend(Backend):
             models = list(self._models)
         for model in models:
             model.close()
-        with self._lock:
-            thread, self._thread = self._thread, None
-        if thread is not None:
-            thread.stop()

@@ -27,7 +27,8 @@ class Command(BaseCommand):
             metavar="PATTERN",
             help="glob patterns of the files to fetch (default: "
             + " ".join(downloads.DEFAULT_INCLUDE)
-            + ")",
+            + "); from a GGUF repo, the one .gguf file to serve with llama.cpp, e.g. "
+            "'*Q4_K_M.gguf'",
         )
         parser.add_argument("--name", help="the model name to register (default: the repo id)")
         parser.add_argument(

@@ -40,6 +40,8 @@ class Command(BaseCommand):
         path = Path(row.path).expanduser().resolve()
         models_dir = Path(settings.MODELS_DIR).resolve()
         owned = path != models_dir and path.is_relative_to(models_dir)
+        if owned and path.is_file() and path.parent.parent == models_dir:
+            path = path.parent  # a downloaded GGUF: its download's folder goes with it
         with transaction.atomic():
             shared = LLMModel.objects.exclude(pk=row.pk).filter(path=row.path).exists()
             row.delete()
