@@ -97,6 +97,7 @@ sysdeps:
 	bash .ci/sysdeps
 
 test: sysdeps setup $(TEST_DEPS)
+	@test -x $(LLAMA_SERVER) || { echo "llama-server was not built (see above)"; exit 1; }
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
 		LLM_SERVICE_LLAMA_CPP_SDIST=$(CURDIR)/$(LLAMA_CPP_SDIST) LLM_SERVICE_MINILM=$(CURDIR)/$(MINILM) \
