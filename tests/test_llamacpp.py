@@ -116,6 +116,19 @@ def test_logit_bias_and_penalties_change_the_answer(llamacpp_server):
         logit_bias={str(banned): -100},
     )
     assert biased.choices[0].text != first
+    # penalties count the tokens already there: a list that repeats itself no longer does
+    plain = client.completions.create(
+        model="smollm2", prompt="apple, apple, apple,", max_tokens=12, temperature=0
+    )
+    penalised = client.completions.create(
+        model="smollm2",
+        prompt="apple, apple, apple,",
+        max_tokens=12,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=2.0,
+    )
+    assert plain.choices[0].text.count("apple") > penalised.choices[0].text.count("apple")
 
 
 def test_a_repeated_prompt_is_served_from_the_prefix_cache(llamacpp_server):

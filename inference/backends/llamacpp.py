@@ -45,8 +45,8 @@ from inference.backends.base import (
     BackendUnavailable,
     Capabilities,
     LoadedModel,
-    QueueFull,
 )
+from inference.backends.threads import Inflight
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -295,9 +295,7 @@ class LlamaCppModel(LoadedModel):
         self.context_length = context_length
         self.memory_bytes = memory_bytes
         self.eos_token_ids = eos_token_ids
-        self._lock = threading.Lock()
-        self._inflight: dict[str, _Request] = {}
-        self._closed = False
+        self._inflight = Inflight()
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         """llama-server's /completion request for one sequence. Every sampler is set, since
@@ -333,28 +331,17 @@ class LlamaCppModel(LoadedModel):
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         body = self.body(request)
         rid = request.request_id
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"model {self.spec.name!r} is closed")
-            if rid in self._inflight:
-                raise ValueError(f"request id {rid!r} is already in flight")
-            limit = self.spec.max_batch_size + self._backend.max_queue
-            if len(self._inflight) >= limit:
-                raise QueueFull(
-                    f"{len(self._inflight)} requests in flight for {self.spec.name!r} "
-                    f"(max_batch_size {self.spec.max_batch_size} + queue {self._backend.max_queue})"
-                )
-            req = _Request(rid)
-            self._inflight[rid] = req
+        req = _Request(rid)
+        self._inflight.admit(
+            rid, req, self.spec.name, self.spec.max_batch_size, self._backend.max_queue
+        )
         deltas = self._deltas(request, body, req)
         # Dropped without being iterated: nothing was sent, but it holds an admission place.
         weakref.finalize(deltas, self._forget, req)
         return deltas
 
     def _forget(self, req: _Request) -> None:
-        with self._lock:
-            if self._inflight.get(req.request_id) is req:
-                del self._inflight[req.request_id]
+        self._inflight.remove(req.request_id, req)
 
     async def _deltas(
         self, request: GenerationRequest, body: dict, req: _Request
@@ -430,8 +417,7 @@ class LlamaCppModel(LoadedModel):
         return deltas
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            req = self._inflight.get(request_id)
+        req = self._inflight.get(request_id)
         if req is None:
             return
         req.aborted = True
@@ -443,13 +429,11 @@ class LlamaCppModel(LoadedModel):
 
     @property
     def running(self) -> int:
-        with self._lock:
-            return sum(1 for r in self._inflight.values() if r.started)
+        return self._inflight.count(started=True)
 
     @property
     def queued(self) -> int:
-        with self._lock:
-            return sum(1 for r in self._inflight.values() if not r.started)
+        return self._inflight.count(started=False)
 
     @property
     def engine_requests(self) -> int:
@@ -471,11 +455,9 @@ class LlamaCppModel(LoadedModel):
         return int(total)
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pending = list(self._inflight.values())
+        pending = self._inflight.close()
+        if pending is None:
+            return
         for req in pending:
             self.abort(req.request_id)
         self.runner.stop()

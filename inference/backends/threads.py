@@ -1,5 +1,6 @@
-"""What the backends that run their engine on a loop of their own share: that loop's thread, and
-the stream that carries one request's deltas from it to the consumer's loop. No Django here."""
+"""What the backends whose engine runs outside our step loop (vLLM, llama.cpp) share: a model's
+requests in flight with their admission, a loop thread, and the stream that carries one request's
+deltas from that loop to the consumer's. No Django here."""
 
 from __future__ import annotations
 
@@ -8,8 +9,55 @@ import concurrent.futures
 import contextlib
 import threading
 from collections import deque
+from typing import Any
 
+from inference.backends.base import QueueFull
 from inference.types import TokenDelta
+
+
+class Inflight:
+    """One model's requests in flight by id (each with a `started` flag): admission against its
+    max batch size plus the backend's queue, lookups from any thread, and the counts."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._requests: dict[str, Any] = {}
+        self.closed = False
+
+    def admit(self, request_id: str, req: Any, name: str, max_batch: int, max_queue: int) -> None:
+        """Raises QueueFull, admitting nothing, past max_batch + max_queue."""
+        with self._lock:
+            if self.closed:
+                raise RuntimeError(f"model {name!r} is closed")
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            if len(self._requests) >= max_batch + max_queue:
+                raise QueueFull(
+                    f"{len(self._requests)} requests in flight for {name!r} "
+                    f"(max_batch_size {max_batch} + queue {max_queue})"
+                )
+            self._requests[request_id] = req
+
+    def get(self, request_id: str) -> Any:
+        with self._lock:
+            return self._requests.get(request_id)
+
+    def remove(self, request_id: str, req: Any) -> None:
+        with self._lock:
+            if self._requests.get(request_id) is req:
+                del self._requests[request_id]
+
+    def count(self, started: bool) -> int:
+        with self._lock:
+            return sum(1 for r in self._requests.values() if r.started == started)
+
+    def close(self) -> list | None:
+        """Refuse new requests; the ones in flight, or None when it was closed already."""
+        with self._lock:
+            if self.closed:
+                return None
+            self.closed = True
+            return list(self._requests.values())
 
 
 class LoopThread:

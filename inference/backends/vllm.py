@@ -42,9 +42,8 @@ from inference.backends.base import (
     Capabilities,
     EmbeddingModel,
     LoadedModel,
-    QueueFull,
 )
-from inference.backends.threads import DeltaStream, LoopThread
+from inference.backends.threads import DeltaStream, Inflight, LoopThread
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -251,8 +250,7 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._inflight: dict[str, _Request] = {}
-        self._closed = False
+        self._inflight = Inflight()
 
     # -- requests --
 
@@ -286,24 +284,14 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         params = self.sampling_params(request)  # invalid values raise here, nothing submitted
         rid = request.request_id
-        with self._lock:
-            if self._closed:
-                raise RuntimeError(f"model {self.spec.name!r} is closed")
-            if rid in self._inflight:
-                raise ValueError(f"request id {rid!r} is already in flight")
-            limit = self.spec.max_batch_size + self._backend.max_queue
-            if len(self._inflight) >= limit:
-                raise QueueFull(
-                    f"{len(self._inflight)} requests in flight for {self.spec.name!r} "
-                    f"(max_batch_size {self.spec.max_batch_size} + queue {self._backend.max_queue})"
-                )
-            req = _Request(rid, DeltaStream())
-            self._inflight[rid] = req
+        req = _Request(rid, DeltaStream())
+        self._inflight.admit(
+            rid, req, self.spec.name, self.spec.max_batch_size, self._backend.max_queue
+        )
         try:
             req.future = self._backend._loop_thread().submit(self._pump(request, params, req))
         except BaseException:
-            with self._lock:
-                self._inflight.pop(rid, None)
+            self._inflight.remove(rid, req)
             raise
         req.future.add_done_callback(lambda _f: self._done(req))
         deltas = self._deltas(req)
@@ -427,15 +415,12 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
         return "error"
 
     def _done(self, req: _Request) -> None:
-        with self._lock:
-            if self._inflight.get(req.request_id) is req:
-                del self._inflight[req.request_id]
+        self._inflight.remove(req.request_id, req)
         if not req.stream.closed:  # cancelled before the task ran
             req.stream.put([TokenDelta(None, finish_reason="stop", text="")])
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            req = self._inflight.get(request_id)
+        req = self._inflight.get(request_id)
         if req is None or req.future is None:
             return
         req.aborted = True
@@ -447,13 +432,11 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
 
     @property
     def running(self) -> int:
-        with self._lock:
-            return sum(1 for r in self._inflight.values() if r.started)
+        return self._inflight.count(started=True)
 
     @property
     def queued(self) -> int:
-        with self._lock:
-            return sum(1 for r in self._inflight.values() if not r.started)
+        return self._inflight.count(started=False)
 
     @property
     def engine_requests(self) -> int:
@@ -466,11 +449,9 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
         self.spec = spec
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-            pending = list(self._inflight.values())
+        pending = self._inflight.close()
+        if pending is None:
+            return
         for req in pending:
             req.aborted = True
             if req.future is not None:
