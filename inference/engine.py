@@ -271,6 +271,8 @@ class Engine:
     def shutdown(self) -> None:
         """Free the models and stop the backends' threads (at exit: mlx aborts the process if
         its threads are still busy while the interpreter tears down)."""
+        for backend in list(self._backends.values()):
+            backend.interrupt()
         self.residency.close()
         for backend in list(self._backends.values()):
             backend.shutdown()

@@ -266,6 +266,8 @@ else:
     }
 # huggingface_hub's HTTP client logs every request at INFO; the worker's log wants the downloads.
 LOGGING["loggers"].setdefault("httpx2", {"level": "WARNING"})
+# The same for httpx: the llamacpp backend polls its runners' health while they start.
+LOGGING["loggers"].setdefault("httpx", {"level": "WARNING"})
 
 # Periodic upkeep, run by the worker's embedded beat (see llmservice/celery.py).
 CELERY_BEAT_SCHEDULE = {

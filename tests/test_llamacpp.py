@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sqlite3
 import struct
 
@@ -273,6 +274,30 @@ def test_tool_calls_are_read_but_forcing_them_is_refused_not_ignored(llamacpp_se
             )
         assert caught.value.body["param"] == "tool_choice"
         assert "cannot force tool calls" in caught.value.body["message"]
+
+
+def test_a_stop_ends_a_model_load_in_progress_instead_of_waiting_for_it(tmp_path):
+    """Ctrl-C on a first start, while the demo GGUF's vocabulary is still being converted, used to
+    wait for the whole load; the conversion is a child process the stop kills."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.conf import settings
+
+    from inference.backends.base import BackendUnavailable
+    from inference.backends.llamacpp import LlamaCppBackend
+    from inference.types import ModelSpec
+
+    backend = LlamaCppBackend(server=settings.LLAMA_SERVER, cache_dir=tmp_path)
+    spec = ModelSpec(name="smollm2", path=str(demo_gguf_path()), backend="llamacpp")
+    with ThreadPoolExecutor(1) as pool:
+        load = pool.submit(backend.load, spec)
+        wait_until(lambda: backend._loading or load.done(), timeout=120)
+        children = list(backend._loading)
+        backend.interrupt()
+        with pytest.raises(BackendUnavailable, match="stopping"):
+            load.result()
+    assert children and all(child.wait() == -signal.SIGKILL for child in children)
+    assert list((tmp_path / "llamacpp").iterdir()) == []  # no half-written conversion left
 
 
 def test_a_truncated_gguf_is_refused_at_import_with_a_clear_error(llamacpp_server, tmp_path):

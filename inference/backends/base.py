@@ -127,5 +127,9 @@ class Backend(ABC):
     def announce(self, count: int) -> None:  # noqa: B027 - optional hook
         """`count` generation requests are on their way (+1 on arrival, -1 once submitted)."""
 
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """The process is stopping: end a load in progress now if it can be (it then raises)
+        and start no other."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional hook
         """Stop the backend's threads; models are closed before this."""

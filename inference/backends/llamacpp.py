@@ -50,6 +50,7 @@ from inference.backends.threads import Inflight
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
+_ROOT = Path(__file__).resolve().parents[2]  # the project, for the conversion's child process
 
 # JSON schemas go to llama.cpp's own schema-to-grammar conversion; its grammars are not
 # llguidance's, so forced tool calls (lark grammars) are refused by serving.
@@ -80,20 +81,41 @@ def find_llama_server(configured: str | os.PathLike | None = None) -> Path | Non
 # --- the GGUF's facts (read once per file, kept beside its tokenizer) --------------------------
 
 
-def _gguf_facts(path: Path, cache_dir: Path) -> tuple[Path, dict]:
-    """The file's tokenizer folder (transformers converts the GGUF vocabulary; about 10-20 s, so
-    it is saved once per file) and the metadata the runner's sizing needs."""
+def _gguf_facts(path: Path, cache_dir: Path, spawn) -> tuple[Path, dict]:
+    """The file's tokenizer folder and the metadata the runner's sizing needs, read once per file
+    (transformers' conversion of the vocabulary takes 10-20 s) by a child process that `spawn`
+    starts: a stop meanwhile kills it rather than waiting, and the memory it takes (Gemma's
+    vocabulary is 262k tokens) goes with it."""
     stat = path.stat()
     key = hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
     folder = cache_dir / key[:16]
     facts_file = folder / "gguf.json"
-    if facts_file.is_file():
-        return folder, json.loads(facts_file.read_text())
+    if not facts_file.is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_dir))
+        try:
+            child = spawn(
+                [sys.executable, "-m", "inference.backends.llamacpp", str(path), str(tmp)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), *sys.path])},
+            )
+            _, err = child.communicate()
+            if child.returncode:
+                lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
+                raise LlamaServerError(lines[-1] if lines else f"reading {path.name} failed")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder, json.loads(facts_file.read_text())
+
+
+def read_gguf(path: Path, out: Path) -> None:
+    """In _gguf_facts' child process: write the GGUF's facts and its tokenizer to `out`."""
     try:
         import gguf
-        from transformers import AutoTokenizer
     except ImportError as exc:
-        raise BackendUnavailable(f"the llamacpp backend needs the gguf package: {exc}") from exc
+        raise LlamaServerError(f"the llamacpp backend needs the gguf package: {exc}") from exc
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:
@@ -123,21 +145,16 @@ def _gguf_facts(path: Path, cache_dir: Path) -> tuple[Path, dict]:
         "add_bos": bool(field("tokenizer.ggml.add_bos_token", False)),
         "add_eos": bool(field("tokenizer.ggml.add_eos_token", False)),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache_dir))
+    from transformers import AutoTokenizer
+
     try:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        except Exception as exc:
-            raise LlamaServerError(
-                f"cannot build a tokenizer from {path.name}'s vocabulary: {exc}"
-            ) from exc
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "gguf.json").write_text(json.dumps(facts))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder, facts
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as exc:
+        raise LlamaServerError(
+            f"cannot build a tokenizer from {path.name}'s vocabulary: {exc}"
+        ) from exc
+    tokenizer.save_pretrained(str(out))
+    (out / "gguf.json").write_text(json.dumps(facts))
 
 
 # --- the runner process ----------------------------------------------------------------------
@@ -152,22 +169,29 @@ def _die_with_parent() -> None:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def child_process(argv: list[str], **kwargs) -> subprocess.Popen:
+    # Its own session: a Ctrl-C in the terminal reaches us (to drain), not the child.
+    return subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=_die_with_parent,
+        **kwargs,
+    )
+
+
 class Runner:
     """One `llama-server` process serving one GGUF file on a Unix socket in its own folder."""
 
-    def __init__(self, binary: Path, args: list[str]) -> None:
+    def __init__(self, binary: Path, args: list[str], spawn=None) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="llm-service-llamacpp-"))
         self.socket = str(self.folder / "llama.sock")
         self.argv = [str(binary), *args, "--host", self.socket]
         self.output: deque[str] = deque(maxlen=40)  # its last lines: the reason when it fails
-        self.process = subprocess.Popen(
+        self.process = (spawn or child_process)(
             self.argv,
-            stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches us (to drain), not the runner.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
             # Not mlx's BLAS preloads (llmservice/cli.py): llama.cpp has its own kernels.
             env={k: v for k, v in os.environ.items() if k != "LD_PRELOAD"},
         )
@@ -490,6 +514,10 @@ class LlamaCppBackend(Backend):
         self._lock = threading.Lock()
         self._models: list[LlamaCppModel] = []
         self._tokens = 0
+        # A load's child processes (the tokenizer conversion, the runner until it is ready): a
+        # stop kills them rather than waiting out a load.
+        self._loading: set[subprocess.Popen] = set()
+        self._stopping = False
 
     @property
     def device(self) -> str:
@@ -534,19 +562,29 @@ class LlamaCppBackend(Backend):
         path = Path(spec.path)
         if not path.is_file() or path.suffix.lower() != ".gguf":
             raise LlamaServerError(f"{spec.path} is not a .gguf file: llamacpp serves GGUF files")
-        from transformers import AutoTokenizer
-
-        folder, facts = _gguf_facts(path, self.cache_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        tokenizer.add_bos_token = facts.get("add_bos", False)
-        tokenizer.add_eos_token = facts.get("add_eos", False)
-        context = spec.context_length or min(int(facts["context_length"]), DEFAULT_CONTEXT)
-        runner = Runner(self.binary, self.args(spec, context))
         try:
-            runner.wait_ready()
-        except BaseException:
-            runner.stop()
+            folder, facts = _gguf_facts(path, self.cache_dir, self._spawn)
+            if self._stopping:
+                raise LlamaServerError("stopped")
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer.add_bos_token = facts.get("add_bos", False)
+            tokenizer.add_eos_token = facts.get("add_eos", False)
+            context = spec.context_length or min(int(facts["context_length"]), DEFAULT_CONTEXT)
+            runner = Runner(self.binary, self.args(spec, context), self._spawn)
+            try:
+                runner.wait_ready()
+            except BaseException:
+                runner.stop()
+                raise
+        except LlamaServerError:
+            if self._stopping:
+                raise BackendUnavailable("the server is stopping") from None
             raise
+        finally:
+            with self._lock:
+                self._loading.clear()  # one load at a time (the residency thread)
         eos = set(facts["eos"])
         if tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -564,8 +602,31 @@ class LlamaCppBackend(Backend):
             self._models.append(model)
         return model
 
+    def _spawn(self, argv: list[str], **kwargs) -> subprocess.Popen:
+        with self._lock:
+            if self._stopping:
+                raise BackendUnavailable("the server is stopping")
+            child = child_process(argv, **kwargs)
+            self._loading.add(child)
+        return child
+
+    def interrupt(self) -> None:
+        with self._lock:
+            self._stopping = True
+            children = list(self._loading)
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+
     def shutdown(self) -> None:
         with self._lock:
             models = list(self._models)
         for model in models:
             model.close()
+
+
+if __name__ == "__main__":  # _gguf_facts' child process
+    try:
+        read_gguf(Path(sys.argv[1]), Path(sys.argv[2]))
+    except LlamaServerError as exc:
+        sys.exit(str(exc))

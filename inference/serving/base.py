@@ -720,7 +720,12 @@ def start_preload() -> None:
             engine().load_in_background(spec_from_row(row)).result()
             preload.status = "ready"
         except Exception as exc:
-            log.exception("preloading the default model failed")
+            from llmservice.lifecycle import lifecycle
+
+            if lifecycle.draining:  # the stop ended the load (Backend.interrupt)
+                log.info("preloading the default model stopped: the server is stopping")
+            else:
+                log.exception("preloading the default model failed")
             preload.status, preload.error = "failed", str(exc)
         finally:
             close_old_connections()
