@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from tests.helpers import API_KEY, Server, demo_gguf_path, kquant_gguf_path, wait_until
 from tests.test_disconnects import labelled
-from tests.test_tools import TOOLS
+from tests.test_tools import TOOLS, assert_valid_calls
 
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -260,20 +260,75 @@ CAT = {
 }
 
 
-def test_tool_calls_are_read_but_forcing_them_is_refused_not_ignored(llamacpp_server):
+def test_tool_calls_are_read_from_free_text_with_tool_choice_auto(llamacpp_server):
     client = llamacpp_server.openai()
     weather = [{"role": "user", "content": "What is the weather in Paris?"}]
     auto = client.chat.completions.create(
         model="smollm2", messages=weather, tools=TOOLS, max_tokens=60, temperature=0
     )
     assert auto.choices[0].finish_reason in ("stop", "tool_calls", "length")
-    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
-        with pytest.raises(openai.BadRequestError) as caught:
-            client.chat.completions.create(
-                model="smollm2", messages=weather, tools=TOOLS, tool_choice=choice
-            )
-        assert caught.value.body["param"] == "tool_choice"
-        assert "cannot force tool calls" in caught.value.body["message"]
+
+
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral", "pythonic"])
+def test_every_tool_call_format_is_forced_through_llama_cpp_grammars(llamacpp_server, parser):
+    """tool_choice required or named: the same lark grammar as on the other backends, as GBNF."""
+    client = llamacpp_server.openai()
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+    def ask(choice, **kwargs):
+        return client.chat.completions.create(
+            model="smollm2",
+            messages=weather,
+            tools=TOOLS,
+            tool_choice=choice,
+            max_tokens=120,
+            temperature=0,
+            parallel_tool_calls=False,
+            **kwargs,
+        )
+
+    llamacpp_server.set_model("smollm2", tool_parser=parser)
+    try:
+        required = ask("required")
+        named = ask({"type": "function", "function": {"name": "get_time"}})
+        stream = list(ask("required", stream=True))
+    finally:
+        llamacpp_server.set_model("smollm2", tool_parser="")
+    assert required.choices[0].finish_reason == "tool_calls"
+    assert_valid_calls(required.choices[0].message)
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
+    assert_valid_calls(named.choices[0].message)
+    streamed = "".join(
+        part.function.arguments or ""
+        for chunk in stream
+        if chunk.choices
+        for part in chunk.choices[0].delta.tool_calls or []
+    )
+    assert streamed == required.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_a_bound_llama_cpp_cannot_enforce_is_refused_not_loosened(llamacpp_server):
+    client = llamacpp_server.openai()
+    price = {
+        "type": "function",
+        "function": {
+            "name": "set_price",
+            "parameters": {
+                "type": "object",
+                "properties": {"euros": {"type": "number", "minimum": 0.5}},
+                "required": ["euros"],
+            },
+        },
+    }
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Set the price to 3 euros."}],
+            tools=[price],
+            tool_choice="required",
+        )
+    assert caught.value.body["param"] == "tool_choice"
+    assert "'minimum'" in caught.value.body["message"]
 
 
 def test_a_stop_ends_a_model_load_in_progress_instead_of_waiting_for_it(tmp_path):

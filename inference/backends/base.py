@@ -39,6 +39,8 @@ class Capabilities:
     constrained: bool = False  # follows `request.constraint` (llguidance grammars)
     # follows JSON-schema constraints (`constraint.source`) its own way; no other grammars
     json_schema: bool = False
+    # follows forced tool calls' lark grammars (no regexes: inference/gbnf.py) its own way
+    tool_grammars: bool = False
     continuous_batching: bool = True
 
 

@@ -47,13 +47,14 @@ from inference.backends.base import (
     LoadedModel,
 )
 from inference.backends.threads import Inflight
+from inference.gbnf import lark_to_gbnf, load_converter
 from inference.types import GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parents[2]  # the project, for the conversion's child process
 
-# JSON schemas go to llama.cpp's own schema-to-grammar conversion; its grammars are not
-# llguidance's, so forced tool calls (lark grammars) are refused by serving.
+# JSON schemas go to llama.cpp's own schema-to-grammar conversion, forced tool calls' grammars
+# are translated to its GBNF (inference/gbnf.py) where the converter is beside the binary.
 CAPABILITIES = Capabilities(prefix_cache=True, json_schema=True)
 
 # llama-server preallocates each slot's KV cache: without a per-model context length, a slot gets
@@ -319,6 +320,9 @@ class LlamaCppModel(LoadedModel):
         self.context_length = context_length
         self.memory_bytes = memory_bytes
         self.eos_token_ids = eos_token_ids
+        self.capabilities = dataclasses.replace(
+            CAPABILITIES, tool_grammars=backend.schema_converter is not None
+        )
         self._inflight = Inflight()
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
@@ -326,12 +330,16 @@ class LlamaCppModel(LoadedModel):
         llama.cpp's defaults (top_k 40, top_p 0.95, min_p 0.05, temperature 0.8) are not the
         APIs' (off, off, off, 1.0)."""
         p = request.params
-        constraint = request.constraint
-        if constraint is not None and constraint.kind != "json_schema":
-            raise ValueError("the llamacpp backend follows JSON schemas, not other grammars")
-        schema = {"json_schema": json.loads(constraint.source)} if constraint else {}
+        constraint, grammar = request.constraint, {}
+        if constraint is not None and constraint.kind == "json_schema":
+            grammar = {"json_schema": json.loads(constraint.source)}
+        elif constraint is not None:
+            converter = self._backend.schema_converter
+            if converter is None:
+                raise ValueError("this llama-server has no JSON-schema-to-GBNF converter beside it")
+            grammar = {"grammar": lark_to_gbnf(constraint.source, converter)}
         return {
-            **schema,
+            **grammar,
             "prompt": list(request.prompt_tokens),
             "n_predict": p.max_tokens,
             "temperature": p.temperature,
@@ -506,6 +514,9 @@ class LlamaCppBackend(Backend):
                 "LLM_SERVICE_LLAMA_SERVER to its path"
             )
         self.binary = binary
+        # llama.cpp's JSON-schema-to-GBNF module, which .ci/llama-server keeps beside the binary
+        # it builds: forced tool calls need it (a llama-server from elsewhere has none).
+        self.schema_converter = load_converter(binary.parent.parent / "python" / "llama_grammar.py")
         self.max_queue = max_queue
         self.threads = threads or len(os.sched_getaffinity(0))
         base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-service"

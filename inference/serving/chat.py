@@ -12,7 +12,7 @@ from functools import partial
 import pydantic
 from django.http import StreamingHttpResponse
 
-from inference import protocol, tools
+from inference import gbnf, protocol, tools
 from inference.answer import (
     AnswerReader,
     ReasoningReader,
@@ -284,6 +284,18 @@ def output_constraint(
     if not model.capabilities.constrained:
         if schema is None and not plan.required:
             return None  # auto: calls are read from free text, as for formats we cannot force
+        forced = calls and plan.required and plan.fmt.constrainable and markers is None
+        if forced and model.capabilities.tool_grammars:
+            lark = tools.tool_grammar(
+                plan.fmt, calls, required=True, parallel=plan.parallel, special=special
+            )
+            try:  # compiled by llguidance too, for the same 400s as on the other backends
+                constraint = lark_constraint(lark)
+            except ConstraintError as exc:
+                raise APIError(400, f"{param}: {exc}", param=param) from exc
+            if problem := gbnf.unenforceable(lark):
+                raise APIError(400, f"{param}: {problem}", param=param)
+            return constraint
         if calls or markers is not None or not model.capabilities.json_schema:
             what = "force tool calls" if calls else "constrain its output"
             raise APIError(400, f"Model `{request.model}`'s backend cannot {what}.", param=param)
