@@ -63,11 +63,16 @@ def unenforceable(lark: str) -> str | None:
 
 
 def _schemas(lark: str):
-    decoder, at = json.JSONDecoder(), lark.find("%json")
+    at = lark.find("%json")
     while at >= 0:
-        schema, end = decoder.raw_decode(lark, at + len("%json "))
+        schema, end = _json_after(lark, at + len("%json"))
         yield schema
         at = lark.find("%json", end)
+
+
+def _json_after(text: str, at: int) -> tuple[dict, int]:
+    """The inline schema that follows `%json` (ending at `at`), and where it ends."""
+    return json.JSONDecoder().raw_decode(text, len(text) - len(text[at:].lstrip()))
 
 
 def load_converter(path: Path) -> ModuleType | None:
@@ -119,7 +124,7 @@ def _expression(body: str, schemas, index: int) -> str:
         if token.startswith('"'):
             out.append(_literal(json.loads(token)))
         elif token == "%json":
-            schema, end = json.JSONDecoder().raw_decode(body, len(body) - len(body[at:].lstrip()))
+            schema, end = _json_after(body, at)
             schema.pop("x-guidance", None)  # llguidance's own options
             schema = schemas.resolve_refs(enforceable(schema), "tool")
             out.append(schemas.visit(schema, f"json-{index}-{count}"))

@@ -281,28 +281,24 @@ def output_constraint(
     if schema is None and not calls:
         return None
     param = "response_format" if schema is not None else "tool_choice"
-    if not model.capabilities.constrained:
+    # A backend that follows grammars its own way (llama.cpp) takes forced calls' grammars as
+    # GBNF (inference/gbnf.py) and JSON schemas as they are; llguidance still compiles both, so
+    # what it cannot enforce is the same 400 here as on every backend.
+    as_gbnf = not model.capabilities.constrained
+    if as_gbnf:
         if schema is None and not plan.required:
             return None  # auto: calls are read from free text, as for formats we cannot force
-        forced = calls and plan.required and plan.fmt.constrainable and markers is None
-        if forced and model.capabilities.tool_grammars:
-            lark = tools.tool_grammar(
-                plan.fmt, calls, required=True, parallel=plan.parallel, special=special
-            )
-            try:  # compiled by llguidance too, for the same 400s as on the other backends
-                constraint = lark_constraint(lark)
+        forced = calls and plan.required and markers is None
+        if not (forced and model.capabilities.tool_grammars):
+            if calls or markers is not None or not model.capabilities.json_schema:
+                what = "force tool calls" if calls else "constrain its output"
+                raise APIError(
+                    400, f"Model `{request.model}`'s backend cannot {what}.", param=param
+                )
+            try:
+                return json_constraint(request.response_format.output_schema())
             except ConstraintError as exc:
                 raise APIError(400, f"{param}: {exc}", param=param) from exc
-            if problem := gbnf.unenforceable(lark):
-                raise APIError(400, f"{param}: {problem}", param=param)
-            return constraint
-        if calls or markers is not None or not model.capabilities.json_schema:
-            what = "force tool calls" if calls else "constrain its output"
-            raise APIError(400, f"Model `{request.model}`'s backend cannot {what}.", param=param)
-        try:  # compiled by llguidance too: a feature we cannot enforce is the same 400 everywhere
-            return json_constraint(request.response_format.output_schema())
-        except ConstraintError as exc:
-            raise APIError(400, f"{param}: {exc}", param=param) from exc
     if calls and not plan.fmt.constrainable:
         if plan.required or schema is not None:
             raise APIError(
@@ -329,9 +325,12 @@ def output_constraint(
             lark = tools.json_grammar(schema)
         if markers is not None:
             lark = tools.after_reasoning(lark, markers, opened, special)
-        return lark_constraint(lark)
+        constraint = lark_constraint(lark)
     except ConstraintError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from exc
+    if as_gbnf and (problem := gbnf.unenforceable(lark)):
+        raise APIError(400, f"{param}: {problem}", param=param)
+    return constraint
 
 
 def _finish_reason(choice: Choice) -> str | None:
