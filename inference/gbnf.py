@@ -6,14 +6,17 @@ id (`<[id]>`, which GBNF has too), rules, groups, `|`, `*`, `?` and inline JSON 
 (`%json {...}`). Those translate one to one; the JSON schemas go through llama.cpp's own
 JSON-schema-to-GBNF converter (the `llama_grammar` module of llama-cpp-python's sdist, which
 `.ci/llama-server` keeps beside the binary it builds). Regexes (free text before a trigger) do not
-translate: a grammar holding one raises ValueError. The converter has no numeric ranges: a small
-integer range is written as an enum of its values and other bounds are refused (`unenforceable`).
+translate: a grammar holding one raises ValueError. Response formats' JSON schemas go through the
+same converter. Its grammars are made compact (no free whitespace between JSON tokens, as
+llguidance's on the other backends: free whitespace lets a small model write nothing else) and
+given integer ranges, which that version of it leaves out; other numeric bounds are refused.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -23,51 +26,134 @@ _TOKEN = re.compile(r'\s+|"(?:[^"\\]|\\.)*"|<\[\d+\]>|%json\b|[A-Za-z_][A-Za-z0-
 _ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-# Bounds the converter leaves out of its grammars (it has no numeric ranges): a small integer
-# range becomes an enum of its values; anything else is refused, never loosened.
 BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf")
-ENUM_LIMIT = 256
 
 
-def enforceable(schema: object) -> object:
-    """`schema` with small integer ranges as enums; ValueError for a bound GBNF cannot keep."""
-    if isinstance(schema, list):
-        return [enforceable(item) for item in schema]
-    if not isinstance(schema, dict):
+def json_to_gbnf(schema: dict, module: ModuleType) -> str:
+    """The GBNF grammar for the JSON values `schema` allows, as compact JSON."""
+    schemas = _converter(module)
+    schemas.visit(schemas.resolve_refs(checked(schema), ""), "")
+    return schemas.format_grammar()
+
+
+def checked(schema: object) -> object:
+    """`schema`, or ValueError for a numeric bound GBNF cannot keep (all but integer ranges)."""
+    for part in _walk(schema):
+        bounds = [k for k in BOUNDS if isinstance(part.get(k), int | float)]
+        if bounds and (part.get("type") != "integer" or "multipleOf" in bounds):
+            raise ValueError(
+                f"llama.cpp's grammars cannot enforce {bounds[-1]!r} here (integer minimum and "
+                "maximum only)"
+            )
+    return schema
+
+
+def _walk(node: object):
+    if isinstance(node, dict):
+        yield node
+        for key, value in node.items():
+            if key not in ("enum", "const"):
+                yield from _walk(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+
+
+def _converter(module: ModuleType):
+    """llama.cpp's SchemaConverter writing compact JSON (no free whitespace, as llguidance's
+    grammars on the other backends) and integer ranges, which this version of it leaves out."""
+
+    class Converter(module.SchemaConverter):
+        def __init__(self) -> None:
+            super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+            self._rules["space"] = '""'
+
+        def visit(self, schema, name):
+            if isinstance(schema, dict) and "allOf" in schema:
+                schema = _all_of(schema, self._refs)
+            if isinstance(schema, dict) and schema.get("type") == "integer":
+                low, high = _integer_bounds(schema)
+                if low is not None or high is not None:
+                    rule = name + "-" if name in module.RESERVED_NAMES else name or "root"
+                    return self._add_rule(rule, integer_range(low, high) + " space")
+            return super().visit(schema, name)
+
+    return Converter()
+
+
+def _all_of(schema: dict, refs: dict) -> dict:
+    """An allOf of objects as one object: the converter takes each property's last schema, so
+    one named in several parts is merged here, and refused where the parts disagree."""
+    parts = [refs.get(p["$ref"], p) if "$ref" in p else p for p in schema["allOf"]]
+    if not all("properties" in p and "anyOf" not in p for p in parts):
         return schema
-    out = {k: enforceable(v) if k != "enum" and k != "const" else v for k, v in schema.items()}
-    bounds = [k for k in BOUNDS if k in out]
-    if not bounds:
-        return out
-    if out.get("type") == "integer" and "multipleOf" not in out:
-        low = out.get("minimum", out.get("exclusiveMinimum", float("-inf")) + 1)
-        high = out.get("maximum", out.get("exclusiveMaximum", float("inf")) - 1)
-        if high - low < ENUM_LIMIT:
-            for k in (*bounds, "type"):
-                out.pop(k)
-            return {**out, "enum": list(range(int(low), int(high) + 1))}
-    raise ValueError(
-        f"llama.cpp's grammars cannot enforce {bounds[0]!r} here (integer ranges of up to "
-        f"{ENUM_LIMIT} values only)"
-    )
+    properties: dict = {}
+    for part in parts:
+        for key, value in part["properties"].items():
+            known = properties.setdefault(key, value)
+            if any(known.get(k, v) != v for k, v in value.items()):
+                raise ValueError(f"allOf gives property {key!r} schemas llama.cpp cannot intersect")
+            properties[key] = {**known, **value}
+    required = sorted({key for part in parts for key in part.get("required", ())})
+    rest = {k: v for k, v in schema.items() if k != "allOf"}
+    return {**rest, "type": "object", "properties": properties, "required": required}
 
 
-def unenforceable(lark: str) -> str | None:
-    """Why `lark`'s JSON schemas cannot be enforced as GBNF, or None."""
-    try:
-        for schema in _schemas(lark):
-            enforceable(schema)
-    except ValueError as exc:
-        return str(exc)
-    return None
+def _integer_bounds(schema: dict) -> tuple[int | None, int | None]:
+    low = high = None
+    if "minimum" in schema:
+        low = math.ceil(schema["minimum"])
+    elif "exclusiveMinimum" in schema:
+        low = math.floor(schema["exclusiveMinimum"]) + 1
+    if "maximum" in schema:
+        high = math.floor(schema["maximum"])
+    elif "exclusiveMaximum" in schema:
+        high = math.ceil(schema["exclusiveMaximum"]) - 1
+    return low, high
 
 
-def _schemas(lark: str):
-    at = lark.find("%json")
-    while at >= 0:
-        schema, end = _json_after(lark, at + len("%json"))
-        yield schema
-        at = lark.find("%json", end)
+def integer_range(low: int | None, high: int | None) -> str:
+    """GBNF for the integers from `low` to `high` (None: no bound) as JSON writes them."""
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"no integer is at least {low} and at most {high}")
+    alternatives = []
+    if low is None or low < 0:  # "-" and a magnitude
+        smallest = 1 if high is None or high >= 0 else -high
+        alternatives.append('"-" ' + _naturals(smallest, None if low is None else -low))
+    if high is None or high >= 0:
+        alternatives.append(_naturals(max(low or 0, 0), high))
+    return "(" + " | ".join(alternatives) + ")"
+
+
+def _naturals(low: int, high: int | None) -> str:
+    """Digits without leading zeros for low..high (None: no bound)."""
+    shortest = len(str(low))
+    longest = len(str(high)) if high is not None else shortest
+    alternatives = []
+    for length in range(shortest, longest + 1):
+        first = max(low, 10 ** (length - 1) if length > 1 else 0)
+        last = 10**length - 1 if high is None else min(high, 10**length - 1)
+        alternatives.append(_same_length(str(first), str(last)))
+    if high is None:
+        alternatives.append(f"[1-9] [0-9]{{{shortest},}}")
+    return "(" + " | ".join(alternatives) + ")"
+
+
+def _same_length(low: str, high: str) -> str:
+    if low == high:
+        return f'"{low}"'
+    if len(low) == 1:
+        return f"[{low}-{high}]"
+    if low == "0" * len(low) and high == "9" * len(high):
+        return f"[0-9]{{{len(low)}}}"
+    if low[0] == high[0]:
+        return f'"{low[0]}" ' + _same_length(low[1:], high[1:])
+    rest = len(low) - 1
+    alternatives = [f'"{low[0]}" ' + _same_length(low[1:], "9" * rest)]
+    if int(low[0]) + 1 <= int(high[0]) - 1:
+        alternatives.append(f"[{int(low[0]) + 1}-{int(high[0]) - 1}] [0-9]{{{rest}}}")
+    alternatives.append(f'"{high[0]}" ' + _same_length("0" * rest, high[1:]))
+    return "(" + " | ".join(alternatives) + ")"
 
 
 def _json_after(text: str, at: int) -> tuple[dict, int]:
@@ -97,9 +183,7 @@ def _name(rule: str) -> str:
 @lru_cache(maxsize=256)
 def lark_to_gbnf(lark: str, converter: ModuleType) -> str:
     """The GBNF grammar for `lark`, whose `start` rule becomes GBNF's `root`."""
-    schemas = converter.SchemaConverter(
-        prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False
-    )
+    schemas = _converter(converter)
     rules = [f"root ::= {_name('start')}"]
     for line in lark.splitlines():
         line = line.strip()
@@ -126,7 +210,7 @@ def _expression(body: str, schemas, index: int) -> str:
         elif token == "%json":
             schema, end = _json_after(body, at)
             schema.pop("x-guidance", None)  # llguidance's own options
-            schema = schemas.resolve_refs(enforceable(schema), "tool")
+            schema = schemas.resolve_refs(checked(schema), "tool")
             out.append(schemas.visit(schema, f"json-{index}-{count}"))
             count, at = count + 1, end
         elif token in "*?+" and out:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from inference.types import GenerationRequest, ModelSpec, TokenDelta
+from inference.types import Constraint, GenerationRequest, ModelSpec, TokenDelta
 
 
 class BackendUnavailable(RuntimeError):
@@ -65,6 +65,11 @@ class LoadedModel(ABC):
     @abstractmethod
     def abort(self, request_id: str) -> None:
         """Drop the request wherever it is (waiting, prefilling, decoding); never blocks."""
+
+    def refusal(self, constraint: Constraint) -> str | None:
+        """Why this engine cannot follow `constraint` (one that keeps to its capabilities), or
+        None; asked before the request is queued, so the answer is a 400."""
+        return None
 
     def update_spec(self, spec: ModelSpec) -> None:  # noqa: B027 - optional hook
         """Settings that apply without reloading (batch size, prompt cache size)."""

@@ -47,15 +47,15 @@ from inference.backends.base import (
     LoadedModel,
 )
 from inference.backends.threads import Inflight
-from inference.gbnf import lark_to_gbnf, load_converter
-from inference.types import GenerationRequest, ModelSpec, TokenDelta
+from inference.gbnf import json_to_gbnf, lark_to_gbnf, load_converter
+from inference.types import Constraint, GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
 _ROOT = Path(__file__).resolve().parents[2]  # the project, for the conversion's child process
 
-# JSON schemas go to llama.cpp's own schema-to-grammar conversion, forced tool calls' grammars
-# are translated to its GBNF (inference/gbnf.py) where the converter is beside the binary.
-CAPABILITIES = Capabilities(prefix_cache=True, json_schema=True)
+# JSON schemas and forced tool calls' grammars are translated to llama.cpp's GBNF
+# (inference/gbnf.py) with its schema converter, kept beside the binary.
+CAPABILITIES = Capabilities(prefix_cache=True)
 
 # llama-server preallocates each slot's KV cache: without a per-model context length, a slot gets
 # the model's own context up to this many tokens (SmolLM2's 8192 x 16 slots would be 3 GB).
@@ -320,8 +320,9 @@ class LlamaCppModel(LoadedModel):
         self.context_length = context_length
         self.memory_bytes = memory_bytes
         self.eos_token_ids = eos_token_ids
+        grammars = backend.schema_converter is not None
         self.capabilities = dataclasses.replace(
-            CAPABILITIES, tool_grammars=backend.schema_converter is not None
+            CAPABILITIES, json_schema=grammars, tool_grammars=grammars
         )
         self._inflight = Inflight()
 
@@ -330,16 +331,8 @@ class LlamaCppModel(LoadedModel):
         llama.cpp's defaults (top_k 40, top_p 0.95, min_p 0.05, temperature 0.8) are not the
         APIs' (off, off, off, 1.0)."""
         p = request.params
-        constraint, grammar = request.constraint, {}
-        if constraint is not None and constraint.kind == "json_schema":
-            grammar = {"json_schema": json.loads(constraint.source)}
-        elif constraint is not None:
-            converter = self._backend.schema_converter
-            if converter is None:
-                raise ValueError("this llama-server has no JSON-schema-to-GBNF converter beside it")
-            grammar = {"grammar": lark_to_gbnf(constraint.source, converter)}
         return {
-            **grammar,
+            **(self._grammar(request.constraint) if request.constraint is not None else {}),
             "prompt": list(request.prompt_tokens),
             "n_predict": p.max_tokens,
             "temperature": p.temperature,
@@ -359,6 +352,22 @@ class LlamaCppModel(LoadedModel):
             "cache_prompt": True,
             "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
         }
+
+    def _grammar(self, constraint: Constraint) -> dict[str, Any]:
+        """llama-server's fields for `constraint`; ValueError where it cannot follow it."""
+        converter = self._backend.schema_converter
+        if converter is None:
+            raise ValueError("this llama-server has no JSON-schema-to-GBNF converter beside it")
+        if constraint.kind == "json_schema":
+            return {"grammar": json_to_gbnf(json.loads(constraint.source), converter)}
+        return {"grammar": lark_to_gbnf(constraint.source, converter)}
+
+    def refusal(self, constraint: Constraint) -> str | None:
+        try:
+            self._grammar(constraint)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[TokenDelta]:
         body = self.body(request)

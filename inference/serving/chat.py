@@ -12,7 +12,7 @@ from functools import partial
 import pydantic
 from django.http import StreamingHttpResponse
 
-from inference import gbnf, protocol, tools
+from inference import protocol, tools
 from inference.answer import (
     AnswerReader,
     ReasoningReader,
@@ -283,7 +283,8 @@ def output_constraint(
     param = "response_format" if schema is not None else "tool_choice"
     # A backend that follows grammars its own way (llama.cpp) takes forced calls' grammars as
     # GBNF (inference/gbnf.py) and JSON schemas as they are; llguidance still compiles both, so
-    # what it cannot enforce is the same 400 here as on every backend.
+    # what it cannot enforce is the same 400 here as on every backend, and so is what the
+    # engine itself refuses (`refusal`).
     as_gbnf = not model.capabilities.constrained
     if as_gbnf:
         if schema is None and not plan.required:
@@ -296,9 +297,10 @@ def output_constraint(
                     400, f"Model `{request.model}`'s backend cannot {what}.", param=param
                 )
             try:
-                return json_constraint(request.response_format.output_schema())
+                constraint = json_constraint(request.response_format.output_schema())
             except ConstraintError as exc:
                 raise APIError(400, f"{param}: {exc}", param=param) from exc
+            return _followed(model, constraint, param)
     if calls and not plan.fmt.constrainable:
         if plan.required or schema is not None:
             raise APIError(
@@ -328,7 +330,11 @@ def output_constraint(
         constraint = lark_constraint(lark)
     except ConstraintError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from exc
-    if as_gbnf and (problem := gbnf.unenforceable(lark)):
+    return _followed(model, constraint, param)
+
+
+def _followed(model: LoadedModel, constraint: Constraint, param: str) -> Constraint:
+    if problem := model.refusal(constraint):
         raise APIError(400, f"{param}: {problem}", param=param)
     return constraint
 
