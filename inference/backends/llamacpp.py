@@ -320,6 +320,11 @@ class LlamaCppModel(LoadedModel):
         self.context_length = context_length
         self.memory_bytes = memory_bytes
         self.eos_token_ids = eos_token_ids
+        # llama.cpp ends generation on more tokens than the GGUF names (FIM markers, the other
+        # end-of-text tokens), all of them special: one is held until the next chunk says
+        # whether generation ended on it.
+        special = (i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
+        self._endings = eos_token_ids | frozenset(special)
         grammars = backend.schema_converter is not None
         self.capabilities = dataclasses.replace(
             CAPABILITIES, json_schema=grammars, tool_grammars=grammars
@@ -360,7 +365,17 @@ class LlamaCppModel(LoadedModel):
             raise ValueError("this llama-server has no JSON-schema-to-GBNF converter beside it")
         if constraint.kind == "json_schema":
             return {"grammar": json_to_gbnf(json.loads(constraint.source), converter)}
-        return {"grammar": lark_to_gbnf(constraint.source, converter)}
+        fields: dict[str, Any] = {"grammar": lark_to_gbnf(constraint.source, converter)}
+        if constraint.trigger is not None:
+            text, token = constraint.trigger
+            trigger = {"type": 0, "value": text, "token": token} if token is not None else None
+            # A text that is one token of the vocabulary must be a preserved token to trigger.
+            fields |= {
+                "grammar_lazy": True,
+                "grammar_triggers": [trigger or {"type": 1, "value": text}],
+                "preserved_tokens": [text],
+            }
+        return fields
 
     def refusal(self, constraint: Constraint) -> str | None:
         try:
@@ -392,16 +407,21 @@ class LlamaCppModel(LoadedModel):
         req.loop = asyncio.get_running_loop()
         want, top_n = request.params.logprobs, request.params.top_logprobs
         held: list[TokenDelta] = []  # an end-of-generation token, until the end says so
-        finished = False
+        finished, seen = False, 0
         try:
             async with contextlib.aclosing(_events(req, self.runner.socket, body)) as events:
                 async for chunk in events:
                     if "error" in chunk:
                         raise LlamaServerError(str(chunk["error"].get("message", chunk["error"])))
-                    deltas = held + self._convert(chunk, want, top_n)
+                    converted = self._convert(chunk, want, top_n)
+                    decoded = chunk.get("tokens_predicted")
+                    if converted and decoded is not None and decoded > seen + len(converted):
+                        converted = self._recovered(chunk.get("content") or "", converted)
+                    seen = decoded if decoded is not None else seen + len(converted)
+                    deltas = held + converted
                     held = []
                     if not chunk.get("stop"):
-                        if deltas and deltas[-1].token in self.eos_token_ids:
+                        if deltas and deltas[-1].token in self._endings:
                             held = [deltas.pop()]
                     else:
                         deltas = self._finish(chunk, deltas)
@@ -443,12 +463,24 @@ class LlamaCppModel(LoadedModel):
             deltas.append(TokenDelta(token, lp, top[:top_n]))
         return deltas
 
+    def _recovered(self, content: str, converted: list[TokenDelta]) -> list[TokenDelta]:
+        """llama-server streams a token that leaves half a UTF-8 character only with the token
+        that completes it, and then only that one's id; `content` is their text. Its tokens, as
+        our tokenizer writes it, stand in for the ids left out, so the text is the same."""
+        ids = self.tokenizer.encode(content, add_special_tokens=False)
+        if not content or not ids:
+            return converted
+        last = converted[-1]
+        if ids[-1] != last.token:
+            last = TokenDelta(ids[-1], finish_reason=last.finish_reason)
+        return [TokenDelta(t) for t in ids[:-1]] + [last]
+
     def _finish(self, chunk: dict, deltas: list[TokenDelta]) -> list[TokenDelta]:
         """The last chunk: its reason and cached prompt tokens on the last delta. The token that
         ended generation (llama.cpp streams it before the end) is not output, as on the others."""
         stop_type = chunk.get("stop_type", "")
         finish = _FINISH.get(stop_type, "stop")
-        if stop_type == "eos" and deltas and deltas[-1].token in self.eos_token_ids:
+        if stop_type == "eos" and deltas and deltas[-1].token in self._endings:
             deltas = deltas[:-1]
         cached = (chunk.get("timings") or {}).get("cache_n")
         if deltas:
