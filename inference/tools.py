@@ -543,6 +543,13 @@ def json_grammar(schema: dict[str, Any]) -> str:
     return f"%llguidance {{}}\nstart: {_json(schema)}\n"
 
 
+def after_reasoning_end(lark: str, end: str, special: Special | None = None) -> str:
+    """The grammar from the reasoning's end marker on, for engines that start a lazy grammar at
+    that marker (llama.cpp) and leave the reasoning before it free."""
+    body = re.sub(r"^start:", "answer:", lark, flags=re.MULTILINE)
+    return body + f'start: {lark_text(end, special)} ("\\n" | "\\n\\n")? answer\n'
+
+
 def after_reasoning(
     lark: str, markers: tuple[str, str], opened: bool, special: Special | None = None
 ) -> str:

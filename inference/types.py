@@ -95,6 +95,10 @@ class Constraint:
     kind: str  # "json_schema" (json_object is the schema {"type": "object"}) | "lark"
     source: str  # the JSON schema as text, or the lark grammar (tool calls)
     grammar: str  # llguidance's grammar for it (compact JSON: no free whitespace)
+    # Engines without llguidance (llama.cpp) get `auto` tool calls as a lazy grammar: free text
+    # until this trigger (its text, and its token id where it is an added token), the grammar
+    # from there on. Engines with llguidance follow `grammar` and ignore it.
+    trigger: tuple[str, int | None] | None = None
 
 
 @dataclass(frozen=True)

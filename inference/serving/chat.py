@@ -3,6 +3,7 @@ reasoning, content and tool calls each in their own field, full or streamed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import weakref
 from collections.abc import Callable
@@ -281,26 +282,26 @@ def output_constraint(
     if schema is None and not calls:
         return None
     param = "response_format" if schema is not None else "tool_choice"
-    # A backend that follows grammars its own way (llama.cpp) takes forced calls' grammars as
-    # GBNF (inference/gbnf.py) and JSON schemas as they are; llguidance still compiles both, so
-    # what it cannot enforce is the same 400 here as on every backend, and so is what the
-    # engine itself refuses (`refusal`).
+    # A backend that follows grammars its own way (llama.cpp) takes them as GBNF
+    # (inference/gbnf.py), with no free-text regexes: forced calls, JSON, and either after a
+    # reasoning the prompt has opened (its end marker triggers a lazy grammar). llguidance still
+    # compiles each, so what it cannot enforce is the same 400 here as on every backend, and so
+    # is what the engine itself refuses (`refusal`).
     as_gbnf = not model.capabilities.constrained
     if as_gbnf:
         if schema is None and not plan.required:
-            return None  # auto: calls are read from free text, as for formats we cannot force
-        forced = calls and plan.required and markers is None
-        if not (forced and model.capabilities.tool_grammars):
-            if calls or markers is not None or not model.capabilities.json_schema:
-                what = "force tool calls" if calls else "constrain its output"
-                raise APIError(
-                    400, f"Model `{request.model}`'s backend cannot {what}.", param=param
-                )
-            try:
-                constraint = json_constraint(request.response_format.output_schema())
-            except ConstraintError as exc:
-                raise APIError(400, f"{param}: {exc}", param=param) from exc
-            return _followed(model, constraint, param)
+            return _lazy_calls(model, plan, special)
+        grammars = model.capabilities.tool_grammars
+        if (calls and not (plan.required and grammars)) or not model.capabilities.json_schema:
+            what = "force tool calls" if calls else "constrain its output"
+            raise APIError(400, f"Model `{request.model}`'s backend cannot {what}.", param=param)
+        if markers is not None and not (opened and grammars):
+            raise APIError(
+                400,
+                f"Model `{request.model}`'s backend can constrain an answer after reasoning only "
+                "where the chat template opens the reasoning.",
+                param=param,
+            )
     if calls and not plan.fmt.constrainable:
         if plan.required or schema is not None:
             raise APIError(
@@ -322,15 +323,39 @@ def output_constraint(
                 special=special,
             )
         elif markers is None:
-            return json_constraint(request.response_format.output_schema())
+            return _followed(model, json_constraint(schema), param)
         else:
             lark = tools.json_grammar(schema)
-        if markers is not None:
+        trigger = None
+        if markers is not None and as_gbnf:
+            lark = tools.after_reasoning_end(lark, markers[1], special)
+            trigger = (markers[1], (special or {}).get(markers[1]))
+        elif markers is not None:
             lark = tools.after_reasoning(lark, markers, opened, special)
-        constraint = lark_constraint(lark)
+        constraint = dataclasses.replace(lark_constraint(lark), trigger=trigger)
     except ConstraintError as exc:
         raise APIError(400, f"{param}: {exc}", param=param) from exc
     return _followed(model, constraint, param)
+
+
+def _lazy_calls(model: LoadedModel, plan: ToolPlan, special: tools.Special) -> Constraint | None:
+    """`auto` on an engine without llguidance: free text (reasoning included), and the calls'
+    grammar from the format's trigger on; else calls are read from free text, as for formats we
+    cannot force."""
+    trigger = plan.fmt.start
+    if not (plan.offered and trigger and plan.fmt.constrainable):
+        return None
+    if not model.capabilities.tool_grammars:
+        return None
+    lark = tools.tool_grammar(
+        plan.fmt, plan.offered, required=True, parallel=plan.parallel, special=special
+    )
+    try:
+        constraint = lark_constraint(lark)
+    except ConstraintError as exc:
+        raise APIError(400, f"tools: {exc}", param="tools") from exc
+    constraint = dataclasses.replace(constraint, trigger=(trigger, (special or {}).get(trigger)))
+    return _followed(model, constraint, "tools")
 
 
 def _followed(model: LoadedModel, constraint: Constraint, param: str) -> Constraint:
