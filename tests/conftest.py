@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import CACHE, Server, demo_gguf_path, free_port, minilm_path, wait_until
+from tests.helpers import (
+    CACHE,
+    Server,
+    demo_gguf_path,
+    free_port,
+    llama_cpp_sdist,
+    minilm_path,
+    wait_until,
+)
 
 
 def _build_once(target: Path, build) -> Path:
@@ -116,7 +124,61 @@ def vllm_tested_here() -> bool:
     return sys.platform.startswith("linux")
 
 
-BACKENDS = ["mlx", "vllm"] if vllm_tested_here() else ["mlx"]
+def llamacpp_tested_here() -> bool:
+    """`make setup` builds llama-server on Linux, and `make test` insists on it there, so its
+    absence fails the llamacpp tests instead of skipping them. Macs serve GGUF files on mlx."""
+    return sys.platform.startswith("linux")
+
+
+BACKENDS = ["mlx"] + ["vllm"] * vllm_tested_here() + ["llamacpp"] * llamacpp_tested_here()
+
+
+def gguf_of(folder: Path, target: Path) -> Path:
+    """`folder` written as one float32 GGUF by llama.cpp's own convert_hf_to_gguf.py, taken with
+    its gguf-py from the llama-cpp-python sdist that llama-server is built from."""
+    import json
+    import shutil
+    import tarfile
+    import tempfile
+
+    if target.is_file():
+        return target
+    converter = CACHE / "llama-convert"
+    if not (converter / "convert_hf_to_gguf.py").is_file():
+        with (
+            tempfile.TemporaryDirectory(dir=CACHE) as tmp,
+            tarfile.open(llama_cpp_sdist()) as sdist,
+        ):
+            wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+            for member in sdist:
+                inside = member.name.partition("/vendor/llama.cpp/")[2]
+                if inside.startswith(wanted):
+                    member.name = inside
+                    sdist.extract(member, tmp, filter="data")
+            shutil.rmtree(converter, ignore_errors=True)
+            os.rename(tmp, converter)
+            os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        source = Path(tmp) / "model"
+        source.mkdir()
+        for file in folder.iterdir():
+            (source / file.name).symlink_to(file.resolve())
+        # The converter picks the architecture from `architectures`, which the tiny configs lack.
+        config = json.loads((folder / "config.json").read_text())
+        config.setdefault("architectures", ["LlamaForCausalLM"])
+        (source / "config.json").unlink()
+        (source / "config.json").write_text(json.dumps(config))
+        partial = Path(tmp) / "model.gguf"
+        subprocess.run(
+            [sys.executable, "convert_hf_to_gguf.py", str(source), "--outfile", str(partial)]
+            + ["--outtype", "f32"],
+            cwd=converter,
+            env={**os.environ, "PYTHONPATH": str(converter / "gguf-py")},
+            check=True,
+            capture_output=True,
+        )
+        os.replace(partial, target)
+    return target
 
 
 @pytest.fixture(scope="session")
@@ -180,16 +242,52 @@ def vllm_server(
 
 
 @pytest.fixture(scope="session")
+def llamacpp_server(tmp_path_factory, tiny_dir: Path, tiny_special_dir: Path) -> Server:
+    """The tiny models as GGUF files on llama.cpp, as `tiny` (the default) and `tiny-special`;
+    all-MiniLM-L6-v2 as `minilm` on its default backend (llamacpp serves no embeddings)."""
+    llamacpp = {"backend": "llamacpp"}
+    with Server(
+        tmp_path_factory.mktemp("llamacpp-server"),
+        models=[
+            ("tiny", gguf_of(tiny_dir, CACHE / "tiny.gguf"), True, llamacpp),
+            (
+                "tiny-special",
+                gguf_of(tiny_special_dir, CACHE / "tiny-markers.gguf"),
+                False,
+                llamacpp,
+            ),
+            ("minilm", minilm_path(), False),
+        ],
+        env={"LLM_SERVICE_LLAMACPP_THREADS": "2"},
+    ) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="session")
 def mlx_real_server(tmp_path_factory, smollm_dir: Path) -> Server:
     """The real SmolLM2 as `smollm2` on mlx."""
     with Server(tmp_path_factory.mktemp("real"), models=[("smollm2", smollm_dir, True)]) as srv:
         yield srv
 
 
+@pytest.fixture(scope="session")
+def llamacpp_real_server(tmp_path_factory) -> Server:
+    """SmolLM2's Q4_1 GGUF as `smollm2`, imported without --backend: on a machine without a GPU
+    where llama-server is built, it is registered as it is and served by llama.cpp."""
+    with Server(
+        tmp_path_factory.mktemp("llamacpp"),
+        models=[("smollm2", demo_gguf_path(), True, {"max_batch_size": 4})],
+        env={"LLM_SERVICE_LLAMACPP_THREADS": "2", "LLM_SERVICE_MAX_QUEUE": "4"},
+    ) as srv:
+        yield srv
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
 def real_server(request) -> Server:
     """A server with the real SmolLM2 as `smollm2`, once per backend."""
-    return request.getfixturevalue("mlx_real_server" if request.param == "mlx" else "vllm_server")
+    return request.getfixturevalue(
+        {"vllm": "vllm_server"}.get(request.param, f"{request.param}_real_server")
+    )
 
 
 @pytest.fixture(scope="session", params=BACKENDS)

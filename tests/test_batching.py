@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from tests.conftest import BACKENDS, VLLM
-from tests.helpers import API_KEY, Server, sse_events, wait_until
+from tests.helpers import API_KEY, Server, demo_gguf_path, sse_events, wait_until
 from tests.test_chat_completions import NO_EOS
 
 
@@ -122,10 +122,14 @@ def small_server(request, tmp_path_factory, smollm_dir):
     It serves the real 135M model under the name `tiny`: a 1,500-token answer is still running
     (minutes on mlx, about half a minute on vLLM here) while the test fills the queue.
     """
-    fields = VLLM if request.param == "vllm" else {}
+    path, fields = {
+        "mlx": (smollm_dir, {}),
+        "vllm": (smollm_dir, VLLM),
+        "llamacpp": (demo_gguf_path(), {"backend": "llamacpp"}),
+    }[request.param]
     srv = Server(
         tmp_path_factory.mktemp("small"),
-        models=[("tiny", smollm_dir, True, fields)],
+        models=[("tiny", path, True, fields)],
         env={"LLM_SERVICE_MAX_QUEUE": "1", "LLM_SERVICE_MAX_BATCH_SIZE": "1"},
         ready_timeout=600,
     )
@@ -297,6 +301,7 @@ def test_idle_slow_and_never_reading_clients_do_not_starve_others(server):
             model="tiny",
             messages=[{"role": "user", "content": "I am here too"}],
             max_tokens=20,
+            temperature=0,
             extra_body=NO_EOS,
         )
         assert reply.usage.completion_tokens == 20

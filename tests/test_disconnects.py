@@ -63,17 +63,23 @@ async def drop(server: Server, key: str, point: str, rng: random.Random) -> None
         elif point == "mid_decode":
             wanted, seen, received = rng.randint(2, 20), 0, b""
             while seen < wanted:
-                received += await reader.read(4096)
+                received += await more(reader, received)
                 seen = received.count(b"data: ")
         elif point == "mid_tool_call":
             received = b""
             while b'"tool_calls"' not in received:
-                received += await reader.read(4096)
+                received += await more(reader, received)
     finally:
         if point == "before_first_token":
             writer.close()  # FIN after the request: a reset could discard it unread
         else:
             writer.transport.abort()
+
+
+async def more(reader: asyncio.StreamReader, received: bytes) -> bytes:
+    data = await reader.read(4096)
+    assert data, f"the answer ended before the point to drop it: {received[-300:]!r}"
+    return data
 
 
 async def storm(server: Server, key: str, points: list[str]) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import openai
 import pytest
 
+from tests.conftest import BACKENDS
 from tests.helpers import minilm_path
 
 TEXTS = [
@@ -24,6 +25,13 @@ def reference() -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(minilm_path()), device="cpu").encode(TEXTS)
+
+
+@pytest.fixture(scope="session", params=[b for b in BACKENDS if b != "llamacpp"])
+def server(request):
+    """llama.cpp serves no embeddings: its test server runs all-MiniLM-L6-v2 on mlx, as the mlx
+    one does, so these run on the others only."""
+    return request.getfixturevalue(f"{request.param}_server")
 
 
 @pytest.fixture

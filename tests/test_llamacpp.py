@@ -15,23 +15,16 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.conftest import llamacpp_tested_here
 from tests.helpers import API_KEY, Server, demo_gguf_path, kquant_gguf_path, wait_until
 from tests.test_disconnects import labelled
 from tests.test_tools import TOOLS, assert_valid_calls
 
+pytestmark = pytest.mark.skipif(
+    not llamacpp_tested_here(), reason="`make setup` builds llama-server on Linux only"
+)
+
 PARIS = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
-
-
-@pytest.fixture(scope="session")
-def llamacpp_server(tmp_path_factory) -> Server:
-    """SmolLM2's Q4_1 GGUF imported without --backend: on a machine without a GPU where
-    llama-server is built, it is registered as it is and served by llama.cpp."""
-    with Server(
-        tmp_path_factory.mktemp("llamacpp"),
-        models=[("smollm2", demo_gguf_path(), True, {"max_batch_size": 4})],
-        env={"LLM_SERVICE_LLAMACPP_THREADS": "2", "LLM_SERVICE_MAX_QUEUE": "4"},
-    ) as srv:
-        yield srv
 
 
 def rows(server: Server, sql: str) -> list[tuple]:
@@ -39,13 +32,13 @@ def rows(server: Server, sql: str) -> list[tuple]:
         return db.execute(sql).fetchall()
 
 
-def test_a_gguf_file_is_registered_as_it_is_and_served_by_llama_cpp(llamacpp_server):
+def test_a_gguf_file_is_registered_as_it_is_and_served_by_llama_cpp(llamacpp_real_server):
     [(path, fmt, backend)] = rows(
-        llamacpp_server,
+        llamacpp_real_server,
         "SELECT path, format, backend FROM models_app_llmmodel WHERE name = 'smollm2'",
     )
     assert (path, fmt, backend) == (str(demo_gguf_path().resolve()), "gguf", "llamacpp")
-    client = llamacpp_server.openai()
+    client = llamacpp_real_server.openai()
     reply = client.chat.completions.create(
         model="smollm2", messages=PARIS, max_tokens=20, temperature=0
     )
@@ -57,12 +50,25 @@ def test_a_gguf_file_is_registered_as_it_is_and_served_by_llama_cpp(llamacpp_ser
         model="smollm2", messages=PARIS, max_tokens=20, temperature=0, stream=True
     )
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
-    ready = httpx.get(llamacpp_server.url + "/ready", timeout=10).json()
+    ready = httpx.get(llamacpp_real_server.url + "/ready", timeout=10).json()
     assert ready["backends"]["smollm2"] == "llamacpp"
 
 
-def test_sampling_parameters_hold_on_llama_cpp(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_characters_split_across_tokens_come_out_whole(llamacpp_real_server):
+    """llama-server streams a token that ends mid-character only with the token completing it."""
+    client = llamacpp_real_server.openai()
+    prompt = "<|im_start|>user\nWrite in Chinese.<|im_end|>\n<|im_start|>assistant\n你好"
+    full = client.completions.create(model="smollm2", prompt=prompt, max_tokens=30, temperature=0)
+    text = full.choices[0].text
+    assert "\ufffd" not in text and "我" in text, text
+    stream = client.completions.create(
+        model="smollm2", prompt=prompt, max_tokens=30, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_sampling_parameters_hold_on_llama_cpp(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
 
     def ask(**kwargs):
         return client.chat.completions.create(
@@ -95,8 +101,8 @@ def test_sampling_parameters_hold_on_llama_cpp(llamacpp_server):
     assert all(t.logprob <= lp.top_logprobs[0].logprob for t in lp.top_logprobs)
 
 
-def test_logit_bias_and_penalties_change_the_answer(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_logit_bias_and_penalties_change_the_answer(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
     greedy = client.completions.create(
         model="smollm2", prompt="1, 2, 3, 4,", max_tokens=1, temperature=0, logprobs=2
     )
@@ -132,8 +138,8 @@ def test_logit_bias_and_penalties_change_the_answer(llamacpp_server):
     assert plain.choices[0].text.count("apple") > penalised.choices[0].text.count("apple")
 
 
-def test_a_repeated_prompt_is_served_from_the_prefix_cache(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
     long = [{"role": "user", "content": "Summarise: " + "the cat sat on the mat. " * 40}]
     client.chat.completions.create(model="smollm2", messages=long, max_tokens=2, temperature=0)
     again = client.chat.completions.create(
@@ -162,17 +168,17 @@ async def _drop_after_first_token(server: Server) -> None:
                     return  # leaving the block closes the connection
 
 
-def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_server):
+def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_real_server):
     async def four() -> None:
-        await asyncio.gather(*(_drop_after_first_token(llamacpp_server) for _ in range(4)))
+        await asyncio.gather(*(_drop_after_first_token(llamacpp_real_server) for _ in range(4)))
 
     asyncio.run(four())
     wait_until(
-        lambda: labelled(llamacpp_server, "llm_engine_requests", model="smollm2") == 0,
+        lambda: labelled(llamacpp_real_server, "llm_engine_requests", model="smollm2") == 0,
         timeout=60,
     )
-    assert llamacpp_server.metric("llm_running_sequences") == 0
-    reply = llamacpp_server.openai().chat.completions.create(
+    assert llamacpp_real_server.metric("llm_running_sequences") == 0
+    reply = llamacpp_real_server.openai().chat.completions.create(
         model="smollm2", messages=PARIS, max_tokens=20, temperature=0
     )
     assert "Paris" in reply.choices[0].message.content
@@ -180,7 +186,7 @@ def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_s
     wait_until(
         lambda: (
             rows(
-                llamacpp_server,
+                llamacpp_real_server,
                 "SELECT COUNT(*) FROM analytics_requestlog WHERE outcome = 'cancelled'",
             )[0][0]
             == 4
@@ -189,9 +195,9 @@ def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_s
     )
 
 
-def test_more_requests_than_slots_and_queue_get_429_with_retry_after(llamacpp_server):
+def test_more_requests_than_slots_and_queue_get_429_with_retry_after(llamacpp_real_server):
     async def burst() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=llamacpp_server.url, timeout=300) as http:
+        async with httpx.AsyncClient(base_url=llamacpp_real_server.url, timeout=300) as http:
             body = {"model": "smollm2", "messages": PARIS, "max_tokens": 8, "temperature": 0}
             headers = {"Authorization": f"Bearer {API_KEY}"}
             return await asyncio.gather(
@@ -208,8 +214,8 @@ def test_more_requests_than_slots_and_queue_get_429_with_retry_after(llamacpp_se
             assert "Paris" in response.json()["choices"][0]["message"]["content"]
 
 
-def test_structured_outputs_hold_on_llama_cpp(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_structured_outputs_hold_on_llama_cpp(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
     reply = client.chat.completions.create(
         model="smollm2",
         messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
@@ -260,8 +266,43 @@ CAT = {
 }
 
 
-def test_tool_calls_are_read_from_free_text_with_tool_choice_auto(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_integer_ranges_hold_and_a_number_bound_is_refused_not_loosened(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
+    dated = {
+        "type": "object",
+        "properties": {
+            "year": {"type": "integer", "minimum": 1900, "maximum": 2100},
+            "count": {"type": "integer", "exclusiveMinimum": -1},
+            "offset": {"type": "integer", "maximum": -3},
+        },
+        "required": ["year", "count", "offset"],
+        "additionalProperties": False,
+    }
+    for seed in range(3):
+        reply = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "A year, a count and an offset, as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "d", "schema": dated}},
+            max_tokens=60,
+            temperature=1.0,
+            seed=seed,
+        )
+        assert reply.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(reply.choices[0].message.content), dated)
+    priced = {"type": "object", "properties": {"euros": {"type": "number", "minimum": 0.5}}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "A price."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "p", "schema": priced}},
+        )
+    assert caught.value.body["param"] == "response_format"
+    assert "'minimum'" in caught.value.body["message"]
+
+
+def test_tool_choice_auto_gives_valid_calls_or_plain_words(llamacpp_real_server):
+    """auto: free text, and from the format's trigger on the calls' grammar (a lazy grammar)."""
+    client = llamacpp_real_server.openai()
     weather = [{"role": "user", "content": "What is the weather in Paris?"}]
     auto = client.chat.completions.create(
         model="smollm2", messages=weather, tools=TOOLS, max_tokens=60, temperature=0
@@ -275,9 +316,9 @@ def test_tool_calls_are_read_from_free_text_with_tool_choice_auto(llamacpp_serve
 
 
 @pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral", "pythonic"])
-def test_every_tool_call_format_is_forced_through_llama_cpp_grammars(llamacpp_server, parser):
+def test_every_tool_call_format_is_forced_through_llama_cpp_grammars(llamacpp_real_server, parser):
     """tool_choice required or named: the same lark grammar as on the other backends, as GBNF."""
-    client = llamacpp_server.openai()
+    client = llamacpp_real_server.openai()
     weather = [{"role": "user", "content": "What is the weather in Paris?"}]
 
     def ask(choice, **kwargs):
@@ -292,13 +333,13 @@ def test_every_tool_call_format_is_forced_through_llama_cpp_grammars(llamacpp_se
             **kwargs,
         )
 
-    llamacpp_server.set_model("smollm2", tool_parser=parser)
+    llamacpp_real_server.set_model("smollm2", tool_parser=parser)
     try:
         required = ask("required")
         named = ask({"type": "function", "function": {"name": "get_time"}})
         stream = list(ask("required", stream=True))
     finally:
-        llamacpp_server.set_model("smollm2", tool_parser="")
+        llamacpp_real_server.set_model("smollm2", tool_parser="")
     assert required.choices[0].finish_reason == "tool_calls"
     assert_valid_calls(required.choices[0].message)
     assert [c.function.name for c in named.choices[0].message.tool_calls] == ["get_time"]
@@ -312,8 +353,8 @@ def test_every_tool_call_format_is_forced_through_llama_cpp_grammars(llamacpp_se
     assert streamed == required.choices[0].message.tool_calls[0].function.arguments
 
 
-def test_a_bound_llama_cpp_cannot_enforce_is_refused_not_loosened(llamacpp_server):
-    client = llamacpp_server.openai()
+def test_a_bound_llama_cpp_cannot_enforce_is_refused_not_loosened(llamacpp_real_server):
+    client = llamacpp_real_server.openai()
     price = {
         "type": "function",
         "function": {
@@ -360,17 +401,17 @@ def test_a_stop_ends_a_model_load_in_progress_instead_of_waiting_for_it(tmp_path
     assert list((tmp_path / "llamacpp").iterdir()) == []  # no half-written conversion left
 
 
-def test_a_truncated_gguf_is_refused_at_import_with_a_clear_error(llamacpp_server, tmp_path):
+def test_a_truncated_gguf_is_refused_at_import_with_a_clear_error(llamacpp_real_server, tmp_path):
     truncated = tmp_path / "half.gguf"
     truncated.write_bytes(demo_gguf_path().read_bytes()[:40_000_000])
-    result = llamacpp_server.manage(
+    result = llamacpp_real_server.manage(
         "import_model", str(truncated), "--backend", "llamacpp", check=False
     )
     assert result.returncode != 0
     assert "truncated" in result.stderr and "half.gguf" in result.stderr
     not_gguf = tmp_path / "notes.gguf"
     not_gguf.write_text("hello")
-    result = llamacpp_server.manage("import_model", str(not_gguf), check=False)
+    result = llamacpp_real_server.manage("import_model", str(not_gguf), check=False)
     assert result.returncode != 0 and "not a GGUF file" in result.stderr
 
 
@@ -401,11 +442,11 @@ def _gguf_without_weights(path, architecture: str) -> None:
     assert struct.unpack("<I", path.read_bytes()[:4])[0] == struct.unpack("<I", b"GGUF")[0]
 
 
-def test_a_gguf_llama_cpp_cannot_load_answers_503_with_its_reason(llamacpp_server, tmp_path):
+def test_a_gguf_llama_cpp_cannot_load_answers_503_with_its_reason(llamacpp_real_server, tmp_path):
     broken = tmp_path / "empty-llama.gguf"
     _gguf_without_weights(broken, "llama")
-    llamacpp_server.manage("import_model", str(broken), "--name", "broken-gguf")
-    with llamacpp_server.http() as http:
+    llamacpp_real_server.manage("import_model", str(broken), "--name", "broken-gguf")
+    with llamacpp_real_server.http() as http:
         response = http.post(
             "/v1/chat/completions",
             json={"model": "broken-gguf", "messages": [{"role": "user", "content": "hi"}]},
@@ -414,21 +455,22 @@ def test_a_gguf_llama_cpp_cannot_load_answers_503_with_its_reason(llamacpp_serve
     error = response.json()["error"]
     assert error["code"] == "model_load_failed"
     assert "llama-server exited" in error["message"]
-    reply = llamacpp_server.openai().chat.completions.create(
+    reply = llamacpp_real_server.openai().chat.completions.create(
         model="smollm2", messages=PARIS, max_tokens=20, temperature=0
     )
     assert "Paris" in reply.choices[0].message.content  # the others keep working
 
 
-def test_a_k_quant_gguf_is_served_as_shipped(llamacpp_server):
+def test_a_k_quant_gguf_is_served_as_shipped(llamacpp_real_server):
     """Gemma 3 270M in Q4_K_M (a SentencePiece vocabulary of 262k tokens): mlx cannot read
     K-quants, so even a machine with a GPU registers it for llama.cpp."""
-    llamacpp_server.manage("import_model", str(kquant_gguf_path()), "--name", "gemma3")
+    llamacpp_real_server.manage("import_model", str(kquant_gguf_path()), "--name", "gemma3")
     [(fmt, backend)] = rows(
-        llamacpp_server, "SELECT format, backend FROM models_app_llmmodel WHERE name = 'gemma3'"
+        llamacpp_real_server,
+        "SELECT format, backend FROM models_app_llmmodel WHERE name = 'gemma3'",
     )
     assert (fmt, backend) == ("gguf", "llamacpp")
-    client = llamacpp_server.openai()
+    client = llamacpp_real_server.openai()
     reply = client.completions.create(
         model="gemma3", prompt="The capital of France is", max_tokens=8, temperature=0
     )
