@@ -494,6 +494,9 @@ class LlamaCppModel(LoadedModel):
         if req is None:
             return
         req.aborted = True
+        # Its deltas may never be iterated again (a consumer gone while not awaiting them), so
+        # its finally would wait for the garbage collector: it leaves the counts now.
+        self._forget(req)
         if req.loop is not None and req.writer is not None:
             with contextlib.suppress(RuntimeError):  # the consumer's loop is gone
                 req.loop.call_soon_threadsafe(req.writer.transport.abort)
