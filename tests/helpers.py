@@ -151,6 +151,13 @@ class Server:
 
     def start(self, **popen) -> Server:
         """Import the models, then run `serve`; `popen`: more subprocess.Popen arguments."""
+        # What llamacpp reads from a GGUF (transformers' conversion of its vocabulary, 15 s for
+        # SmolLM2's) is kept by the file's path, size and mtime: one copy for every test server.
+        shared = CACHE / "llamacpp-facts"
+        shared.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "cache").mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "cache" / "llamacpp").exists():
+            (self.data_dir / "cache" / "llamacpp").symlink_to(shared, target_is_directory=True)
         self.manage("migrate", "-v0")
         for name, path, default, *fields in self.models:
             self.manage(
