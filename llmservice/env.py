@@ -263,13 +263,15 @@ TABLE: dict[str, Variable] = {v.name: v for v in VARIABLES}
 
 
 # Where `make setup` builds llama.cpp's llama-server (.ci/llama-server): outside the checkout, so
-# that a fresh clone reuses the build. The version is the llama-cpp-python sdist's it comes from.
+# that a fresh clone reuses the build. The version is the llama-cpp-python sdist's it comes from;
+# the build's tag changes with .ci/llama-server's flags, so a binary built the old way is rebuilt.
 LLAMA_CPP_VERSION = "0.3.36"
+LLAMA_SERVER_BUILD = f"{LLAMA_CPP_VERSION}-noamx"
 
 
 def llama_server_build() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "llm-service" / f"llama-server-{LLAMA_CPP_VERSION}" / "bin" / "llama-server"
+    return cache / "llm-service" / f"llama-server-{LLAMA_SERVER_BUILD}" / "bin" / "llama-server"
 
 
 def read(name: str) -> Any:
