@@ -288,6 +288,6 @@ def message(
     }
 
 
-def event(kind: str, **fields: Any) -> str:
+def event(kind: str, **fields: Any) -> bytes:
     payload = json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {payload}\n\n"
+    return f"event: {kind}\ndata: {payload}\n\n".encode()

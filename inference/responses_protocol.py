@@ -361,7 +361,7 @@ def output_messages(output: list[dict]) -> list[dict[str, Any]]:
     return [message]
 
 
-def sse(kind: str, sequence: int, **fields: Any) -> str:
+def sse(kind: str, sequence: int, **fields: Any) -> bytes:
     payload = {"type": kind, "sequence_number": sequence, **fields}
     data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {data}\n\n"
+    return f"event: {kind}\ndata: {data}\n\n".encode()

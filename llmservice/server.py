@@ -14,7 +14,7 @@ import time
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
-from twisted.internet import reactor
+from twisted.internet import reactor, tcp
 
 from llmservice.lifecycle import lifecycle
 
@@ -80,8 +80,46 @@ def _say(message: str) -> None:
     print(f"llm-service: {message}", file=sys.stderr, flush=True)
 
 
+def send_at_once() -> None:
+    """Twisted holds every write until the reactor's next turn: it registers the socket with
+    epoll, waits for it to be writable, sends, and unregisters it. For a stream that is each SSE
+    event of each answer, and every cycle is CPU taken from an engine sharing the cores (the
+    llamacpp section of docs/benchmarks.md). A plain TCP write with nothing queued before it is
+    sent at once; what the kernel does not take, and every other case, goes Twisted's way."""
+    buffered_write, buffered_sequence = tcp.Connection.write, tcp.Connection.writeSequence
+
+    def ready(conn) -> bool:
+        return not (
+            conn.TLS
+            or conn.dataBuffer
+            or conn._tempDataBuffer
+            or conn.producerPaused  # HTTP channels register as the producer of their writes
+            or conn.disconnecting
+            or conn._writeDisconnected
+            or not conn.connected
+        )
+
+    def write(self, data: bytes) -> None:
+        if not ready(self) or not isinstance(data, bytes):
+            return buffered_write(self, data)
+        sent = self.writeSomeData(data)
+        if isinstance(sent, BaseException):
+            sent = 0  # the reactor finds the broken connection on its next write
+        if sent < len(data):
+            buffered_write(self, data[sent:])
+
+    def write_sequence(self, iovec) -> None:
+        if not ready(self) or not all(isinstance(part, bytes) for part in iovec):
+            return buffered_sequence(self, iovec)
+        write(self, b"".join(iovec))
+
+    tcp.Connection.write = write
+    tcp.Connection.writeSequence = write_sequence
+
+
 def run_daphne(args: list[str], grace_seconds: float) -> None:
     GracefulServer.grace_seconds = grace_seconds
+    send_at_once()
     cli = CommandLineInterface()
     cli.server_class = GracefulServer
     cli.run(args)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -135,6 +138,27 @@ def test_static_files_are_served_without_a_key(server):
     assert len(response.content) == int(response.headers["content-length"]) > 1000
     missing = httpx.get(server.url + "/static/no-such-file.css")
     assert missing.status_code == 404
+
+
+def test_a_file_bigger_than_the_socket_takes_reaches_a_slow_reader_whole(mlx_server):
+    """Writes go to the socket at once (llmservice/server.py); what the kernel does not take
+    must still follow in order. A 4 KiB receive window makes the server's sends fall short."""
+    import django.contrib.admin
+
+    path = "admin/js/vendor/jquery/jquery.js"
+    expected = (Path(django.contrib.admin.__file__).parent / "static" / path).read_bytes()
+    with socket.socket() as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn.connect(("127.0.0.1", mlx_server.port))
+        conn.sendall(
+            f"GET /static/{path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+        )
+        received = b""
+        while data := conn.recv(1024):
+            received += data
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert len(expected) > 200_000 and body == expected
 
 
 def test_the_env_key_and_database_keys_both_work(server):

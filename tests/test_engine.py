@@ -122,14 +122,14 @@ def test_a_failing_step_ends_its_streams_with_an_error_event_then_done(tokenizer
         spec = ModelSpec(name="flaky", path="/nowhere")
         model = engine.load_in_background(spec).result(5)
         events = asyncio.run(collect(make_job(model, max_tokens=10), engine))
-        assert events[-1] == "data: [DONE]\n\n"
+        assert events[-1] == b"data: [DONE]\n\n"
         error = json.loads(events[-2][len("data: ") :])["error"]
         assert error["type"] == "server_error" and "kernel exploded" in error["message"]
         assert backend.batches[0].resets == 1
         # The engine lives on: the next request on the same model completes.
         events = asyncio.run(collect(make_job(model, max_tokens=3), engine))
-        assert events[-1] == "data: [DONE]\n\n"
-        assert all("error" not in e for e in events)
+        assert events[-1] == b"data: [DONE]\n\n"
+        assert all(b"error" not in e for e in events)
         stats = engine.stats()
         assert stats.running == 0 and stats.queued == 0
         assert [m.in_flight for m in stats.loaded_models] == [0]

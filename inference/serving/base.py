@@ -604,13 +604,14 @@ async def submit(job: Job) -> GenerationGroup:
         ) from None
 
 
-def sse(data: dict | str) -> str:
+def sse(data: dict | str) -> bytes:
+    """One event, as bytes: Django encodes a str part with a charset lookup on every part."""
     payload = (
         data
         if isinstance(data, str)
         else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     )
-    return f"data: {payload}\n\n"
+    return f"data: {payload}\n\n".encode()
 
 
 async def run_to_end(job: Job) -> list[Choice]:
@@ -636,7 +637,7 @@ async def stream_events(
     group: GenerationGroup,
     chunk: Callable[[Choice, str, bool], list[dict]],
     first: Callable[[int], dict] | None,
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     """SSE events for a submitted job: `chunk(choice, text, final)` builds the chunks a choice's
     new text makes (none while a reader holds text back, always one with the finish reason)."""
     choices = job.choices()
@@ -682,7 +683,9 @@ def reasoning_tokens(choices: list[Choice]) -> int | None:
     return sum(r.reasoning_tokens for r in readers) if readers else None
 
 
-def streaming_response(events: AsyncIterator[str], group: GenerationGroup) -> StreamingHttpResponse:
+def streaming_response(
+    events: AsyncIterator[bytes], group: GenerationGroup
+) -> StreamingHttpResponse:
     response = StreamingHttpResponse(events, content_type="text/event-stream")
     # If the client leaves before the first byte, the generator never runs its `finally`.
     response._resource_closers.append(group.cancel)

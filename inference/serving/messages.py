@@ -80,27 +80,27 @@ async def messages_stream(job: Job) -> StreamingHttpResponse:
     return streaming_response(_events(job, group), group)
 
 
-async def _events(job: Job, group) -> AsyncIterator[str]:
+async def _events(job: Job, group) -> AsyncIterator[bytes]:
     (choice,) = job.choices()
     index = -1
     open_kind: str | None = None  # the kind of the content block being streamed
 
-    def close() -> list[str]:
+    def close() -> list[bytes]:
         nonlocal open_kind
         if open_kind is None:
             return []
         open_kind = None
         return [ap.event("content_block_stop", index=index)]
 
-    def start(kind: str, block: dict) -> list[str]:
+    def start(kind: str, block: dict) -> list[bytes]:
         nonlocal index, open_kind
         out = close()
         index += 1
         open_kind = kind
         return out + [ap.event("content_block_start", index=index, content_block=block)]
 
-    def blocks(reasoning: str, text: str, calls: list[ParsedCall]) -> list[str]:
-        out: list[str] = []
+    def blocks(reasoning: str, text: str, calls: list[ParsedCall]) -> list[bytes]:
+        out: list[bytes] = []
         if reasoning:
             if open_kind != "thinking":
                 out += start("thinking", {"type": "thinking", "thinking": "", "signature": ""})

@@ -119,7 +119,7 @@ async def response_stream(
 
 async def _events(
     job: Job, group, payload: rp.ResponsesRequest, history: list[dict], key_id: int | None
-) -> AsyncIterator[str]:
+) -> AsyncIterator[bytes]:
     (choice,) = job.choices()
     numbers = itertools.count()
     output: list[dict] = []  # items, the open one last while it streams
@@ -127,13 +127,13 @@ async def _events(
     text = ""
     logprobs_sent = 0
 
-    def ev(kind: str, **fields) -> str:
+    def ev(kind: str, **fields) -> bytes:
         return rp.sse(kind, next(numbers), **fields)
 
     def where() -> dict:
         return {"item_id": output[-1]["id"], "output_index": len(output) - 1}
 
-    def close() -> list[str]:
+    def close() -> list[bytes]:
         nonlocal open_kind, text
         if open_kind is None:
             return []
@@ -154,7 +154,7 @@ async def _events(
             ev("response.output_item.done", output_index=len(output) - 1, item=output[-1]),
         ]
 
-    def start(kind: str) -> list[str]:
+    def start(kind: str) -> list[bytes]:
         nonlocal open_kind
         out = close()
         open_kind = kind
@@ -182,9 +182,9 @@ async def _events(
             ev("response.content_part.added", **where(), content_index=0, part=part),
         ]
 
-    def items(reasoning: str, content: str, calls: list[ParsedCall]) -> list[str]:
+    def items(reasoning: str, content: str, calls: list[ParsedCall]) -> list[bytes]:
         nonlocal text, logprobs_sent
-        out: list[str] = []
+        out: list[bytes] = []
         if reasoning:
             if open_kind != "reasoning":
                 out += start("reasoning")
