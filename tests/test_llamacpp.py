@@ -168,6 +168,28 @@ async def _drop_after_first_token(server: Server) -> None:
                     return  # leaving the block closes the connection
 
 
+def test_a_request_waits_for_the_requests_still_being_parsed(monkeypatch, tmp_path):
+    """A burst is parsed one request at a time; sent to llama-server together, its prompts
+    prefill in one step instead of one each (the step loop's bursts, test_engine)."""
+    from inference.backends import llamacpp
+    from llmservice.env import llama_server_build
+
+    monkeypatch.setattr(llamacpp, "BURST_MAX", 3600.0)  # the deadline never decides here
+    backend = llamacpp.LlamaCppBackend(server=llama_server_build(), cache_dir=tmp_path)
+
+    async def main():
+        backend.announce(1)  # another request of the burst is still being parsed
+        gathered = asyncio.ensure_future(backend.burst_gathered())
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert not gathered.done()
+        backend.announce(-1)  # it is submitted
+        await asyncio.wait_for(gathered, 60)
+        await asyncio.wait_for(backend.burst_gathered(), 60)  # nothing announced: no wait
+
+    asyncio.run(main())
+
+
 def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_real_server):
     async def four() -> None:
         await asyncio.gather(*(_drop_after_first_token(llamacpp_real_server) for _ in range(4)))

@@ -56,6 +56,11 @@ _ROOT = Path(__file__).resolve().parents[2]  # the project, for the conversion's
 # JSON schemas and forced tool calls' grammars are translated to llama.cpp's GBNF
 # (inference/gbnf.py) with its schema converter, kept beside the binary.
 CAPABILITIES = Capabilities(prefix_cache=True)
+# A request waits for the generation requests still being parsed (announced, see
+# LlamaCppBackend.announce) so a burst reaches llama-server together and prefills in one batch:
+# at most this long, as the step loop's bursts (step_loop.COALESCE_MAX).
+BURST_MAX = 0.15
+BURST_POLL = 0.002
 
 # llama-server preallocates each slot's KV cache: without a per-model context length, a slot gets
 # the model's own context up to this many tokens (SmolLM2's 8192 x 16 slots would be 3 GB).
@@ -409,6 +414,7 @@ class LlamaCppModel(LoadedModel):
         held: list[TokenDelta] = []  # an end-of-generation token, until the end says so
         finished, seen = False, 0
         try:
+            await self._backend.burst_gathered()
             async with contextlib.aclosing(_events(req, self.runner.socket, body)) as events:
                 async for chunk in events:
                     if "error" in chunk:
@@ -573,10 +579,23 @@ class LlamaCppBackend(Backend):
         # stop kills them rather than waiting out a load.
         self._loading: set[subprocess.Popen] = set()
         self._stopping = False
+        self._announced = 0
 
     @property
     def device(self) -> str:
         return f"cpu ({self.threads} threads)"
+
+    def announce(self, count: int) -> None:
+        with self._lock:
+            self._announced = max(0, self._announced + count)
+
+    async def burst_gathered(self) -> None:
+        """Returns once no other generation request is being parsed (or after BURST_MAX). The
+        HTTP layer parses a burst one request at a time, a few ms each; sent as each is ready,
+        its prompts would prefill in several llama-server steps instead of one."""
+        deadline = time.monotonic() + BURST_MAX
+        while self._announced and time.monotonic() < deadline:
+            await asyncio.sleep(BURST_POLL)
 
     @property
     def tokens_generated(self) -> int:
@@ -606,9 +625,10 @@ class LlamaCppBackend(Backend):
             "--no-webui",
             "--metrics",
             "--log-verbosity", "2",
-            # Its threads sleep between steps instead of spinning: the server process needs a
-            # core for each token it streams (docs/benchmarks.md, the llamacpp section).
-            "--poll", "0",
+            # Its threads spin only briefly before sleeping between steps: the server process
+            # needs a core for each token it streams, and llama.cpp's default (50) holds both
+            # while 0 wakes them too late for batches (the llamacpp section, docs/benchmarks.md).
+            "--poll", "10",
         ]  # fmt: skip
 
     def load(self, spec: ModelSpec) -> LlamaCppModel:
