@@ -352,7 +352,14 @@ def test_smollm2_answers_json_objects_and_parsed_models(real_server):
     client = real_server.openai()
     reply = client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "Give the capital of France as JSON."}],
+        # Named keys: asked for "JSON" alone, greedy SmolLM2 on llama.cpp's AVX-512 kernels
+        # writes an ever longer object of population figures.
+        messages=[
+            {
+                "role": "user",
+                "content": 'Give the capital of France as JSON with the key "capital".',
+            }
+        ],
         response_format={"type": "json_object"},
         max_tokens=60,
         temperature=0,
