@@ -101,6 +101,23 @@ def test_sampling_parameters_hold_on_llama_cpp(llamacpp_real_server):
     assert all(t.logprob <= lp.top_logprobs[0].logprob for t in lp.top_logprobs)
 
 
+def test_a_greedy_answer_takes_the_most_likely_token_at_every_step(llamacpp_real_server):
+    reply = llamacpp_real_server.openai().chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Tell me a story about a dragon."}],
+        max_tokens=24,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    steps = reply.choices[0].logprobs.content
+    assert len(steps) == 24
+    for step in steps:
+        assert step.token == step.top_logprobs[0].token
+        assert step.logprob == pytest.approx(step.top_logprobs[0].logprob)
+        assert step.top_logprobs[1].logprob <= step.logprob <= 0
+
+
 def test_logit_bias_and_penalties_change_the_answer(llamacpp_real_server):
     client = llamacpp_real_server.openai()
     greedy = client.completions.create(

@@ -339,14 +339,16 @@ class LlamaCppModel(LoadedModel):
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         """llama-server's /completion request for one sequence. Every sampler is set, since
         llama.cpp's defaults (top_k 40, top_p 0.95, min_p 0.05, temperature 0.8) are not the
-        APIs' (off, off, off, 1.0)."""
+        APIs' (off, off, off, 1.0). A greedy request samples from the one most likely token
+        (`top_k` 1), the same choice as temperature 0 over the whole vocabulary without
+        llama.cpp's three passes over it per token (docs/benchmarks.md)."""
         p = request.params
         return {
             **(self._grammar(request.constraint) if request.constraint is not None else {}),
             "prompt": list(request.prompt_tokens),
             "n_predict": p.max_tokens,
             "temperature": p.temperature,
-            "top_k": p.top_k,
+            "top_k": 1 if p.temperature == 0 else p.top_k,
             "top_p": p.top_p,
             "min_p": p.min_p,
             "typical_p": 1.0,
