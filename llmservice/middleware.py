@@ -1,10 +1,14 @@
 """Keep every `/v1/*` answer JSON (ninja gives a plain-text 405 and Django an HTML 404), and serve
-static files without taking every request through a thread."""
+static files and API requests without taking them through threads."""
 
 from __future__ import annotations
 
-from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.contrib.auth import middleware as auth
+from django.contrib.messages import middleware as messages
+from django.contrib.sessions import middleware as sessions
 from django.http import HttpRequest, HttpResponse
+from django.middleware import clickjacking, common, csrf, security
 from whitenoise.middleware import WhiteNoiseMiddleware
 
 from llmservice.errors import APIError
@@ -105,3 +109,73 @@ class DashboardSecurityHeadersMiddleware(ResponseMiddleware):
         if request.path.startswith("/admin") and "Content-Security-Policy" not in response:
             response["Content-Security-Policy"] = DASHBOARD_CSP
         return response
+
+
+# Under ASGI, Django's own middleware (MiddlewareMixin) runs each of its hooks in a thread: a switch
+# there and back per hook, thirteen per request with the list in settings, on every API request's
+# way to its first token. Those whose hooks only read and write headers run on the event loop;
+# the dashboard's (sessions, CSRF, logins, messages) are skipped for API requests, which
+# authenticate by key and set no cookies.
+API_PREFIX = "/v1/"
+
+
+class _OnTheLoop:
+    """For a MiddlewareMixin whose hooks do no I/O."""
+
+    async def __acall__(self, request: HttpRequest):
+        response = None
+        if hasattr(self, "process_request"):
+            response = self.process_request(request)
+        response = response or await self.get_response(request)
+        if hasattr(self, "process_response"):
+            response = self.process_response(request, response)
+        return response
+
+
+class _DashboardOnly:
+    """For a MiddlewareMixin the API does not use."""
+
+    def __init__(self, get_response):
+        super().__init__(get_response)
+        if self.async_mode and hasattr(self, "process_view"):
+            view_hook = sync_to_async(self.process_view, thread_sensitive=True)
+
+            async def process_view(request: HttpRequest, *args):
+                if request.path.startswith(API_PREFIX):
+                    return None
+                return await view_hook(request, *args)
+
+            self.process_view = process_view
+
+    async def __acall__(self, request: HttpRequest):
+        if request.path.startswith(API_PREFIX):
+            return await self.get_response(request)
+        return await super().__acall__(request)
+
+
+class SecurityMiddleware(_OnTheLoop, security.SecurityMiddleware):
+    pass
+
+
+class CommonMiddleware(_OnTheLoop, common.CommonMiddleware):
+    pass
+
+
+class XFrameOptionsMiddleware(_OnTheLoop, clickjacking.XFrameOptionsMiddleware):
+    pass
+
+
+class SessionMiddleware(_DashboardOnly, sessions.SessionMiddleware):
+    pass
+
+
+class CsrfViewMiddleware(_DashboardOnly, csrf.CsrfViewMiddleware):
+    pass
+
+
+class AuthenticationMiddleware(_DashboardOnly, auth.AuthenticationMiddleware):
+    pass
+
+
+class MessageMiddleware(_DashboardOnly, messages.MessageMiddleware):
+    pass

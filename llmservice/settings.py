@@ -108,17 +108,18 @@ INSTALLED_APPS = [
     "axes",  # dashboard login throttling
 ]
 
+# Django's own, as subclasses that keep API requests off threads (llmservice/middleware.py).
 MIDDLEWARE = [
-    "django.middleware.security.SecurityMiddleware",
+    "llmservice.middleware.SecurityMiddleware",
     "llmservice.middleware.StaticFilesMiddleware",  # WhiteNoise, async
     "analytics.middleware.RequestAnalyticsMiddleware",
     "llmservice.middleware.OpenAIErrorsMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
-    "django.middleware.common.CommonMiddleware",
-    "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
-    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "llmservice.middleware.SessionMiddleware",
+    "llmservice.middleware.CommonMiddleware",
+    "llmservice.middleware.CsrfViewMiddleware",
+    "llmservice.middleware.AuthenticationMiddleware",
+    "llmservice.middleware.MessageMiddleware",
+    "llmservice.middleware.XFrameOptionsMiddleware",
     "llmservice.middleware.DashboardSecurityHeadersMiddleware",
     "axes.middleware.AxesMiddleware",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 from django.contrib.auth import get_user_model
 from django.test import Client
@@ -49,3 +50,27 @@ def test_hsts_is_sent_on_https_behind_a_tls_proxy_when_set(settings):
     secure = Client().get("/health", HTTP_X_FORWARDED_PROTO="https")
     assert secure["Strict-Transport-Security"] == "max-age=3600"
     assert "Strict-Transport-Security" not in Client().get("/health")  # plain HTTP: never
+
+
+def test_under_asgi_the_dashboard_checks_csrf_and_the_api_sets_no_cookie(mlx_server):
+    """The dashboard's middleware (sessions, CSRF, logins) is skipped for /v1 requests, which
+    are served on the event loop; the security headers are not."""
+    with mlx_server.http() as http:
+        models = http.get("/v1/models")
+        assert models.status_code == 200
+        assert models.headers["X-Content-Type-Options"] == "nosniff"
+        assert models.headers["X-Frame-Options"] == "DENY"
+        assert "set-cookie" not in models.headers
+    with httpx.Client(base_url=mlx_server.url, timeout=30) as browser:
+        page = browser.get("/admin/login/")
+        assert page.status_code == 200 and "csrftoken" in browser.cookies
+        form = {"username": "nobody", "password": "wrong"}
+        forged = httpx.post(mlx_server.url + "/admin/login/", data=form, timeout=30)
+        assert forged.status_code == 403
+        token = browser.cookies["csrftoken"]
+        honest = browser.post(
+            "/admin/login/",
+            data={**form, "csrfmiddlewaretoken": token},
+            headers={"Referer": mlx_server.url + "/admin/login/"},
+        )
+        assert honest.status_code == 200 and "Please enter the correct" in honest.text
