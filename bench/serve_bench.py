@@ -48,11 +48,13 @@ What it does:
    chat request (ours on vLLM starts its engine then); then each concurrency level is measured on
    one server and at once on the other (which goes first alternates), never both at the same time:
    the machine has 2 cores. The host's speed drifts by tens of percent over minutes, so the two
-   servers meet it back to back, not one several minutes after the other. Each server is stopped in
+   servers meet it back to back, not one several minutes after the other; with `--passes P` each
+   level is measured P times per server in turning order (A B, B A, ...) with fresh prompts each
+   time and pooled, so a drift during the level meets both alike. Each server is stopped in
    a `finally` block: SIGTERM to its process group, SIGKILL after a timeout, then SIGTERM/SIGKILL
    by pid to any process of its tree (vLLM's EngineCore and Worker, Celery's worker) still alive.
    Logs go to `.cache/bench/logs/`.
-3. Load: for each concurrency c, R = max(c, rounds * c) streamed chat completions (c in flight, each worker
+3. Load: for each concurrency c and pass, R = max(c, rounds * c) streamed chat completions (c in flight, each worker
    sends its next request when its previous one ends), max_tokens 128, temperature 0, distinct prompts
    (the same ones for both servers). SSE is parsed with httpx: TTFT is the time to the first chunk with
    non-empty content; completion tokens come from the usage chunk (`stream_options.include_usage`) or,
@@ -593,12 +595,14 @@ def wait_for_quiet(root: int, max_wait: float) -> float | None:
 # --- load generation ------------------------------------------------------------------------
 
 
-def make_prompts(concurrency: int, count: int, attempt: int = 1) -> list[str]:
+def make_prompts(concurrency: int, count: int, attempt: int = 1, part: int = 0) -> list[str]:
     """Distinct prompts, differing from their first words, identical for both servers.
 
-    A retried level gets new prompts, so no prompt cache can serve it from the failed attempt.
+    A retried level gets new prompts, so no prompt cache can serve it from the failed attempt;
+    so does each pass of a level (`part`, see --passes).
     """
     tag = f"{concurrency}-{attempt}" if attempt > 1 else f"{concurrency}"
+    tag += f"p{part + 1}" if part else ""
     return [
         f"Story {tag}-{i}: write a short story about {TOPICS[i % len(TOPICS)]}, number {i}."
         for i in range(count)
@@ -705,9 +709,15 @@ def new_client(concurrency: int, timeout: float) -> httpx.AsyncClient:
 
 
 async def run_level(
-    server: Server, concurrency: int, rounds: int, max_tokens: int, timeout: float, attempt: int = 1
+    server: Server,
+    concurrency: int,
+    rounds: int,
+    max_tokens: int,
+    timeout: float,
+    attempt: int = 1,
+    part: int = 0,
 ) -> LevelResult:
-    prompts = make_prompts(concurrency, max(concurrency, rounds * concurrency), attempt)
+    prompts = make_prompts(concurrency, max(concurrency, rounds * concurrency), attempt, part)
     results: list[RequestResult] = [RequestResult(prompt=p, error="not sent") for p in prompts]
     pending = iter(range(len(prompts)))
 
@@ -760,15 +770,16 @@ def start_server(
 
 
 def measure_level(
-    server: Server, proc: subprocess.Popen, c: int, args: argparse.Namespace
+    server: Server, proc: subprocess.Popen, c: int, args: argparse.Namespace, part: int = 0
 ) -> LevelResult:
-    """One concurrency level; rerun (up to --retries times) when other processes disturbed it."""
+    """One pass of a concurrency level; rerun (up to --retries times) when other processes
+    disturbed it."""
     attempt = 1
     while True:
         wait_for_quiet(proc.pid, args.quiet_wait)
         meter = CpuMeter(proc.pid)
         level = asyncio.run(
-            run_level(server, c, args.rounds, args.max_tokens, args.request_timeout, attempt)
+            run_level(server, c, args.rounds, args.max_tokens, args.request_timeout, attempt, part)
         )
         level.server_cpu, level.other_cpu = meter.cores()
         level.attempts = attempt
@@ -793,10 +804,31 @@ def measure_level(
         )
 
 
+def pooled(parts: list[LevelResult]) -> LevelResult:
+    """A level's passes as one: their requests together over their summed wall time."""
+    wall = sum(p.wall for p in parts)
+
+    def weighted(values: list[float | None]) -> float | None:
+        if wall <= 0 or any(v is None for v in values):
+            return None
+        return sum(v * p.wall for v, p in zip(values, parts, strict=True)) / wall
+
+    return LevelResult(
+        concurrency=parts[0].concurrency,
+        wall=wall,
+        requests=[r for p in parts for r in p.requests],
+        timed_out=any(p.timed_out for p in parts),
+        server_cpu=weighted([p.server_cpu for p in parts]),
+        other_cpu=weighted([p.other_cpu for p in parts]),
+        attempts=max(p.attempts for p in parts),
+    )
+
+
 def run_servers(servers: list[Server], args: argparse.Namespace) -> list[ServerRun]:
-    """Start every server, then measure them level by level, one after the other (the order
-    alternates from level to level), the others waiting idle (about 0.01 core each). The host's
-    speed drifts by tens of percent over minutes; back to back, both meet the same machine."""
+    """Start every server, then measure them level by level (and pass by pass), one after the
+    other (the order alternates from pass to pass), the others waiting idle (about 0.01 core
+    each). The host's speed drifts by tens of percent over minutes; back to back, both meet the
+    same machine."""
     runs = [ServerRun(server.name, server.label) for server in servers]
     with ExitStack() as stack:
         live = []
@@ -814,17 +846,24 @@ def run_servers(servers: list[Server], args: argparse.Namespace) -> list[ServerR
                 run.error = f"{type(exc).__name__}: {exc}"
                 print(f"  FAILED: {run.error}", flush=True)
                 own.close()
-        for i, c in enumerate(args.concurrency):
-            for server, run, own, proc in live if i % 2 == 0 else live[::-1]:
-                if run.error:
-                    continue
-                try:
-                    print(f"  {server.name}:", end="", flush=True)
-                    run.levels.append(measure_level(server, proc, c, args))
-                except Exception as exc:
-                    run.error = f"{type(exc).__name__}: {exc}"
-                    print(f"  FAILED: {run.error}", flush=True)
-                    own.close()
+        turn = 0
+        for c in args.concurrency:
+            passes: dict[str, list[LevelResult]] = {run.name: [] for run in runs}
+            for part in range(args.passes):
+                for server, run, own, proc in live if turn % 2 == 0 else live[::-1]:
+                    if run.error:
+                        continue
+                    try:
+                        print(f"  {server.name}:", end="", flush=True)
+                        passes[run.name].append(measure_level(server, proc, c, args, part))
+                    except Exception as exc:
+                        run.error = f"{type(exc).__name__}: {exc}"
+                        print(f"  FAILED: {run.error}", flush=True)
+                        own.close()
+                turn += 1
+            for run in runs:
+                if passes[run.name] and not run.error:
+                    run.levels.append(pooled(passes[run.name]))
     for server, run in zip(servers, runs, strict=True):
         if run.error and run.log_tail:
             print(f"  --- last lines of {server.log_path} ---\n{indent(run.log_tail)}", flush=True)
@@ -1201,10 +1240,12 @@ def report(context: dict[str, Any], runs: list[ServerRun], args: argparse.Namesp
         ),
         f"- BLAS: {context['blas']}",
         f"- Load: streamed chat completions, max_tokens {args.max_tokens}, temperature 0, "
-        f"max(c, {args.rounds} x c) distinct prompts per level, c in flight; {load_settings(args)}"
+        f"max(c, {args.rounds} x c) distinct prompts per level"
+        + (f" and pass ({args.passes} passes, pooled)" if args.passes > 1 else "")
+        + f", c in flight; {load_settings(args)}"
         + (
             "; both servers up, each level measured on one and then the other (alternating which "
-            "first)"
+            "first" + (", pass by pass: A B, B A, ...)" if args.passes > 1 else ")")
             if sum(1 for r in runs if r.levels) > 1
             else ""
         ),
@@ -1332,7 +1373,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=lambda s: [int(x) for x in s.split(",") if x.strip()],
         help="comma-separated concurrency levels (default 1,4,8,16 for mlx, else 1,8,16)",
     )
-    p.add_argument("--rounds", type=int, default=2, help="requests per level = max(c, rounds*c)")
+    p.add_argument(
+        "--rounds", type=int, default=2, help="requests per level and pass = max(c, rounds*c)"
+    )
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="measure each level this many times per server, the order of the servers turning "
+        "each time (A B, B A, ...), and pool them: a drift of the host's speed during a level "
+        "meets both servers alike (default 1)",
+    )
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument(
         "--max-batch",
@@ -1371,6 +1422,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.concurrency = [int(x) for x in mode.levels.split(",")]
     if args.servers is None:
         args.servers = ",".join(mode.pair)
+    if args.passes < 1:
+        p.error("--passes needs a positive integer")
     if not args.concurrency or min(args.concurrency) < 1:
         p.error("--concurrency needs positive integers")
     return args
