@@ -112,10 +112,9 @@ class DashboardSecurityHeadersMiddleware(ResponseMiddleware):
 
 
 # Under ASGI, Django's own middleware (MiddlewareMixin) runs each of its hooks in a thread: a switch
-# there and back per hook, thirteen per request with the list in settings, on every API request's
-# way to its first token. Those whose hooks only read and write headers run on the event loop;
-# the dashboard's (sessions, CSRF, logins, messages) are skipped for API requests, which
-# authenticate by key and set no cookies.
+# there and back per hook and request, on every API request's way to its first token. Those whose
+# hooks only read and write headers run on the event loop; the dashboard's (sessions, CSRF,
+# logins, messages) are skipped for API requests, which authenticate by key and set no cookies.
 API_PREFIX = "/v1/"
 
 
