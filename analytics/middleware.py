@@ -10,10 +10,11 @@ from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from analytics.recorder import recorder
 from inference.types import RequestStats
 from llmservice.auth import identify
+from llmservice.middleware import API_PREFIX
 
 
 def endpoint_name(path: str) -> str:
-    rest = path[len("/v1/") :].strip("/")
+    rest = path[len(API_PREFIX) :].strip("/")
     if rest.startswith("models"):
         return "models"
     if rest.startswith("responses"):
@@ -59,7 +60,7 @@ class RequestAnalyticsMiddleware:
             markcoroutinefunction(self)
 
     async def __call__(self, request):
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith(API_PREFIX):
             return await self.get_response(request)
         stats = RequestStats(endpoint=endpoint_name(request.path))
         request.llm_stats = stats

@@ -27,6 +27,7 @@ from inference.engine import announced  # noqa: E402
 from inference.serving.base import holds_released  # noqa: E402
 from llmservice.dashboard.routing import websocket_urlpatterns  # noqa: E402
 from llmservice.lifecycle import lifecycle  # noqa: E402
+from llmservice.middleware import API_PREFIX  # noqa: E402
 
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
@@ -59,7 +60,7 @@ async def http_app(scope, receive, send):
             return await django_asgi_app(scope, receive, sending)
     finally:
         try:
-            if scope["path"].startswith("/v1/"):
+            if scope["path"].startswith(API_PREFIX):
                 stats = scope.get(SCOPE_KEY)
                 if stats is None or not stats.recorded:
                     await record_unserved(scope, status)

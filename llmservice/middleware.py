@@ -13,9 +13,12 @@ from whitenoise.middleware import WhiteNoiseMiddleware
 
 from llmservice.errors import APIError
 
+# Where the NinjaAPI is mounted (llmservice/urls.py): the requests that authenticate by key.
+API_PREFIX = "/v1/"
+
 
 def _rewrite(request: HttpRequest, response: HttpResponse) -> HttpResponse:
-    if not request.path.startswith("/v1/") or response.status_code not in (404, 405):
+    if not request.path.startswith(API_PREFIX) or response.status_code not in (404, 405):
         return response
     if response.get("Content-Type", "").startswith("application/json"):
         return response
@@ -115,7 +118,6 @@ class DashboardSecurityHeadersMiddleware(ResponseMiddleware):
 # there and back per hook and request, on every API request's way to its first token. Those whose
 # hooks only read and write headers run on the event loop; the dashboard's (sessions, CSRF,
 # logins, messages) are skipped for API requests, which authenticate by key and set no cookies.
-API_PREFIX = "/v1/"
 
 
 class _OnTheLoop:
