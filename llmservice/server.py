@@ -109,17 +109,34 @@ def send_at_once() -> None:
             buffered_write(self, data[sent:])
 
     def write_sequence(self, iovec) -> None:
-        if not ready(self) or not all(isinstance(part, bytes) for part in iovec):
+        if not ready(self):
             return buffered_sequence(self, iovec)
-        write(self, b"".join(iovec))
+        try:
+            data = b"".join(iovec)
+        except TypeError:  # not all bytes: Twisted's own checks and errors
+            return buffered_sequence(self, iovec)
+        write(self, data)
 
     tcp.Connection.write = write
     tcp.Connection.writeSequence = write_sequence
 
 
+def plain_http_module() -> None:
+    """Daphne writes each body message through `twisted.web.http.Request.write`, and that module
+    is a deprecation proxy whose every attribute lookup runs Python code: several times a plain
+    lookup, once per streamed event. Daphne uses none of its deprecated names (HTTPClient), so
+    its reference becomes the module itself."""
+    from daphne import http_protocol
+    from twisted.python.deprecate import _ModuleProxy
+
+    if isinstance(http_protocol.http, _ModuleProxy):
+        http_protocol.http = object.__getattribute__(http_protocol.http, "_module")
+
+
 def run_daphne(args: list[str], grace_seconds: float) -> None:
     GracefulServer.grace_seconds = grace_seconds
     send_at_once()
+    plain_http_module()
     cli = CommandLineInterface()
     cli.server_class = GracefulServer
     cli.run(args)
