@@ -40,6 +40,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from inference.backends.base import (
     Backend,
     BackendUnavailable,
@@ -248,8 +250,9 @@ class Runner:
 async def _events(req: _Request, socket: str, body: dict) -> AsyncIterator[dict]:
     """POST /completion to a runner and yield its server-sent events as dicts.
 
-    A small HTTP/1.1 reader rather than httpx: on a CPU the runner's threads need every core,
-    and httpx's stream costs about 2.5x the CPU per token of this (docs/benchmarks.md)."""
+    A small HTTP/1.1 reader rather than httpx, and orjson rather than json: on a CPU the runner's
+    threads need every core, and httpx's stream costs about 2.5x the CPU per token of this
+    (docs/benchmarks.md)."""
     reader, writer = await asyncio.open_unix_connection(socket, limit=1 << 24)
     req.writer = writer
     try:
@@ -279,14 +282,30 @@ async def _events(req: _Request, socket: str, body: dict) -> AsyncIterator[dict]
                 event, buffer = buffer.split(b"\n\n", 1)
                 for line in event.split(b"\n"):
                     if line.startswith(b"data: "):
-                        yield json.loads(line[6:])
+                        yield orjson.loads(line[6:])
     finally:
         writer.transport.abort()  # closing the connection is what frees the slot
 
 
 async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
-    while size := int((await reader.readline()).split(b";")[0].strip() or b"0", 16):
-        yield (await reader.readexactly(size + 2))[:-2]
+    """A chunked body as it arrives, one read per arrival: llama-server sends a chunk per token,
+    and reading each chunk's size line and data apart would be two waits per token."""
+    pending = b""
+    while data := await reader.read(1 << 16):
+        pending += data
+        body = []
+        while (end := pending.find(b"\r\n")) >= 0:
+            size = int(pending[:end].split(b";")[0].strip() or b"0", 16)
+            if size == 0:
+                yield b"".join(body)
+                return
+            if len(pending) < end + size + 4:
+                break  # the rest of this chunk is still on its way
+            body.append(pending[end + 2 : end + 2 + size])
+            pending = pending[end + size + 4 :]
+        if body:
+            yield b"".join(body)
+    raise asyncio.IncompleteReadError(pending, None)  # closed before the last chunk
 
 
 async def _until_closed(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
