@@ -78,7 +78,9 @@ class RequestAnalyticsMiddleware:
         if response.status_code >= 400 and not response.streaming:
             stats.error_type = _error_type(response)
         if response.streaming:
-            response.streaming_content = _recorded(response.streaming_content, stats)
+            # Its own iterator, not `streaming_content`, which would add a second layer of
+            # Django's bytes conversion to every event of the stream.
+            response.streaming_content = _recorded(response._iterator, stats)
         else:
             recorder.record(stats)
         return response

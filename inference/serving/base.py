@@ -55,7 +55,8 @@ FINGERPRINT = "fp_llm_service"
 
 
 def engine():
-    return get_engine(
+    # The config matters only to the first call, which creates the engine.
+    return current_engine() or get_engine(
         EngineConfig(
             backend=settings.BACKEND,
             max_queue=settings.MAX_QUEUE,
@@ -604,13 +605,12 @@ async def submit(job: Job) -> GenerationGroup:
         ) from None
 
 
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
 def sse(data: dict | str) -> bytes:
     """One event, as bytes: Django encodes a str part with a charset lookup on every part."""
-    payload = (
-        data
-        if isinstance(data, str)
-        else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    )
+    payload = data if isinstance(data, str) else _compact_json(data)
     return f"data: {payload}\n\n".encode()
 
 
