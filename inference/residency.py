@@ -120,7 +120,7 @@ class ResidencyManager:
         `hold`: kept from unloading until a request starts on it (`checkout`)."""
         with self._cond:
             entry = self._models.get(_key(spec))
-            if entry is None:
+            if entry is None or not entry.model.alive:
                 return None
             self._refresh(entry, spec)
             if hold:
@@ -132,7 +132,7 @@ class ResidencyManager:
         not resident (unloaded since it was loaded: load it again)."""
         with self._cond:
             entry = self._models.get(_key(spec))
-            if entry is None:
+            if entry is None or not entry.model.alive:
                 return None
             self._refresh(entry, spec)
             entry.in_flight += 1
@@ -228,6 +228,7 @@ class ResidencyManager:
                     self._load(command)
                 elif isinstance(command, Unload):
                     self._unload(command)
+                self._drop_dead()
                 self._expire_idle()
             except Exception:  # the worker must outlive any one command
                 log.exception("residency command %s failed", type(command).__name__)
@@ -239,6 +240,7 @@ class ResidencyManager:
         try:
             model = self.resident(spec, hold=command.hold)
             if model is None:
+                self._drop_dead()
                 self._drop_superseded(spec)
                 try:
                     self._make_room(spec)
@@ -269,6 +271,18 @@ class ResidencyManager:
         for entry in entries:
             self._close(entry)
         command.future.set_result(bool(entries))
+
+    def _drop_dead(self) -> None:
+        """Models that can serve nothing more (a runner process that died), requests in flight or
+        not: those requests have failed already, and a new one loads the model again."""
+        with self._cond:
+            dead = [k for k, e in self._models.items() if not e.model.alive]
+            entries = [self._models.pop(k) for k in dead]
+        for entry in entries:
+            log.warning(
+                "%s stopped serving (its engine process exited): unloading it", entry.spec.name
+            )
+            self._close(entry)
 
     def _drop_superseded(self, spec: ModelSpec) -> None:
         """The same model with other files or engine settings: the old one goes first (once its

@@ -12,6 +12,7 @@ import struct
 import httpx
 import jsonschema
 import openai
+import psutil
 import pytest
 from pydantic import BaseModel, Field
 
@@ -232,6 +233,48 @@ def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_r
         ),
         timeout=60,
     )
+
+
+def test_a_runner_that_dies_mid_answer_ends_it_with_an_error_and_the_next_request_restarts_it(
+    llamacpp_real_server,
+):
+    client = llamacpp_real_server.openai()
+    client.chat.completions.create(model="smollm2", messages=PARIS, max_tokens=1)  # loaded
+
+    def runner() -> psutil.Process:
+        server = psutil.Process(llamacpp_real_server.proc.pid)
+        [found] = [
+            p
+            for p in server.children(recursive=True)
+            if p.name() == "llama-server" and "smollm2" in p.cmdline()
+        ]
+        return found
+
+    first = runner()
+    story = [{"role": "user", "content": "Write a very long story about a fox and a crow."}]
+    events = []
+    with httpx.Client(base_url=llamacpp_real_server.url, timeout=300) as http:
+        body = {"model": "smollm2", "messages": story, "max_tokens": 1000, "stream": True}
+        with http.stream(
+            "POST",
+            "/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        ) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 2:
+                        first.kill()
+    assert "choices" in events[1]  # the answer had begun
+    error = events[-1]["error"]
+    assert "llama-server exited (killed by SIGKILL)" in error["message"]
+    assert error["type"] == "server_error"
+    reply = client.chat.completions.create(
+        model="smollm2", messages=PARIS, max_tokens=20, temperature=0
+    )
+    assert "Paris" in reply.choices[0].message.content
+    assert runner().pid != first.pid
 
 
 def test_more_requests_than_slots_and_queue_get_429_with_retry_after(llamacpp_real_server):

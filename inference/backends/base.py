@@ -76,6 +76,12 @@ class LoadedModel(ABC):
         self.spec = spec
 
     @property
+    def alive(self) -> bool:
+        """False once it can serve nothing more (a runner process that died): the residency drops
+        it, and the next request loads it again."""
+        return True
+
+    @property
     def running(self) -> int:
         return 0
 

@@ -215,6 +215,11 @@ class Runner:
         lines = [ln for ln in self.output if "error" in ln.lower() or "failed" in ln.lower()]
         return "; ".join(lines[-3:]) or "; ".join(list(self.output)[-3:]) or "no output"
 
+    def exit_reason(self) -> str:
+        code = self.process.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        return f"llama-server exited ({how}): {self.reason()}"
+
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         import httpx
 
@@ -223,9 +228,7 @@ class Runner:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     time.sleep(0.1)  # let the output thread read the last lines
-                    raise LlamaServerError(
-                        f"llama-server exited ({self.process.returncode}): {self.reason()}"
-                    )
+                    raise LlamaServerError(self.exit_reason())
                 with contextlib.suppress(httpx.HTTPError, OSError):
                     if client.get("http://llama/health").status_code == 200:
                         return
@@ -469,10 +472,15 @@ class LlamaCppModel(LoadedModel):
             if req.aborted:
                 yield TokenDelta(None, finish_reason="stop")
                 return
+            if not isinstance(exc, LlamaServerError):
+                # A runner that closed the stream midway has usually died: wait for its exit (a
+                # moment), so that the reason says so.
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    await asyncio.to_thread(self.runner.process.wait, 1.0)
             if isinstance(exc, LlamaServerError) or self.runner.process.poll() is None:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
-                reason = f"llama-server exited: {self.runner.reason()}"
+                reason = self.runner.exit_reason()
             log.warning("llama.cpp request %s failed: %s", req.request_id, reason)
             yield TokenDelta(None, finish_reason="error", error=reason)
         finally:
@@ -529,6 +537,10 @@ class LlamaCppModel(LoadedModel):
                 req.loop.call_soon_threadsafe(req.writer.transport.abort)
 
     # -- facts --
+
+    @property
+    def alive(self) -> bool:
+        return self.runner.process.poll() is None
 
     @property
     def running(self) -> int:
