@@ -217,7 +217,10 @@ class Runner:
 
     def exit_reason(self) -> str:
         code = self.process.returncode
-        how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        how = f"exit code {code}"
+        if code < 0:
+            with contextlib.suppress(ValueError):  # a signal without a name (real-time ones)
+                how = f"killed by {signal.Signals(-code).name}"
         return f"llama-server exited ({how}): {self.reason()}"
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
@@ -473,10 +476,10 @@ class LlamaCppModel(LoadedModel):
                 yield TokenDelta(None, finish_reason="stop")
                 return
             if not isinstance(exc, LlamaServerError):
-                # A runner that closed the stream midway has usually died: wait for its exit (a
-                # moment), so that the reason says so.
+                # A runner that closed the stream midway has usually died: wait for its exit
+                # (a moment; longer only on a loaded machine), so that the reason says so.
                 with contextlib.suppress(subprocess.TimeoutExpired):
-                    await asyncio.to_thread(self.runner.process.wait, 1.0)
+                    await asyncio.to_thread(self.runner.process.wait, 5.0)
             if isinstance(exc, LlamaServerError) or self.runner.process.poll() is None:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
