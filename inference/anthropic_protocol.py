@@ -11,6 +11,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal
 
+import orjson
 from ninja import Schema
 from pydantic import Field, field_validator
 
@@ -289,5 +290,5 @@ def message(
 
 
 def event(kind: str, **fields: Any) -> bytes:
-    payload = json.dumps({"type": kind, **fields}, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {payload}\n\n".encode()
+    payload = orjson.dumps({"type": kind, **fields})
+    return b"event: " + kind.encode() + b"\ndata: " + payload + b"\n\n"

@@ -7,10 +7,10 @@ A Responses request becomes a ChatCompletionRequest, so it runs the chat pipelin
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated, Any, Literal
 
+import orjson
 from ninja import Schema
 from pydantic import Field, field_validator
 
@@ -362,6 +362,5 @@ def output_messages(output: list[dict]) -> list[dict[str, Any]]:
 
 
 def sse(kind: str, sequence: int, **fields: Any) -> bytes:
-    payload = {"type": kind, "sequence_number": sequence, **fields}
-    data = json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
-    return f"event: {kind}\ndata: {data}\n\n".encode()
+    data = orjson.dumps({"type": kind, "sequence_number": sequence, **fields})
+    return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"

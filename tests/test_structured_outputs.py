@@ -379,3 +379,40 @@ def test_smollm2_answers_json_objects_and_parsed_models(real_server):
         temperature=0,
     )
     assert "Paris" in parsed.choices[0].message.parsed.capital
+
+
+def strict_json(text: str):
+    """JSON as JavaScript reads it: Python's json would also take NaN and -Infinity."""
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_logprobs_of_tokens_the_grammar_rules_out_are_a_finite_floor(server):
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Pick one."}],
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": SCHEMAS["enum"]},
+        },
+        "logprobs": True,
+        "top_logprobs": 20,
+        "max_tokens": 16,
+        "temperature": 0,
+        **NO_EOS,
+    }
+    with server.http() as http:
+        full = strict_json(http.post("/v1/chat/completions", json=body).text)
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+    entries = full["choices"][0]["logprobs"]["content"]
+    for event in map(strict_json, events):
+        for choice in event["choices"]:
+            entries += (choice["logprobs"] or {}).get("content") or []
+    assert entries
+    for entry in entries:
+        for logprob in [entry["logprob"]] + [t["logprob"] for t in entry["top_logprobs"]]:
+            assert -9999.0 <= logprob <= 0

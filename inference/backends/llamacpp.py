@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -314,6 +315,11 @@ async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
     raise asyncio.IncompleteReadError(pending, None)  # closed before the last chunk
 
 
+def _logprob(value: float | None) -> float:
+    # llama-server's JSON library writes -inf (a token its sampler ruled out) as null.
+    return -math.inf if value is None else value
+
+
 async def _until_closed(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
     while data := await reader.read(1 << 16):
         yield data
@@ -496,8 +502,10 @@ class LlamaCppModel(LoadedModel):
         for i, token in enumerate(chunk.get("tokens") or ()):
             lp, top = None, ()
             if want and i < len(probs):
-                lp = probs[i].get("logprob")
-                top = tuple((t["id"], t["logprob"]) for t in probs[i].get("top_logprobs", ()))
+                lp = _logprob(probs[i].get("logprob"))
+                top = tuple(
+                    (t["id"], _logprob(t["logprob"])) for t in probs[i].get("top_logprobs", ())
+                )
             deltas.append(TokenDelta(token, lp, top[:top_n]))
         return deltas
 

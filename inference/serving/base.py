@@ -16,6 +16,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
+import orjson
 from django.conf import settings
 from django.http import StreamingHttpResponse
 
@@ -605,13 +606,22 @@ async def submit(job: Job) -> GenerationGroup:
         ) from None
 
 
-_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+LOGPROB_FLOOR = -9999.0
+
+
+def finite(logprob: float) -> float:
+    """A log-probability JSON can carry: a token the sampler ruled out (a grammar, logit_bias)
+    has -inf, which JSON has no number for. vLLM's floor."""
+    return logprob if logprob > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
 def sse(data: dict | str) -> bytes:
-    """One event, as bytes: Django encodes a str part with a charset lookup on every part."""
-    payload = data if isinstance(data, str) else _compact_json(data)
-    return f"data: {payload}\n\n".encode()
+    """One event, as bytes (a str part would cost Django a charset lookup per event). orjson
+    writes compact UTF-8 in one call; streaming a token runs this once, so it is most of the
+    JSON work per token."""
+    if isinstance(data, str):
+        return b"data: " + data.encode() + b"\n\n"
+    return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
 async def run_to_end(job: Job) -> list[Choice]:

@@ -29,6 +29,7 @@ from inference.serving.base import (
     ModelDefaults,
     budget,
     chat_template,
+    finite,
     load_model,
     reasoning_tokens,
     render_chat,
@@ -176,7 +177,7 @@ def chat_logprobs(job: Job, entries: list[tuple[int, float, tuple]]) -> dict | N
 
     def item(token: int, logprob: float) -> dict:
         text, raw = texts.get(token)
-        return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"token": text, "logprob": finite(logprob), "bytes": raw}
 
     content = []
     for token, logprob, top in entries:

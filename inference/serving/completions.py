@@ -12,6 +12,7 @@ from inference.serving.base import (
     ModelDefaults,
     budget,
     encode_prompt,
+    finite,
     load_model,
     resolve_model,
     run_to_end,
@@ -36,8 +37,10 @@ def completion_logprobs(
     for token, logprob, top in entries:
         text, _ = texts.get(token)
         tokens.append(text)
-        token_logprobs.append(logprob)
-        top_logprobs.append({texts.get(t)[0]: lp for t, lp in top} if job.top_logprobs else None)
+        token_logprobs.append(finite(logprob))
+        top_logprobs.append(
+            {texts.get(t)[0]: finite(lp) for t, lp in top} if job.top_logprobs else None
+        )
         text_offset.append(position)
         position += len(text)
     return {
