@@ -4,9 +4,14 @@ parametrized over backends (the `server` fixture)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+
+import psutil
 import pytest
 
 from tests.conftest import VLLM, vllm_tested_here
+from tests.test_chat_completions import NO_EOS
 
 pytestmark = pytest.mark.skipif(not vllm_tested_here(), reason="vLLM is for Linux and CUDA only")
 
@@ -62,3 +67,44 @@ def test_a_model_vllm_cannot_load_answers_503_with_vllms_reason(vllm_server, tmp
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
     )
     assert reply.choices[0].message.content is not None  # the others keep working
+
+
+def test_an_engine_core_that_dies_mid_answer_ends_it_with_an_error_and_the_next_request_restarts_it(
+    vllm_server, tiny_vllm_dir
+):
+    # A model of its own, so that the engine killed here is no other test's. It unloads once
+    # idle for a while, which frees its place among the resident models for the tests after.
+    vllm_server.manage("import_model", str(tiny_vllm_dir), "--name", "fragile")
+    vllm_server.set_model("fragile", **VLLM, keep_alive_seconds=30)
+    server = psutil.Process(vllm_server.proc.pid)
+
+    def engine_cores() -> set[int]:
+        found = set()
+        for p in server.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                title = " ".join(p.cmdline())  # vLLM names it "VLLM::EngineCore"
+                if "EngineCore" in title and p.status() != psutil.STATUS_ZOMBIE:
+                    found.add(p.pid)
+        return found
+
+    others = engine_cores()
+    client = vllm_server.openai()
+    hi = [{"role": "user", "content": "Hi"}]
+    client.chat.completions.create(model="fragile", messages=hi, max_tokens=1)  # loaded
+    [core] = engine_cores() - others
+    events = []
+    body = {"model": "fragile", "messages": hi, "max_tokens": 1500, "stream": True, **NO_EOS}
+    with vllm_server.http() as http:
+        with http.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 2:
+                        psutil.Process(core).kill()
+    assert "choices" in events[1]  # the answer had begun
+    error = events[-1]["error"]
+    assert "vLLM's engine core exited (killed by SIGKILL)" in error["message"]
+    assert error["type"] == "server_error"
+    reply = client.chat.completions.create(model="fragile", messages=hi, max_tokens=3)
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert engine_cores() - others - {core}  # a new engine core serves it

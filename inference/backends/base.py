@@ -9,6 +9,8 @@ what is missing (detokenizing and stop strings for mlx, nothing of that for vLLM
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -27,6 +29,14 @@ class QueueFull(Exception):
 
 class ModelBusy(Exception):
     """A model cannot be loaded (pinned models or the memory budget leave no room)."""
+
+
+def exit_description(code: int) -> str:
+    """A process's exit status as a person reads it: "exit code 1", "killed by SIGKILL"."""
+    if code < 0:
+        with contextlib.suppress(ValueError):  # a signal without a name (real-time ones)
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
 
 
 @dataclass(frozen=True)

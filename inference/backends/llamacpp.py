@@ -48,6 +48,7 @@ from inference.backends.base import (
     BackendUnavailable,
     Capabilities,
     LoadedModel,
+    exit_description,
 )
 from inference.backends.threads import Inflight
 from inference.gbnf import json_to_gbnf, lark_to_gbnf, load_converter
@@ -217,11 +218,7 @@ class Runner:
         return "; ".join(lines[-3:]) or "; ".join(list(self.output)[-3:]) or "no output"
 
     def exit_reason(self) -> str:
-        code = self.process.returncode
-        how = f"exit code {code}"
-        if code < 0:
-            with contextlib.suppress(ValueError):  # a signal without a name (real-time ones)
-                how = f"killed by {signal.Signals(-code).name}"
+        how = exit_description(self.process.returncode)
         return f"llama-server exited ({how}): {self.reason()}"
 
     def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:

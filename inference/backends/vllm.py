@@ -42,6 +42,7 @@ from inference.backends.base import (
     Capabilities,
     EmbeddingModel,
     LoadedModel,
+    exit_description,
 )
 from inference.backends.threads import DeltaStream, Inflight, LoopThread
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
@@ -236,6 +237,22 @@ class _VLLMModel:
         self.eos_token_ids = eos_token_ids
         self._lock = threading.Lock()
 
+    @property
+    def alive(self) -> bool:
+        """False once vLLM's engine core has died (its process killed or crashed): AsyncLLM then
+        refuses every request for good, and the residency loads the model again."""
+        engine = self.engine
+        return engine is None or not engine.errored
+
+    def death(self) -> str:
+        """How the engine core ended, for the requests it failed."""
+        resources = getattr(getattr(self.engine, "engine_core", None), "resources", None)
+        manager = getattr(resources, "engine_manager", None)
+        codes = [p.exitcode for p in getattr(manager, "processes", ()) if p.exitcode]
+        if not codes:
+            return "vLLM's engine core stopped"
+        return f"vLLM's engine core exited ({exit_description(codes[0])})"
+
     def _shut_down(self) -> None:
         """Stop the engine (its core process and workers) and leave the backend's list."""
         try:
@@ -345,10 +362,9 @@ class VLLMLoadedModel(_VLLMModel, LoadedModel):
             if req.aborted:
                 req.stream.put([TokenDelta(None, finish_reason="stop", text="")])
             else:
-                log.warning("vLLM request %s failed: %s: %s", rid, type(exc).__name__, exc)
-                req.stream.put(
-                    [TokenDelta(None, finish_reason="error", error=f"{type(exc).__name__}: {exc}")]
-                )
+                reason = f"{type(exc).__name__}: {exc}" if self.alive else self.death()
+                log.warning("vLLM request %s failed: %s", rid, reason)
+                req.stream.put([TokenDelta(None, finish_reason="error", error=reason)])
 
     def _convert(
         self, out: Any, first: bool, carry: str, want_logprobs: bool, top_n: int, req: _Request
