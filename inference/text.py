@@ -9,10 +9,16 @@ from functools import lru_cache
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
-from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-# GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
-BYTE_DECODER = {char: byte for byte, char in bytes_to_unicode().items()}
+
+@lru_cache(maxsize=1)
+def byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, reversed: which byte each printable stand-in char means.
+    Imported on first use: transformers takes seconds to import, which every `manage.py`
+    command would pay (its checks load the URLconf, and with it this module)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 class TokenTexts:
@@ -24,12 +30,13 @@ class TokenTexts:
 
     def _get(self, token: int) -> tuple[str, list[int]]:
         piece = self._tokenizer.convert_ids_to_tokens(token)
+        decoder = byte_decoder()
         if piece is None:
             return "", []
         if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
             raw = bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
-        elif all(ch in BYTE_DECODER for ch in piece):
-            raw = bytes(BYTE_DECODER[ch] for ch in piece)
+        elif all(ch in decoder for ch in piece):
+            raw = bytes(decoder[ch] for ch in piece)
         else:
             raw = piece.replace("▁", " ").encode()
         return raw.decode("utf-8", errors="replace"), list(raw)
