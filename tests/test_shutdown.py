@@ -19,7 +19,10 @@ from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
 from tests.test_downloads import REPO, hub_env
 
-TOKENS = 120
+# The answer in flight at the stop: five seconds of the tiny model here, so it is still running
+# when the signal lands on a much faster machine too; a slow one has all of GRACE to finish it.
+TOKENS = 1000
+GRACE = {"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": "300"}
 
 
 def refuses_connections(server: Server) -> bool:
@@ -44,9 +47,11 @@ def gone(processes: list[psutil.Process]) -> bool:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_lets_the_answer_in_flight_finish_writes_its_row_and_exits_0(
-    tmp_path, smollm_dir, signum
+    tmp_path, tiny_dir, signum
 ):
-    server = Server(tmp_path, models=[("tiny", smollm_dir, True)], ready_timeout=300).start()
+    server = Server(
+        tmp_path, models=[("tiny", tiny_dir, True)], env=GRACE, ready_timeout=300
+    ).start()
     processes = process_tree(server)
     try:
         with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
@@ -65,17 +70,15 @@ def test_a_stop_lets_the_answer_in_flight_finish_writes_its_row_and_exits_0(
     wait_until(lambda: gone(processes), timeout=30)
 
 
-def test_past_the_grace_period_a_stop_cuts_the_answer_and_records_it_cancelled(
-    tmp_path, smollm_dir
-):
+def test_past_the_grace_period_a_stop_cuts_the_answer_and_records_it_cancelled(tmp_path, tiny_dir):
     server = Server(
         tmp_path,
-        models=[("tiny", smollm_dir, True)],
+        models=[("tiny", tiny_dir, True)],
         env={"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": "0"},
         ready_timeout=300,
     ).start()
     try:
-        with server.chat_stream("Count slowly", 5000, temperature=0, **NO_EOS) as events:
+        with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
             next(events)
             server.proc.send_signal(signal.SIGTERM)
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
@@ -85,12 +88,14 @@ def test_past_the_grace_period_a_stop_cuts_the_answer_and_records_it_cancelled(
         server.stop()
     assert "grace period over: cancelling 1 request(s)" in server.log()
     [(outcome, _, tokens)] = request_rows(server)
-    assert outcome == "cancelled" and tokens < 5000
+    assert outcome == "cancelled" and tokens < TOKENS
 
 
-def test_a_server_that_is_draining_says_so_on_ready(tmp_path, smollm_dir):
+def test_a_server_that_is_draining_says_so_on_ready(tmp_path, tiny_dir):
     # /ready turns 503 the moment a stop begins, for load balancers on kept-alive connections.
-    server = Server(tmp_path, models=[("tiny", smollm_dir, True)], ready_timeout=300).start()
+    server = Server(
+        tmp_path, models=[("tiny", tiny_dir, True)], env=GRACE, ready_timeout=300
+    ).start()
     try:
         with server.http() as http:
             assert http.get("/ready").status_code == 200
