@@ -19,8 +19,8 @@ from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
 from tests.test_downloads import REPO, hub_env
 
-# The answer in flight at the stop: five seconds of the tiny model here, so it is still running
-# when the signal lands on a much faster machine too; a slow one has all of GRACE to finish it.
+# The answer in flight at the stop: long enough to be still running when the signal lands, on a
+# much faster machine too; a slow one has all of GRACE to finish it.
 TOKENS = 1000
 GRACE = {"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": "300"}
 
