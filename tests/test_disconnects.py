@@ -16,14 +16,13 @@ from tests.helpers import Server, wait_until
 from tests.test_chat_completions import NO_EOS
 from tests.test_tools import TOOLS
 
-DROPS = 1000
 CONCURRENCY = 24
 # How many of the drops happen at each point. A forced tool call is the slow one: the tiny model's
 # random choices are mostly refused by the grammar, which llama.cpp then applies to the whole
 # vocabulary at each step. A tenth of the storm is enough to show that an abort there (with a
 # grammar's state in the engine) leaves nothing behind too.
 POINTS = {"before_first_token": 300, "mid_prefill": 300, "mid_decode": 300, "mid_tool_call": 100}
-assert sum(POINTS.values()) == DROPS
+DROPS = sum(POINTS.values())
 LONG_PROMPT = " ".join(f"word{i}" for i in range(300))
 
 
