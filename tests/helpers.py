@@ -151,8 +151,8 @@ class Server:
 
     def start(self, **popen) -> Server:
         """Import the models, then run `serve`; `popen`: more subprocess.Popen arguments."""
-        # What llamacpp reads from a GGUF (transformers' conversion of its vocabulary, 15 s for
-        # SmolLM2's) is kept by the file's path, size and mtime: one copy for every test server.
+        # What llamacpp reads from a GGUF (its vocabulary converted to a tokenizer, seconds per
+        # file) is kept by the file's path, size and mtime: one copy for every test server.
         shared = CACHE / "llamacpp-facts"
         shared.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "cache").mkdir(parents=True, exist_ok=True)

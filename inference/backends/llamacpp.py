@@ -93,7 +93,7 @@ def find_llama_server(configured: str | os.PathLike | None = None) -> Path | Non
 
 def _gguf_facts(path: Path, cache_dir: Path, spawn) -> tuple[Path, dict]:
     """The file's tokenizer folder and the metadata the runner's sizing needs, read once per file
-    (transformers' conversion of the vocabulary takes 10-20 s) by a child process that `spawn`
+    (converting the vocabulary takes seconds) by a child process that `spawn`
     starts: a stop meanwhile kills it rather than waiting, and the memory it takes (Gemma's
     vocabulary is 262k tokens) goes with it."""
     stat = path.stat()
@@ -122,19 +122,16 @@ def _gguf_facts(path: Path, cache_dir: Path, spawn) -> tuple[Path, dict]:
 
 def read_gguf(path: Path, out: Path) -> None:
     """In _gguf_facts' child process: write the GGUF's facts and its tokenizer to `out`."""
+    # transformers' own GGUF reader: gguf's GGUFReader makes a numpy view per string, which
+    # took most of a minute for Gemma 3's vocabulary of 262k tokens.
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf import read_gguf_metadata
+
     try:
-        import gguf
-    except ImportError as exc:
-        raise LlamaServerError(f"the llamacpp backend needs the gguf package: {exc}") from exc
-    try:
-        reader = gguf.GGUFReader(str(path))
+        metadata, _ = read_gguf_metadata(str(path))
     except Exception as exc:
         raise LlamaServerError(f"{path.name} is not a readable GGUF file: {exc}") from exc
-
-    def field(name: str, default: Any = None) -> Any:
-        f = reader.fields.get(name)
-        return default if f is None else f.contents()
-
+    field = metadata.get
     arch = field("general.architecture", "")
     heads = field(f"{arch}.attention.head_count", 1)
     heads = max(heads) if isinstance(heads, list) else heads
@@ -155,10 +152,11 @@ def read_gguf(path: Path, out: Path) -> None:
         "add_bos": bool(field("tokenizer.ggml.add_bos_token", False)),
         "add_eos": bool(field("tokenizer.ggml.add_eos_token", False)),
     }
-    from transformers import AutoTokenizer
-
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        # Not AutoTokenizer: to pick a class it builds the model's config, which for most
+        # architectures reads the file again with GGUFReader. The vocabulary, merges and special
+        # tokens, all serving uses, are the same in either class.
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as exc:
         raise LlamaServerError(
             f"cannot build a tokenizer from {path.name}'s vocabulary: {exc}"
