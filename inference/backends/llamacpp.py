@@ -113,8 +113,12 @@ def _gguf_facts(path: Path, cache_dir: Path, spawn) -> tuple[Path, dict]:
             if child.returncode:
                 lines = [ln for ln in err.decode("utf-8", "replace").splitlines() if ln.strip()]
                 raise LlamaServerError(lines[-1] if lines else f"reading {path.name} failed")
-            shutil.rmtree(folder, ignore_errors=True)
-            os.rename(tmp, folder)
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                # Another server sharing the data directory wrote it first; theirs is whole.
+                if not facts_file.is_file():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return folder, json.loads(facts_file.read_text())
@@ -680,9 +684,10 @@ class LlamaCppBackend(Backend):
             folder, facts = _gguf_facts(path, self.cache_dir, self._spawn)
             if self._stopping:
                 raise LlamaServerError("stopped")
-            from transformers import AutoTokenizer
+            # What read_gguf saved; AutoTokenizer's module would import torch for nothing.
+            from transformers import PreTrainedTokenizerFast
 
-            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
             tokenizer.add_bos_token = facts.get("add_bos", False)
             tokenizer.add_eos_token = facts.get("add_eos", False)
             context = spec.context_length or min(int(facts["context_length"]), DEFAULT_CONTEXT)
