@@ -98,12 +98,16 @@ serve: setup
 sysdeps:
 	bash .ci/sysdeps
 
+# Two pytest-xdist workers, each test in the worker that runs its shared servers (the groups in
+# tests/conftest.py): an engine start spends most of its time importing on one core.
+TEST_WORKERS ?= 2
+
 test: sysdeps setup $(TEST_DEPS)
 	@test -x $(LLAMA_SERVER) || { echo "llama-server was not built (see above)"; exit 1; }
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data $(VENV)/bin/python manage.py makemigrations --check --dry-run
 	LLM_SERVICE_DATA_DIR=$(CURDIR)/.cache/test-data LLM_SERVICE_DEMO_GGUF=$(CURDIR)/$(DEMO_GGUF) \
 		LLM_SERVICE_LLAMA_CPP_SDIST=$(CURDIR)/$(LLAMA_CPP_SDIST) LLM_SERVICE_MINILM=$(CURDIR)/$(MINILM) \
-		$(VENV)/bin/python -m pytest
+		$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: setup
 	$(VENV)/bin/ruff check .

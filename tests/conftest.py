@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
 import subprocess
@@ -21,12 +23,22 @@ from tests.helpers import (
 )
 
 
+@contextlib.contextmanager
+def _building(target: Path):
+    """Held while `target` is built: the test workers (pytest-xdist) build it once between them."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _build_once(target: Path, build) -> Path:
     """Build a cached model folder; a half-built one is never left behind as if complete."""
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    build(target)
+    with _building(target):
+        if not (target / "config.json").is_file():
+            build(target)
     return target
 
 
@@ -136,28 +148,22 @@ BACKENDS = ["mlx"] + ["vllm"] * vllm_tested_here() + ["llamacpp"] * llamacpp_tes
 def gguf_of(folder: Path, target: Path) -> Path:
     """`folder` written as one float32 GGUF by llama.cpp's own convert_hf_to_gguf.py, taken with
     its gguf-py from the llama-cpp-python sdist that llama-server is built from."""
-    import json
-    import shutil
-    import tarfile
-    import tempfile
-
     if target.is_file():
         return target
+    with _building(target):
+        if not target.is_file():
+            _convert_to_gguf(folder, target)
+    return target
+
+
+def _convert_to_gguf(folder: Path, target: Path) -> None:
+    import json
+    import tempfile
+
     converter = CACHE / "llama-convert"
-    if not (converter / "convert_hf_to_gguf.py").is_file():
-        with (
-            tempfile.TemporaryDirectory(dir=CACHE) as tmp,
-            tarfile.open(llama_cpp_sdist()) as sdist,
-        ):
-            wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-            for member in sdist:
-                inside = member.name.partition("/vendor/llama.cpp/")[2]
-                if inside.startswith(wanted):
-                    member.name = inside
-                    sdist.extract(member, tmp, filter="data")
-            shutil.rmtree(converter, ignore_errors=True)
-            os.rename(tmp, converter)
-            os.mkdir(tmp)  # for TemporaryDirectory's cleanup
+    with _building(converter):
+        if not (converter / "convert_hf_to_gguf.py").is_file():
+            _extract_converter(converter)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         source = Path(tmp) / "model"
         source.mkdir()
@@ -178,7 +184,23 @@ def gguf_of(folder: Path, target: Path) -> Path:
             capture_output=True,
         )
         os.replace(partial, target)
-    return target
+
+
+def _extract_converter(converter: Path) -> None:
+    import shutil
+    import tarfile
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp, tarfile.open(llama_cpp_sdist()) as sdist:
+        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
+        for member in sdist:
+            inside = member.name.partition("/vendor/llama.cpp/")[2]
+            if inside.startswith(wanted):
+                member.name = inside
+                sdist.extract(member, tmp, filter="data")
+        shutil.rmtree(converter, ignore_errors=True)
+        os.rename(tmp, converter)
+        os.mkdir(tmp)  # for TemporaryDirectory's cleanup
 
 
 @pytest.fixture(scope="session")
@@ -334,9 +356,36 @@ def client(server: Server):
     return server.openai()
 
 
+# The session's servers, by the backend whose engines they hold.
+SERVER_BACKENDS = {
+    "mlx_server": "mlx",
+    "mlx_real_server": "mlx",
+    "vllm_server": "vllm",
+    "llamacpp_server": "llamacpp",
+    "llamacpp_real_server": "llamacpp",
+}
+
+
+def xdist_group(item) -> str:
+    """The backend whose shared servers or engines a test uses, else its module (whose fixtures
+    its tests share). `make test` runs the suite in pytest-xdist workers (--dist loadgroup), and
+    a group's tests all run in one worker, so each shared server starts once."""
+    params = getattr(item, "callspec", None)
+    for value in params.params.values() if params else ():
+        if isinstance(value, str) and value in BACKENDS:
+            return value
+    for name in item.fixturenames:
+        if name in SERVER_BACKENDS:
+            return SERVER_BACKENDS[name]
+    module = item.module.__name__
+    return next((b for b in ("vllm", "llamacpp") if b in module), module)
+
+
 def pytest_collection_modifyitems(config, items):
     # Fast tests first, so a broken basic behaviour shows before the slow end-to-end ones.
     items.sort(key=lambda item: 1 if "real_model" in item.keywords else 0)
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
