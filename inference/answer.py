@@ -9,6 +9,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
+from inference.mlx_lm_parts import infer_thinking
 from inference.text import partial_suffix
 from inference.tools import ParsedCall, ToolCallReader
 
@@ -26,10 +27,8 @@ def thinking_markers(tokenizer: Any, setting: str) -> tuple[str, str] | None:
     if setting == "think":
         return THINK
     if tokenizer not in _inferred:
-        from mlx_lm.tokenizer_utils import _infer_thinking
-
         try:
-            found = _infer_thinking(tokenizer)
+            found = infer_thinking(tokenizer)
         except Exception:
             found = None
         _inferred[tokenizer] = (found[0], found[1]) if found and found[0] and found[1] else None

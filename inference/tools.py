@@ -11,7 +11,6 @@ the call (llguidance's lazy lexemes, as its structural tags do).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import re
 import uuid
@@ -22,6 +21,7 @@ from typing import Any
 
 from jinja2 import Environment, meta
 
+from inference.mlx_lm_parts import infer_tool_parser, tool_parser
 from inference.text import partial_suffix
 
 ANY_ARGUMENTS: dict[str, Any] = {"type": "object", "properties": {}, "additionalProperties": False}
@@ -200,7 +200,7 @@ class LibraryFormat(ToolFormat):
     def __init__(self, module: str | None = None) -> None:
         if module is not None:
             self.module = self.name = module
-        self._parser = importlib.import_module(f"mlx_lm.tool_parsers.{self.module}")
+        self._parser = tool_parser(self.module)
         self.start, self.end = self._parser.tool_call_start, self._parser.tool_call_end
 
     def _library_parse(self, segment: str) -> Any:
@@ -379,10 +379,8 @@ def infer_format(template: str | None, vocab: dict[str, int]) -> str:
     if template and ("<|python_tag|>" in template or '"parameters": dictionary' in template):
         return "llama3_json"
     if template:
-        from mlx_lm.tokenizer_utils import _infer_tool_parser
-
         try:
-            found = _infer_tool_parser(_TemplateView(template, vocab))
+            found = infer_tool_parser(_TemplateView(template, vocab))
         except Exception:
             found = None
         if found:

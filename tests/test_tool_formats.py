@@ -5,6 +5,9 @@ reasoning, content and calls however it is cut into pieces."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import llguidance
 import llguidance.hf
@@ -36,6 +39,7 @@ WEATHER = ToolDef(
 )
 NOW = ToolDef("now", None, None)
 TOOLS = [WEATHER, NOW]
+ROOT = Path(__file__).resolve().parent.parent
 PARIS = ("get_weather", {"city": "Paris", "unit": "c"})
 
 
@@ -147,6 +151,30 @@ def test_templates_that_render_tools_are_told_from_those_that_do_not():
     assert template_renders_tools("{% for t in tools %}{{ t | tojson }}{% endfor %}")
     assert not template_renders_tools("{% for m in messages %}{{ m.content }}{% endfor %}")
     assert not template_renders_tools(None)
+
+
+def test_reading_calls_and_reasoning_loads_neither_mlx_nor_torch():
+    """A llama.cpp or vLLM server's first chat would otherwise wait seconds for mlx-lm's package
+    import (mlx, torch, scikit-learn) on the event loop."""
+    script = """
+import sys
+from inference.answer import thinking_markers
+from inference.tools import get_format, infer_format
+
+class Vocab:
+    def get_vocab(self):
+        return {"<think>": 1, "</think>": 2}
+
+assert thinking_markers(Vocab(), "auto") == ("<think>", "</think>")
+assert infer_format("{{ tools }}<tool_call>\\n<function=", {}) == "qwen3_coder"
+call = get_format("qwen3_coder").parse("<function=now>\\n</function>")
+assert call, call
+print(sorted(m for m in ("mlx", "mlx_lm", "torch", "sklearn") if m in sys.modules))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_the_format_is_inferred_from_the_template():
