@@ -381,6 +381,8 @@ def xdist_group(item) -> str:
     return next((b for b in ("vllm", "llamacpp") if b in module), module)
 
 
+# First: pytest-xdist's own hook reads the groups from these markers.
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     # Fast tests first, so a broken basic behaviour shows before the slow end-to-end ones.
     items.sort(key=lambda item: 1 if "real_model" in item.keywords else 0)
