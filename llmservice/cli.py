@@ -251,12 +251,20 @@ def main(argv: list[str] | None = None) -> None:
         leave(0)
 
 
+# The engine's shutdown joins its threads for at most 30 s (inference/residency.py) and 5 s each.
+EXIT_SECONDS = 90
+
+
 def leave(code: int) -> None:
     """Exit after the orderly part of an exit (the engine's shutdown, the analytics flush: the
     atexit handlers) but before native destructors: mlx's threads could still abort the process
-    there ("terminate called without an active exception", exit -6) after a clean stop."""
+    there ("terminate called without an active exception", exit -6) after a clean stop. If that
+    part hangs, every thread's stack goes to stderr and the process exits 1 after EXIT_SECONDS:
+    a stop always ends, and says where it was stuck."""
     import atexit
+    import faulthandler
 
+    faulthandler.dump_traceback_later(EXIT_SECONDS, exit=True)
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

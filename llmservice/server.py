@@ -14,7 +14,7 @@ import time
 
 from daphne.cli import CommandLineInterface
 from daphne.server import Server
-from twisted.internet import reactor, tcp
+from twisted.internet import defer, reactor, tcp
 
 from llmservice.lifecycle import lifecycle
 
@@ -51,8 +51,9 @@ class GracefulServer(Server):
             self.stop()
             return
         lifecycle.draining = True
-        for port in self.ports:
-            port.stopListening()
+        # Closed by the reactor on a later turn: the stop waits for them, or a reactor stopped
+        # first would leave the sockets open (accepting into the backlog) until the process ends.
+        self.closing = [d for d in (port.stopListening() for port in self.ports) if d is not None]
         _say(
             f"{reason}: not accepting connections; waiting up to {self.grace_seconds:g} s "
             f"for {lifecycle.in_flight} request(s) in flight"
@@ -73,7 +74,7 @@ class GracefulServer(Server):
                     protocol.transport.abortConnection()
             self._wait_for_requests(time.monotonic() + CUT_SECONDS, cut=True)
             return
-        self.stop()
+        defer.DeferredList(self.closing).addBoth(lambda _: self.stop())
 
 
 def _say(message: str) -> None:
