@@ -84,7 +84,9 @@ class Install:
 
     def pull(self, *args: str) -> tuple[subprocess.CompletedProcess, int | None]:
         result = self.manage("pull_model", *args)
-        match = re.search(r"Download (\d+) queued", result.stdout)
+        # A worker may fail the download before the command reads its row back: then the
+        # command says only that it failed.
+        match = re.search(r"[Dd]ownload (\d+) (?:queued|failed)", result.stdout + result.stderr)
         return result, int(match.group(1)) if match else None
 
     def start_worker(self) -> subprocess.Popen:

@@ -49,7 +49,7 @@ class Command(BaseCommand):
         except downloads.DownloadError as exc:
             raise CommandError(str(exc)) from exc
         row.refresh_from_db()
-        if row.status == Download.Status.FAILED:  # could not even be queued
+        if row.status == Download.Status.FAILED:  # not queued, or a worker failed it at once
             raise CommandError(f"download {row.pk} failed: {row.error}")
         self.stdout.write(
             f"Download {row.pk} queued: {row.repo_id}@{row.revision} -> model {row.name}"
