@@ -84,6 +84,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def ended(process) -> bool:
+    """Whether a psutil.Process has exited (a zombie its parent has not reaped yet counts)."""
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while True:

@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import Server, wait_until
+from tests.helpers import Server, ended, wait_until
 from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
 from tests.test_downloads import REPO, hub_env
@@ -42,7 +42,7 @@ def process_tree(server: Server) -> list[psutil.Process]:
 
 
 def gone(processes: list[psutil.Process]) -> bool:
-    return not [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return all(ended(p) for p in processes)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import llguidance
 import llguidance.hf
@@ -25,7 +24,7 @@ from inference.tools import (
     template_renders_tools,
     tool_grammar,
 )
-from tests.helpers import real_chat_template
+from tests.helpers import ROOT, real_chat_template
 
 WEATHER = ToolDef(
     "get_weather",
@@ -39,7 +38,6 @@ WEATHER = ToolDef(
 )
 NOW = ToolDef("now", None, None)
 TOOLS = [WEATHER, NOW]
-ROOT = Path(__file__).resolve().parent.parent
 PARIS = ("get_weather", {"city": "Paris", "unit": "c"})
 
 

@@ -268,7 +268,7 @@ def test_a_server_killed_outright_takes_its_engine_processes_with_it(tiny_vllm_d
 
     import psutil
 
-    from tests.helpers import ROOT, wait_until
+    from tests.helpers import ROOT, ended, wait_until
 
     server = subprocess.Popen(
         [sys.executable, "-c", LOAD_AND_WAIT, str(tiny_vllm_dir)],
@@ -284,11 +284,5 @@ def test_a_server_killed_outright_takes_its_engine_processes_with_it(tiny_vllm_d
     finally:
         server.kill()
         server.wait(30)
-
-    def ended(p: psutil.Process) -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
 
     wait_until(lambda: all(ended(p) for p in engine), timeout=60, interval=0.2)

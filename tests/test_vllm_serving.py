@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from tests.conftest import VLLM, vllm_tested_here
-from tests.helpers import wait_until
+from tests.helpers import ended, wait_until
 from tests.test_chat_completions import NO_EOS
 
 pytestmark = pytest.mark.skipif(not vllm_tested_here(), reason="vLLM is for Linux and CUDA only")
@@ -97,10 +97,4 @@ def test_a_dead_engine_core_errors_its_answer_is_replaced_and_ends_when_its_mode
     assert len(engine) > 1  # the engine core and its worker
 
     # Idle past its keep-alive, the model is closed, and its engine's processes end with it.
-    def ended(p: psutil.Process) -> bool:
-        try:
-            return p.status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
     wait_until(lambda: all(ended(p) for p in engine), timeout=300, interval=0.5)
