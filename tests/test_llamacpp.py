@@ -14,6 +14,7 @@ import jsonschema
 import openai
 import psutil
 import pytest
+import transformers
 from pydantic import BaseModel, Field
 
 from tests.conftest import llamacpp_tested_here
@@ -62,10 +63,37 @@ def test_characters_split_across_tokens_come_out_whole(llamacpp_real_server):
     full = client.completions.create(model="smollm2", prompt=prompt, max_tokens=30, temperature=0)
     text = full.choices[0].text
     assert "\ufffd" not in text and "我" in text, text
+    assert (full.choices[0].finish_reason, full.usage.completion_tokens) == ("length", 30)
     stream = client.completions.create(
         model="smollm2", prompt=prompt, max_tokens=30, temperature=0, stream=True
     )
     assert "".join(c.choices[0].text for c in stream if c.choices) == text
+
+
+def test_tokens_streamed_only_with_the_next_one_are_still_counted(llamacpp_server, tiny_dir):
+    """A token that leaves half a character comes from llama-server only inside the next one's
+    text, and one at the end never comes: usage still counts every token generated, and the
+    streamed text is the full answer's. The bias makes the model alternate between such a
+    token and a word, so that the answer takes both paths."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
+    broken, word = tokenizer.convert_tokens_to_ids(["ĠâĢ", "Ġarts"])
+    client = llamacpp_server.openai()
+    ask = dict(model="tiny", prompt="a", max_tokens=12, temperature=0, frequency_penalty=2)
+    full = client.completions.create(**ask, logit_bias={str(broken): 100, str(word): 100})
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 12
+    assert set(text.split()) == {"\ufffd", "arts"}, text
+    stream = client.completions.create(
+        **ask,
+        logit_bias={str(broken): 100, str(word): 100},
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == 12
+    only_broken = client.completions.create(**ask, logit_bias={str(broken): 100})
+    assert (only_broken.choices[0].text, only_broken.usage.completion_tokens) == ("", 12)
 
 
 def test_sampling_parameters_hold_on_llama_cpp(llamacpp_real_server):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from inference.text import Detokenizer, StopFilter, TokenTexts
+from inference.text import Detokenizer, Speller, StopFilter, TokenTexts
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +62,37 @@ def test_token_texts_give_each_token_its_bytes_even_inside_a_character(tokenizer
         " Paris",
         list(b" Paris"),
     )
+
+
+def detokenized(tokenizer, ids: list[int]) -> str:
+    detok = Detokenizer(tokenizer)
+    return "".join(detok.add(t) for t in ids) + detok.flush()
+
+
+def test_text_streamed_without_its_ids_is_spelled_in_as_many_tokens_as_were_generated(tokenizer):
+    speller = Speller(tokenizer)
+    text = "naïve café 東京"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    for count in (len(ids), len(ids) + 1, len(ids) + 3):
+        spelled = speller.spell(text, count, ids[-1])
+        assert spelled is not None and len(spelled) == count and spelled[-1] == ids[-1]
+        assert detokenized(tokenizer, spelled) == text
+    assert speller.spell(text, 2, ids[-1]) is None  # too few tokens for the text
+
+
+def test_a_replacement_character_is_spelled_as_the_unfinished_character_it_stands_for(tokenizer):
+    """A token ending in half a character, then one that cannot continue it: the engine streams
+    their text, ' � arts', which the tokenizer alone would spell in three tokens."""
+    broken, arts = tokenizer.convert_tokens_to_ids(["ĠâĢ", "Ġarts"])
+    text = detokenized(tokenizer, [broken, arts])
+    assert text == " \ufffd arts"
+    assert len(tokenizer.encode(text, add_special_tokens=False)) == 3
+    spelled = Speller(tokenizer).spell(text, 2, arts)
+    assert spelled is not None and len(spelled) == 2
+    assert detokenized(tokenizer, spelled) == text
+
+
+def test_tokens_of_a_character_never_finished_spell_nothing(tokenizer):
+    ids = Speller(tokenizer).unfinished(3)
+    assert len(ids) == 3
+    assert detokenized(tokenizer, ids) == ""

@@ -52,6 +52,7 @@ from inference.backends.base import (
 )
 from inference.backends.threads import Inflight
 from inference.gbnf import json_to_gbnf, lark_to_gbnf, load_converter
+from inference.text import Speller
 from inference.types import Constraint, GenerationRequest, ModelSpec, TokenDelta
 
 log = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ class LlamaCppModel(LoadedModel):
             CAPABILITIES, json_schema=grammars, tool_grammars=grammars
         )
         self._inflight = Inflight()
+        self._speller: Speller | None = None  # built when first needed: see _recovered
 
     def body(self, request: GenerationRequest) -> dict[str, Any]:
         """llama-server's /completion request for one sequence. Every sampler is set, since
@@ -453,8 +455,12 @@ class LlamaCppModel(LoadedModel):
                         raise LlamaServerError(str(chunk["error"].get("message", chunk["error"])))
                     converted = self._convert(chunk, want, top_n)
                     decoded = chunk.get("tokens_predicted")
-                    if converted and decoded is not None and decoded > seen + len(converted):
-                        converted = self._recovered(chunk.get("content") or "", converted)
+                    if decoded is not None and decoded > seen + len(converted):
+                        if self._speller is None:  # a second or so for a large vocabulary
+                            self._speller = await asyncio.to_thread(Speller, self.tokenizer)
+                        converted = self._recovered(
+                            self._speller, chunk.get("content") or "", converted, decoded - seen
+                        )
                     seen = decoded if decoded is not None else seen + len(converted)
                     deltas = held + converted
                     held = []
@@ -508,14 +514,22 @@ class LlamaCppModel(LoadedModel):
             deltas.append(TokenDelta(token, lp, top[:top_n]))
         return deltas
 
-    def _recovered(self, content: str, converted: list[TokenDelta]) -> list[TokenDelta]:
+    def _recovered(
+        self, speller: Speller, content: str, converted: list[TokenDelta], count: int
+    ) -> list[TokenDelta]:
         """llama-server streams a token that leaves half a UTF-8 character only with the token
-        that completes it, and then only that one's id; `content` is their text. Its tokens, as
-        our tokenizer writes it, stand in for the ids left out, so the text is the same."""
+        that completes it, and then only that one's id; `content` is their text, `count` how
+        many tokens they were. Ids spelling that text in that many tokens stand in for the ids
+        left out, so that both the text and usage come out as generated. Tokens of a character
+        that never completed are not streamed at all: ids that spell no text stand in."""
+        if not converted:
+            return [TokenDelta(t) for t in speller.unfinished(count)]
+        last = converted[-1]
         ids = self.tokenizer.encode(content, add_special_tokens=False)
+        if len(ids) != count and last.token is not None:
+            ids = speller.spell(content, count, last.token) or ids
         if not content or not ids:
             return converted
-        last = converted[-1]
         if ids[-1] != last.token:
             last = TokenDelta(ids[-1], finish_reason=last.finish_reason)
         return [TokenDelta(t) for t in ids[:-1]] + [last]
