@@ -136,10 +136,18 @@ class Detokenizer:
 
     def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
         self._backend = tokenizer.backend_tokenizer
+        self._skip = skip_special_tokens
         self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
 
     def add(self, token: int) -> str:
-        return self._stream.step(self._backend, token) or ""
+        try:
+            return self._stream.step(self._backend, token) or ""
+        except Exception:  # the tokenizers library raises a bare Exception
+            # SentencePiece's byte fallback reads a run of byte tokens that does not decode as one
+            # U+FFFD per byte, which can take back text already given out; DecodeStream refuses
+            # to go on from there. Neither can the text: it goes on from this token.
+            self._stream = DecodeStream(skip_special_tokens=self._skip)
+            return self._stream.step(self._backend, token) or ""
 
     def flush(self) -> str:
         # DecodeStream holds back only an incomplete UTF-8 sequence, which never completes now.

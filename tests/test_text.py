@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from inference.text import Detokenizer, Speller, StopFilter, TokenTexts
+from tests.helpers import kquant_gguf_path
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,14 @@ def test_tokens_of_a_character_never_finished_spell_nothing(tokenizer):
     ids = Speller(tokenizer).unfinished(3)
     assert len(ids) == 3
     assert detokenized(tokenizer, ids) == ""
+
+
+def test_a_run_of_byte_tokens_that_breaks_does_not_stop_the_detokenizer():
+    """Gemma's SentencePiece vocabulary: a space as a byte token, then half a character, then a
+    word. Decoded together, the two bytes become two U+FFFD, taking back the space already
+    given out, which the tokenizers library's stream refuses."""
+    gguf = kquant_gguf_path()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    detok = Detokenizer(tokenizer)
+    ids = tokenizer.convert_tokens_to_ids(["<0x20>", "<0xC2>", "▁arts", "▁and", "▁crafts"])
+    assert "".join(detok.add(t) for t in ids) + detok.flush() == "  arts and crafts"
