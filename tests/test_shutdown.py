@@ -5,6 +5,7 @@ download."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import socket
@@ -14,15 +15,16 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import Server, ended, wait_until
+from tests.conftest import gguf_of, llamacpp_tested_here
+from tests.helpers import CACHE, Server, ended, wait_until
 from tests.hub_server import HubServer
 from tests.test_chat_completions import NO_EOS
 from tests.test_downloads import REPO, hub_env
 
 # The answer in flight at the stop: long enough to be still running when the signal lands, on a
-# much faster machine too; a slow one has all of GRACE to finish it.
+# much faster machine too; a slow one has all of GRACE_SECONDS to finish it.
 TOKENS = 1000
-GRACE = {"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": "300"}
+GRACE_SECONDS = "300"
 
 
 def refuses_connections(server: Server) -> bool:
@@ -45,19 +47,54 @@ def gone(processes: list[psutil.Process]) -> bool:
     return all(ended(p) for p in processes)
 
 
+# Where llama.cpp is tested here, the model is served by it, so that the answer can be held at its
+# start by stopping the runner process until the stop has begun: in flight, however slow the
+# machine. Elsewhere (mlx), TOKENS makes it so.
+FREEZABLE = llamacpp_tested_here()
+
+
+def stop_test_server(tmp_path, tiny_dir, grace: str) -> Server:
+    model = (
+        ("tiny", gguf_of(tiny_dir, CACHE / "tiny.gguf"), True, {"backend": "llamacpp"})
+        if FREEZABLE
+        else ("tiny", tiny_dir, True)
+    )
+    env = {"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": grace}
+    return Server(tmp_path, models=[model], env=env, ready_timeout=300).start()
+
+
+@contextlib.contextmanager
+def stopped_mid_answer(server: Server, signum: int):
+    """A long streamed answer, in flight when `signum` stops the server and the server refuses
+    connections; its events, which go on from there once read."""
+    [runner] = [p for p in process_tree(server) if p.name() == "llama-server"] or [None]
+
+    def rest(events):
+        if FREEZABLE:
+            runner.resume()
+        yield from events
+
+    if FREEZABLE:
+        runner.suspend()
+    with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
+        try:
+            assert next(events)["choices"][0]["delta"]["role"] == "assistant"
+            server.proc.send_signal(signum)
+            wait_until(lambda: refuses_connections(server), timeout=60)
+            yield rest(events)
+        finally:
+            if FREEZABLE:
+                runner.resume()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_lets_the_answer_in_flight_finish_writes_its_row_and_exits_0(
     tmp_path, tiny_dir, signum
 ):
-    server = Server(
-        tmp_path, models=[("tiny", tiny_dir, True)], env=GRACE, ready_timeout=300
-    ).start()
+    server = stop_test_server(tmp_path, tiny_dir, GRACE_SECONDS)
     processes = process_tree(server)
     try:
-        with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
-            assert next(events)["choices"][0]["delta"]["role"] == "assistant"
-            server.proc.send_signal(signum)
-            wait_until(lambda: refuses_connections(server), timeout=60)
+        with stopped_mid_answer(server, signum) as events:
             rest = list(events)
         assert server.proc.wait(120) == 0
     finally:
@@ -71,16 +108,9 @@ def test_a_stop_lets_the_answer_in_flight_finish_writes_its_row_and_exits_0(
 
 
 def test_past_the_grace_period_a_stop_cuts_the_answer_and_records_it_cancelled(tmp_path, tiny_dir):
-    server = Server(
-        tmp_path,
-        models=[("tiny", tiny_dir, True)],
-        env={"LLM_SERVICE_SHUTDOWN_GRACE_SECONDS": "0"},
-        ready_timeout=300,
-    ).start()
+    server = stop_test_server(tmp_path, tiny_dir, "0")
     try:
-        with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
-            next(events)
-            server.proc.send_signal(signal.SIGTERM)
+        with stopped_mid_answer(server, signal.SIGTERM) as events:
             with pytest.raises((httpx.ReadError, httpx.RemoteProtocolError)):
                 list(events)
         assert server.proc.wait(120) == 0
@@ -93,16 +123,11 @@ def test_past_the_grace_period_a_stop_cuts_the_answer_and_records_it_cancelled(t
 
 def test_a_server_that_is_draining_says_so_on_ready(tmp_path, tiny_dir):
     # /ready turns 503 the moment a stop begins, for load balancers on kept-alive connections.
-    server = Server(
-        tmp_path, models=[("tiny", tiny_dir, True)], env=GRACE, ready_timeout=300
-    ).start()
+    server = stop_test_server(tmp_path, tiny_dir, GRACE_SECONDS)
     try:
         with server.http() as http:
             assert http.get("/ready").status_code == 200
-            with server.chat_stream("Count slowly", TOKENS, temperature=0, **NO_EOS) as events:
-                next(events)
-                server.proc.send_signal(signal.SIGTERM)
-                wait_until(lambda: refuses_connections(server), timeout=60)
+            with stopped_mid_answer(server, signal.SIGTERM) as events:
                 draining = http.get("/ready")
                 list(events)
         assert server.proc.wait(120) == 0
