@@ -20,7 +20,8 @@ CONCURRENCY = 24
 # How many of the drops happen at each point. A forced tool call is the slow one: the tiny model's
 # random choices are mostly refused by the grammar, which llama.cpp then applies to the whole
 # vocabulary at each step. A tenth of the storm is enough to show that an abort there (with a
-# grammar's state in the engine) leaves nothing behind too.
+# grammar's state in the engine) leaves nothing behind too; it comes a few tokens into the call,
+# as mid-decode ones do, and not after the whole call.
 POINTS = {"before_first_token": 300, "mid_prefill": 300, "mid_decode": 300, "mid_tool_call": 100}
 DROPS = sum(POINTS.values())
 LONG_PROMPT = " ".join(f"word{i}" for i in range(300))
@@ -46,7 +47,8 @@ def body(point: str) -> dict:
         **NO_EOS,
     }
     if point == "mid_tool_call":
-        request.update(tools=TOOLS, tool_choice="required")
+        # The call's text is held until it is whole; its tokens' logprobs come one by one.
+        request.update(tools=TOOLS, tool_choice="required", logprobs=True)
     return request
 
 
@@ -64,15 +66,11 @@ async def drop(server: Server, key: str, point: str, rng: random.Random) -> None
         await writer.drain()
         if point == "mid_prefill":
             await reader.readuntil(b"\r\n\r\n")  # the headers: the prompt is being prefilled
-        elif point == "mid_decode":
+        elif point in ("mid_decode", "mid_tool_call"):
             wanted, seen, received = rng.randint(2, 20), 0, b""
             while seen < wanted:
                 received += await more(reader, received)
                 seen = received.count(b"data: ")
-        elif point == "mid_tool_call":
-            received = b""
-            while b'"tool_calls"' not in received:
-                received += await more(reader, received)
     finally:
         if point == "before_first_token":
             writer.close()  # FIN after the request: a reset could discard it unread
