@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+import transformers
 
 # The tiny model's end-of-text token, pushed down so answers run to max_tokens predictably.
 # SmolLM2's special tokens, its end-of-text ones and those llama.cpp also ends generation at (FIM).
@@ -155,6 +156,25 @@ def test_logprobs_are_streamed_with_their_tokens(client):
         for e in c.choices[0].logprobs.content
     ]
     assert len(entries) == 5
+
+
+def test_logprobs_are_the_models_own_before_logit_bias_and_penalties(client, tiny_dir):
+    """As vLLM's (its default raw_logprobs) and llama-server's are, on every backend: a bias
+    that changes nothing chosen changes no logprob, and a token forced by one keeps its own."""
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
+
+    def entries(**kwargs) -> list:
+        reply = ask(client, logprobs=True, max_tokens=6, temperature=0, **kwargs)
+        return [(e.token, e.logprob) for e in reply.choices[0].logprobs.content]
+
+    plain = entries()
+    unused = next(i for i in range(100, 200) if tokenizer.decode([i]) not in dict(plain))
+    biased = entries(logit_bias={str(unused): -100})
+    assert [t for t, _ in biased] == [t for t, _ in plain]
+    assert [lp for _, lp in biased] == pytest.approx([lp for _, lp in plain], abs=1e-3)
+    forced = entries(logit_bias={"1000": 100})
+    assert {t for t, _ in forced} == {tokenizer.decode([1000])}
+    assert all(lp < -1 for _, lp in forced), forced
 
 
 def test_penalties_and_sampling_extensions_are_accepted(client):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import deque
 from pathlib import Path
 
 import mlx.core as mx
@@ -120,6 +121,7 @@ class MLXBatch(StepBatch):
         self._uid_to_seq: dict[int, int] = {}
         self._seq_to_uid: dict[int, int] = {}
         self._top_logprobs: dict[int, int] = {}  # uid -> top n (0 = just the sampled token)
+        self._raw: dict[int, RawLogits] = {}  # uid -> its logits as the model gave them
         # KV caches of finished sequences, by their tokens: a new prompt that shares a prefix (the
         # chat template's system prompt, earlier turns of a conversation) skips that prefill.
         self._prompt_cache = LRUPromptCache(max_size=spec.prompt_cache_entries)
@@ -180,6 +182,9 @@ class MLXBatch(StepBatch):
         grammar = prepared if prepared is not None else self.prepare(request)
         if grammar is not None:
             processors.append(grammar)
+        raw = RawLogits() if params.logprobs and processors else None
+        if raw is not None:
+            processors.insert(0, raw)
         cache, rest = self._cached_prefix(prompt)
         (uid,) = self._gen.insert(
             [rest],
@@ -193,6 +198,8 @@ class MLXBatch(StepBatch):
         self._seq_to_uid[seq_id] = uid
         if params.logprobs:
             self._top_logprobs[uid] = params.top_logprobs
+        if raw is not None:
+            self._raw[uid] = raw
         if self._eager and needs_normalized_logprobs(params):
             self._gen.normalized_uids.add(uid)
         return len(prompt) - len(rest)
@@ -204,6 +211,7 @@ class MLXBatch(StepBatch):
             for uid in uids:
                 self._uid_to_seq.pop(uid, None)
                 self._top_logprobs.pop(uid, None)
+                self._raw.pop(uid, None)
 
     def step(self) -> list[tuple[int, TokenDelta]]:
         _, responses = self._gen.next()
@@ -213,6 +221,8 @@ class MLXBatch(StepBatch):
             if seq_id is None:  # removed while its token was in flight
                 continue
             recomputed = self._gen.retaken.pop(r.uid, 0) if self._eager else 0
+            kept = self._raw.get(r.uid)
+            raw = kept.rows.popleft() if kept is not None and kept.rows else None
             if r.finish_reason == "stop":
                 # The stop token itself is not part of the answer.
                 delta = TokenDelta(None, finish_reason="stop", recomputed=recomputed)
@@ -220,7 +230,8 @@ class MLXBatch(StepBatch):
                 logprob, top = None, ()
                 top_n = self._top_logprobs.get(r.uid)
                 if top_n is not None:
-                    logprob, top = _logprobs(r.logprobs, r.token, top_n)
+                    logprobs = r.logprobs if raw is None else raw - mx.logsumexp(raw)
+                    logprob, top = _logprobs(logprobs, r.token, top_n)
                 delta = TokenDelta(r.token, logprob, top, r.finish_reason, recomputed=recomputed)
             out.append((seq_id, delta))
             if r.finish_reason is not None:
@@ -231,6 +242,7 @@ class MLXBatch(StepBatch):
                 del self._uid_to_seq[r.uid]
                 self._seq_to_uid.pop(seq_id, None)
                 self._top_logprobs.pop(r.uid, None)
+                self._raw.pop(r.uid, None)
         return out
 
     def cache_bytes(self) -> dict[str, int]:
@@ -252,6 +264,7 @@ class MLXBatch(StepBatch):
         self._uid_to_seq.clear()
         self._seq_to_uid.clear()
         self._top_logprobs.clear()
+        self._raw.clear()
         self._gen.close()
         self._new_generator()
 
@@ -259,6 +272,20 @@ class MLXBatch(StepBatch):
         self._gen.close()
         del self.model
         mx.clear_cache()
+
+
+class RawLogits:
+    """The first logits processor of a request that asks for logprobs and has others (penalties,
+    logit bias, a grammar), which mlx-lm's log probabilities come after: it keeps each step's
+    logits as the model gave them, one row per token in order, for the logprobs to be the
+    model's own, as vLLM's (raw_logprobs) and llama-server's are."""
+
+    def __init__(self) -> None:
+        self.rows: deque[mx.array] = deque()
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        self.rows.append(logits[0])
+        return logits
 
 
 def _logprobs(logprobs: mx.array, token: int, top_n: int) -> tuple[float, tuple]:
