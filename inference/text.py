@@ -143,9 +143,10 @@ class Detokenizer:
         try:
             return self._stream.step(self._backend, token) or ""
         except Exception:  # the tokenizers library raises a bare Exception
-            # SentencePiece's byte fallback reads a run of byte tokens that does not decode as one
-            # U+FFFD per byte, which can take back text already given out; DecodeStream refuses
-            # to go on from there. Neither can the text: it goes on from this token.
+            # SentencePiece's byte fallback decodes a run of byte tokens that is not UTF-8 as one
+            # U+FFFD per byte, which can take back text already given out (a space as a byte
+            # token, then half a character); DecodeStream refuses to go on. The text goes on
+            # from this token.
             self._stream = DecodeStream(skip_special_tokens=self._skip)
             return self._stream.step(self._backend, token) or ""
 
