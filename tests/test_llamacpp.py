@@ -94,6 +94,15 @@ def test_tokens_streamed_only_with_the_next_one_are_still_counted(llamacpp_serve
     assert chunks[-1].usage.completion_tokens == 12
     only_broken = client.completions.create(**ask, logit_bias={str(broken): 100})
     assert (only_broken.choices[0].text, only_broken.usage.completion_tokens) == ("", 12)
+    # Half a character, then the end (the penalty divides the bias of a token already chosen):
+    # the end token is not counted, as on every backend.
+    ended = client.completions.create(
+        **(ask | {"frequency_penalty": 0}),
+        logit_bias={str(broken): 100, str(tokenizer.eos_token_id): 90},
+        extra_body={"repetition_penalty": 1.5},
+    )
+    assert ended.choices[0].finish_reason == "stop"
+    assert (ended.choices[0].text, ended.usage.completion_tokens) == ("", 1)
 
 
 def test_sampling_parameters_hold_on_llama_cpp(llamacpp_real_server):

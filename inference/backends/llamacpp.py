@@ -458,8 +458,11 @@ class LlamaCppModel(LoadedModel):
                     if decoded is not None and decoded > seen + len(converted):
                         if self._speller is None:  # a second or so for a large vocabulary
                             self._speller = await asyncio.to_thread(Speller, self.tokenizer)
+                        missing = decoded - seen
+                        if not converted and chunk.get("stop_type") == "eos":
+                            missing -= 1  # the end token, never sent after half a character
                         converted = self._recovered(
-                            self._speller, chunk.get("content") or "", converted, decoded - seen
+                            self._speller, chunk.get("content") or "", converted, missing
                         )
                     seen = decoded if decoded is not None else seen + len(converted)
                     deltas = held + converted
