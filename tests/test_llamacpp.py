@@ -92,6 +92,13 @@ def test_tokens_streamed_only_with_the_next_one_are_still_counted(llamacpp_serve
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks if c.choices) == text
     assert chunks[-1].usage.completion_tokens == 12
+    # A long run of them (about 20) before the first word, as a random model can give.
+    run = client.completions.create(
+        **(ask | {"max_tokens": 40}), logit_bias={str(broken): 100, str(word): 60}
+    )
+    assert run.usage.completion_tokens == 40
+    assert run.choices[0].text.startswith(" \ufffd" * 16)
+    assert set(run.choices[0].text.split()) == {"\ufffd", "arts"}
     only_broken = client.completions.create(**ask, logit_bias={str(broken): 100})
     assert (only_broken.choices[0].text, only_broken.usage.completion_tokens) == ("", 12)
     # Half a character, then the end (the penalty divides the bias of a token already chosen):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -461,9 +462,16 @@ class LlamaCppModel(LoadedModel):
                         missing = decoded - seen
                         if not converted and chunk.get("stop_type") == "eos":
                             missing -= 1  # the end token, never sent after half a character
-                        converted = self._recovered(
-                            self._speller, chunk.get("content") or "", converted, missing
+                        recover = functools.partial(
+                            self._recovered,
+                            self._speller,
+                            chunk.get("content") or "",
+                            converted,
+                            missing,
                         )
+                        # Spelling takes time with the square of a long run (a random model's):
+                        # off the loop, where other streams are served.
+                        converted = recover() if missing < 16 else await asyncio.to_thread(recover)
                     seen = decoded if decoded is not None else seen + len(converted)
                     deltas = held + converted
                     held = []
