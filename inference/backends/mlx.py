@@ -48,9 +48,10 @@ def uses_top_p(params: SamplingParams) -> bool:
     return 0 < params.top_p < 1.0
 
 
-def needs_normalized_logprobs(params: SamplingParams) -> bool:
-    """Whether sampling or the response reads log probabilities rather than just raw logits."""
-    if params.logprobs:
+def needs_normalized_logprobs(params: SamplingParams, raw_kept: bool = False) -> bool:
+    """Whether sampling or the response reads log probabilities rather than just raw logits. The
+    response does not where the model's own logits are kept for it (RawLogits)."""
+    if params.logprobs and not raw_kept:
         return True
     return not is_greedy(params) and (uses_top_p(params) or params.min_p > 0)
 
@@ -200,7 +201,7 @@ class MLXBatch(StepBatch):
             self._top_logprobs[uid] = params.top_logprobs
         if raw is not None:
             self._raw[uid] = raw
-        if self._eager and needs_normalized_logprobs(params):
+        if self._eager and needs_normalized_logprobs(params, raw_kept=raw is not None):
             self._gen.normalized_uids.add(uid)
         return len(prompt) - len(rest)
 
@@ -222,7 +223,7 @@ class MLXBatch(StepBatch):
                 continue
             recomputed = self._gen.retaken.pop(r.uid, 0) if self._eager else 0
             kept = self._raw.get(r.uid)
-            raw = kept.rows.popleft() if kept is not None and kept.rows else None
+            raw = kept.rows.popleft() if kept is not None else None
             if r.finish_reason == "stop":
                 # The stop token itself is not part of the answer.
                 delta = TokenDelta(None, finish_reason="stop", recomputed=recomputed)
