@@ -4,7 +4,9 @@ RoPE table), each checked against mlx-lm's own code paths."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+import weakref
 
 import mlx.core as mx
 import numpy as np
@@ -17,7 +19,9 @@ from mlx_lm.models.cache import BatchKVCache, make_prompt_cache
 
 from inference.backends import mlx_batching, mlx_cpu
 from inference.backends.mlx import MLXBatch
+from inference.engine import Engine, EngineConfig
 from inference.types import GenerationRequest, ModelSpec, SamplingParams
+from tests.helpers import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -405,3 +409,22 @@ def test_without_our_sgemm_numpys_blas_runs_one_thread_beside_mlxs(loaded):
 
     numpy_blas = [i for i in threadpool_info() if "numpy.libs" in (i.get("filepath") or "")]
     assert numpy_blas and all(i["num_threads"] == 1 for i in numpy_blas)
+
+
+def test_an_unloaded_model_is_freed_at_once_not_when_another_model_next_steps(tiny_dir):
+    engine = Engine(EngineConfig(backend="mlx"))
+    spec = ModelSpec(name="freed", path=str(tiny_dir), backend="mlx")
+    try:
+        model = engine.load_in_background(spec).result(120)
+
+        async def answer():
+            request = GenerationRequest("r", spec, (1, 2, 3), SamplingParams(max_tokens=3))
+            return [delta async for _, delta in engine.submit(spec, [request])]
+
+        assert asyncio.run(answer())
+        freed = weakref.ref(model)
+        del model
+        assert engine.unload_in_background("freed").result(60)
+        wait_until(lambda: freed() is None)
+    finally:
+        engine.shutdown()

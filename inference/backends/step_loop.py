@@ -225,15 +225,20 @@ class StepLoop:
                 break
             if self._starting_fresh():
                 self._gather_burst()
-            for slot in list(self._slots):
-                self._admit(slot)
-                if slot.running:
-                    self._step(slot)
+            self._step_slots()
         for slot in list(self._slots):
             for seq_id in list(slot.running) + [s for s, *_ in slot.waiting]:
                 self._finish(
                     seq_id, TokenDelta(None, finish_reason="error", error="server shutting down")
                 )
+
+    def _step_slots(self) -> None:
+        # Not inline in _run: its loop variable would keep the last slot, and so an unloaded
+        # model, alive while the thread waits for work.
+        for slot in list(self._slots):
+            self._admit(slot)
+            if slot.running:
+                self._step(slot)
 
     def _gather_burst(self) -> None:
         """A burst of requests arrives a few ms apart (each is parsed and authenticated in turn):
