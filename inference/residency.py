@@ -8,6 +8,7 @@ load that needs room waits for a busy model to finish instead of failing. No Dja
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
@@ -110,6 +111,7 @@ class ResidencyManager:
         self._cond = threading.Condition()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self.waiting_for_room: str | None = None  # the model whose load waits for busy ones
+        self._heap_changed: str | None = None  # "loaded" or "closed", for _settle_heap
         self._thread = threading.Thread(target=self._run, name="llm-residency", daemon=True)
         self._thread.start()
 
@@ -232,6 +234,8 @@ class ResidencyManager:
                 self._expire_idle()
             except Exception:  # the worker must outlive any one command
                 log.exception("residency command %s failed", type(command).__name__)
+            command = None  # a Load's future holds its model: no reference past this turn
+            self._settle_heap()
 
     def _load(self, command: Load) -> None:
         spec, future = command.spec, command.future
@@ -254,6 +258,7 @@ class ResidencyManager:
                     entry.hold()
                 with self._cond:
                     self._models[_key(spec)] = entry
+                self._heap_changed = self._heap_changed or "loaded"
         except Exception as exc:
             future.set_exception(exc)
         else:
@@ -354,7 +359,24 @@ class ResidencyManager:
             self._close(entry)
 
     def _close(self, entry: Resident) -> None:
+        self._heap_changed = "closed"
         try:
             entry.model.close()
         except Exception:
             log.exception("closing %s failed", entry.spec.name)
+
+    def _settle_heap(self) -> None:
+        """After a load, hide everything alive from the cyclic garbage collector (`gc.freeze`, as
+        vLLM's server does after its startup). A full collection walks every tracked object with
+        the GIL held, so every stream stops meanwhile; a loaded model brings the backends'
+        modules, its tokenizer and their caches, and most of the walk would be over objects that
+        live as long as the process. After an unload, show them again for one full collection
+        first: a closed model's objects that are garbage only in cycles are freed now, not never.
+        """
+        changed, self._heap_changed = self._heap_changed, None
+        if changed is None:
+            return
+        if changed == "closed":
+            gc.unfreeze()
+        gc.collect()
+        gc.freeze()

@@ -7,7 +7,9 @@ the real mlx backend cannot be made to fail at a chosen step here.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import weakref
 
 import pytest
 from transformers import AutoTokenizer
@@ -19,6 +21,7 @@ from inference.engine import Engine, EngineConfig, announced
 from inference.serving import base as serving
 from inference.types import GenerationRequest, ModelSpec, SamplingParams, TokenDelta
 from llmservice.errors import APIError
+from tests.helpers import wait_until
 
 
 class FlakyModel(StepBatch):
@@ -227,6 +230,26 @@ def test_least_recently_used_idle_models_are_unloaded_at_the_limit(tokenizer):
         engine.load_in_background(pinned).result(5)
         engine.load_in_background(ModelSpec(name="d", path="/d")).result(5)
         assert "p" in {m.name for m in engine.loaded()}
+    finally:
+        engine.shutdown()
+
+
+def test_a_loaded_model_is_kept_from_the_collector_until_unloaded_then_freed_cycles_and_all(
+    tokenizer,
+):
+    backend = FlakyBackend(tokenizer, fail_at=-1)
+    engine = make_engine(backend)
+    try:
+        engine.load_in_background(ModelSpec(name="a", path="/a")).result(5)
+        batch = backend.batches.pop()
+        batch.itself = batch  # garbage only in a cycle once unloaded
+        # A full collection would walk it (with every stream stopped) and free nothing.
+        loaded = id(batch)
+        wait_until(lambda: all(id(o) != loaded for o in gc.get_objects()))
+        gone = weakref.ref(batch)
+        del batch
+        assert engine.unload_in_background("a").result(5)
+        wait_until(lambda: gone() is None)
     finally:
         engine.shutdown()
 
