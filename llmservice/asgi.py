@@ -17,6 +17,9 @@ from django.db import close_old_connections, reset_queries  # noqa: E402
 signals.request_started.disconnect(close_old_connections)
 signals.request_started.disconnect(reset_queries)
 
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+
+from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import WebsocketDenier  # noqa: E402
@@ -32,6 +35,10 @@ from llmservice.middleware import API_PREFIX  # noqa: E402
 GENERATION_PATHS = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"}
 )
+# Django runs each request's thread-sensitive synchronous code (closing the response, the async
+# ORM's writes) on a thread of the request's own, started and joined for every request. API
+# requests have little such code, and it needs no thread of its own: they share this one.
+_API_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-sync")
 
 
 async def http_app(scope, receive, send):
@@ -53,11 +60,10 @@ async def http_app(scope, receive, send):
         await send(message)
 
     try:
-        with holds_released():
-            if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
-                with announced():
-                    return await django_asgi_app(scope, receive, sending)
-            return await django_asgi_app(scope, receive, sending)
+        if scope["path"].startswith(API_PREFIX):
+            async with ThreadSensitiveContext(executor=_API_THREAD):
+                return await _django(scope, receive, sending)
+        return await _django(scope, receive, sending)
     finally:
         try:
             if scope["path"].startswith(API_PREFIX):
@@ -66,6 +72,14 @@ async def http_app(scope, receive, send):
                     await record_unserved(scope, status)
         finally:
             lifecycle.in_flight -= 1  # after its row: a stop waits for that too
+
+
+async def _django(scope, receive, send):
+    with holds_released():
+        if scope["method"] == "POST" and scope["path"].rstrip("/") in GENERATION_PATHS:
+            with announced():
+                return await django_asgi_app(scope, receive, send)
+        return await django_asgi_app(scope, receive, send)
 
 
 def same_origin(app):
