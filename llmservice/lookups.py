@@ -11,8 +11,8 @@ one query to the next. Opening a connection (for SQLite, the file and its WAL pr
 a lookup's time, and every API request makes one or two lookups before its first token. Every
 other thread keeps Django's setting (`CONN_MAX_AGE` 0: a connection per request), which under
 ASGI is what keeps connections from piling up in short-lived threads; these two live as long as
-the process. A reader whose last query failed (a PostgreSQL restart, say) starts again on a new
-connection.
+the process. A read that finds its kept connection dropped by the database (PostgreSQL restarted)
+runs again on a new one, as a connection per query would have.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, OperationalError, connections
 
 _in_flight: dict[tuple[asyncio.AbstractEventLoop, Hashable], asyncio.Future] = {}
 # Two, so that a request's key and model lookups (different questions) run side by side.
@@ -47,6 +47,16 @@ async def shared_query(key: Hashable, query: Callable[[], Any]) -> Any:
 
 def _read(query: Callable[[], Any]) -> Any:
     connection = connections[DEFAULT_DB_ALIAS]
-    if connection.errors_occurred:  # the last query failed: do not trust its connection
+    kept = connection.connection is not None
+    if kept and connection.errors_occurred:  # the last query failed: do not trust its connection
         connection.close()
-    return query()
+        kept = False
+    try:
+        return query()
+    except OperationalError:
+        if not kept or connection.is_usable():
+            raise
+        # The database dropped the kept connection (PostgreSQL restarted, say): a read is safe
+        # to run again, on a new one.
+        connection.close()
+        return query()
