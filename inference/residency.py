@@ -234,7 +234,6 @@ class ResidencyManager:
                 self._expire_idle()
             except Exception:  # the worker must outlive any one command
                 log.exception("residency command %s failed", type(command).__name__)
-            command = None  # a Load's future holds its model: no reference past this turn
             self._settle_heap()
 
     def _load(self, command: Load) -> None:

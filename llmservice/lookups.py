@@ -1,10 +1,9 @@
 """Database reads that a burst of API requests shares: one query, however many requests ask at once.
 
 A burst of 16 chat requests took a third longer to reach the engine when each ran its own registry
-lookup (docs/benchmarks.md). Here the requests that ask the same question while
-it is being answered await one query. Nothing is cached: a request arriving
-after the answer runs a new query, so a change to a model or a key is seen by every request that
-starts after it.
+lookup (docs/benchmarks.md). Here the requests that ask the same question while it is being
+answered await one query. Nothing is cached: a request arriving after the answer runs a new query,
+so a change to a model or a key is seen by every request that starts after it.
 
 The queries run on two reader threads of their own, each keeping its database connection open from
 one query to the next. Opening a connection (for SQLite, the file and its WAL pragmas) was most of
