@@ -13,7 +13,7 @@ import sqlite3
 import httpx
 
 from tests.helpers import Server, wait_until
-from tests.test_chat_completions import NO_EOS
+from tests.test_chat_completions import NO_EOS, ask
 from tests.test_tools import TOOLS
 
 CONCURRENCY = 24
@@ -117,17 +117,7 @@ def test_a_thousand_dropped_streams_leave_nothing_behind(server: Server):
     key_name = f"storm-{server.port}"
     key = server.manage("create_api_key", "--name", key_name).stdout.strip()
     client = server.openai()
-
-    def ask() -> str:
-        reply = client.chat.completions.create(
-            model="tiny",
-            messages=[{"role": "user", "content": "Hello"}],
-            max_tokens=12,
-            temperature=0,
-        )
-        return reply.choices[0].message.content
-
-    before = ask()
+    before = ask(client, "Hello").choices[0].message.content
     wait_until(lambda: idle(server), timeout=60)
     prompt_cache = labelled(server, "llm_cache_memory_bytes", model="tiny", cache="prompt")
 
@@ -139,4 +129,4 @@ def test_a_thousand_dropped_streams_leave_nothing_behind(server: Server):
     assert labelled(server, "llm_cache_memory_bytes", model="tiny", cache="prompt") == prompt_cache
     wait_until(lambda: sum(outcomes(server, key_name).values()) >= DROPS, timeout=120)
     assert outcomes(server, key_name) == {"cancelled": DROPS}
-    assert ask() == before
+    assert ask(client, "Hello").choices[0].message.content == before

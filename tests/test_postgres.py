@@ -17,6 +17,7 @@ import pytest
 
 from tests.helpers import Server, wait_until
 from tests.test_analytics import make_key
+from tests.test_chat_completions import ask
 
 
 def _program(name: str) -> str:
@@ -78,19 +79,10 @@ def test_a_server_on_postgresql_answers_records_and_outlives_a_postgresql_restar
         key = make_key(server, "on-postgres")  # a key in the database: one more lookup
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
-        def ask() -> str:
-            reply = client.chat.completions.create(
-                model="tiny",
-                messages=[{"role": "user", "content": "Hello"}],
-                max_tokens=8,
-                temperature=0,
-            )
-            return reply.choices[0].message.content
-
-        before = ask()
+        before = ask(client).choices[0].message.content
         # Every connection the server holds is cut; its next requests must not fail for it.
         postgres.pg_ctl("restart")
-        assert ask() == before
+        assert ask(client).choices[0].message.content == before
         assert "tiny" in {m.id for m in client.models.list()}
 
         recorded = "SELECT endpoint, outcome FROM analytics_requestlog WHERE key_name = %s"
