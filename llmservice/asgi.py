@@ -59,14 +59,15 @@ async def http_app(scope, receive, send):
             status = message["status"]
         await send(message)
 
+    api = scope["path"].startswith(API_PREFIX)
     try:
-        if scope["path"].startswith(API_PREFIX):
+        if api:
             async with ThreadSensitiveContext(executor=_API_THREAD):
                 return await _django(scope, receive, sending)
         return await _django(scope, receive, sending)
     finally:
         try:
-            if scope["path"].startswith(API_PREFIX):
+            if api:
                 stats = scope.get(SCOPE_KEY)
                 if stats is None or not stats.recorded:
                     await record_unserved(scope, status)
