@@ -35,6 +35,10 @@ async def timed_stream(
             text += chunk.choices[0].delta.content
             if started is not None:
                 started.set()
+        # Chunks already buffered are read without suspending: on a loaded machine this stream
+        # could hold the client's loop to its end, and the other request's answer, there long
+        # before, would be seen only then.
+        await asyncio.sleep(0)
     return {"first": times[0], "last": times[-1], "text": text}
 
 
