@@ -693,10 +693,13 @@ class LlamaCppBackend(Backend):
             "--no-webui",
             "--metrics",
             "--log-verbosity", "2",
-            # Its threads spin only briefly before sleeping between steps: the server process
-            # needs a core for each token it streams, and llama.cpp's default (50) holds both
-            # while 0 wakes them too late for batches (the llamacpp section, docs/benchmarks.md).
+            # How long its threads spin for the next step before they sleep. llama.cpp keeps a
+            # thread pool for steps of one token (a single stream), set by --poll, and one for
+            # batches and prefills, set by --poll-batch. A single stream's threads spin only
+            # briefly, since the server process needs a core for each token it streams; batches
+            # keep llama.cpp's default (the llamacpp section, docs/benchmarks.md).
             "--poll", "10",
+            "--poll-batch", "50",
         ]  # fmt: skip
 
     def load(self, spec: ModelSpec) -> LlamaCppModel:
