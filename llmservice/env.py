@@ -243,7 +243,7 @@ VARIABLES: tuple[Variable, ...] = (
         "LLAMACPP_THREADS",
         "int",
         0,
-        "threads of each llama-server (0: the online CPUs)",
+        "threads of each llama-server (0: one per physical core we may run on)",
         minimum=0,
         maximum=1024,
     ),

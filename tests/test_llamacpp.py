@@ -252,6 +252,36 @@ def test_a_request_waits_for_the_requests_still_being_parsed(monkeypatch, tmp_pa
     asyncio.run(main())
 
 
+def smt_sysfs(root, siblings: dict[int, str]):
+    """A sysfs CPU topology, standing in for a machine with SMT (this one has none)."""
+    for cpu, shared in siblings.items():
+        topology = root / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "thread_siblings_list").write_text(shared + "\n")
+    return str(root)
+
+
+def test_runners_default_to_one_thread_per_physical_core(tmp_path):
+    """llama.cpp's own default, and Ollama's: a core's SMT sibling adds little arithmetic, and it
+    is where our server streams from."""
+    from inference.backends import llamacpp
+    from inference.types import ModelSpec
+    from llmservice.env import llama_server_build
+
+    sysfs = smt_sysfs(tmp_path / "cpu", {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3"})
+    assert llamacpp.physical_cores({0, 1, 2, 3}, sysfs) == 2
+    assert llamacpp.physical_cores({0, 2}, sysfs) == 1  # both siblings of one core
+    assert llamacpp.physical_cores({0, 1, 2, 3}, str(tmp_path / "none")) == 4  # no topology
+
+    backend = llamacpp.LlamaCppBackend(server=llama_server_build(), cache_dir=tmp_path / "cache")
+    assert backend.threads == llamacpp.physical_cores() >= 1
+    spec = ModelSpec(name="smollm2", path=str(demo_gguf_path()), backend="llamacpp")
+    args = backend.args(spec, 4096)
+    assert args[args.index("--threads") + 1] == str(backend.threads)
+    explicit = llamacpp.LlamaCppBackend(server=llama_server_build(), threads=3, cache_dir=tmp_path)
+    assert explicit.threads == 3
+
+
 def test_requests_share_the_batch_and_a_dropped_stream_frees_its_slot(llamacpp_real_server):
     async def four() -> None:
         await asyncio.gather(*(_drop_after_first_token(llamacpp_real_server) for _ in range(4)))

@@ -614,6 +614,22 @@ class LlamaCppModel(LoadedModel):
         self._backend.forget(self)
 
 
+def physical_cores(cpus: set[int] | None = None, sysfs: str = "/sys/devices/system/cpu") -> int:
+    """The cores among the CPUs this process may run on, counting a core's SMT siblings once:
+    llama.cpp's own default for its threads (Ollama's too). A sibling shares its core's arithmetic
+    units, so a thread on it adds little to llama.cpp's matrix products, and the siblings left
+    free are where our server streams from. The CPUs' count where the topology cannot be read."""
+    cpus = os.sched_getaffinity(0) if cpus is None else cpus
+    cores = set()
+    for cpu in cpus:
+        try:
+            siblings = Path(sysfs, f"cpu{cpu}", "topology", "thread_siblings_list").read_text()
+        except OSError:
+            return len(cpus)
+        cores.add(siblings.strip())
+    return len(cores) or len(cpus)
+
+
 class LlamaCppBackend(Backend):
     name = "llamacpp"
 
@@ -636,7 +652,7 @@ class LlamaCppBackend(Backend):
         # it builds: forced tool calls need it (a llama-server from elsewhere has none).
         self.schema_converter = load_converter(binary.parent.parent / "python" / "llama_grammar.py")
         self.max_queue = max_queue
-        self.threads = threads or len(os.sched_getaffinity(0))
+        self.threads = threads or physical_cores()
         base = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "llm-service"
         self.cache_dir = base / "llamacpp"
         self.cache_dir.mkdir(parents=True, exist_ok=True)
