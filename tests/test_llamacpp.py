@@ -262,8 +262,8 @@ def smt_sysfs(root, siblings: dict[int, str]):
 
 
 def test_runners_default_to_one_thread_per_physical_core(tmp_path):
-    """llama.cpp's own default, and Ollama's: a core's SMT sibling adds little arithmetic, and it
-    is where our server streams from."""
+    """llama.cpp's own default, and what Ollama's docs recommend: a core's SMT sibling adds little
+    arithmetic, and it is where our server streams from."""
     from inference.backends import llamacpp
     from inference.types import ModelSpec
     from llmservice.env import llama_server_build

@@ -616,9 +616,11 @@ class LlamaCppModel(LoadedModel):
 
 def physical_cores(cpus: set[int] | None = None, sysfs: str = "/sys/devices/system/cpu") -> int:
     """The cores among the CPUs this process may run on, counting a core's SMT siblings once:
-    llama.cpp's own default for its threads (Ollama's too). A sibling shares its core's arithmetic
-    units, so a thread on it adds little to llama.cpp's matrix products, and the siblings left
-    free are where our server streams from. The CPUs' count where the topology cannot be read."""
+    llama.cpp's own default for its threads, and what Ollama's docs recommend. A sibling shares
+    its core's arithmetic units, so a thread on it adds little to llama.cpp's matrix products,
+    and the siblings left free are where our server streams from. Unlike llama.cpp's count, only
+    the CPUs we may run on (a container's cpuset); their number where the topology cannot be
+    read."""
     cpus = os.sched_getaffinity(0) if cpus is None else cpus
     cores = set()
     for cpu in cpus:
